@@ -1,0 +1,192 @@
+"""``jdeq.fixed_point`` (the DEQ core) and ``jdeq.unroll`` (the explicit weight-tied baseline)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdeq._flatten import batch_layout
+from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
+from jdeq._jaxopt import JaxoptSolver
+from jdeq._loop import residuals
+from jdeq._solvers import Anderson, _Solver, check_maxiter
+from jdeq._stats import Solution, SolverStats
+
+__all__ = ["fixed_point", "unroll"]
+
+_GRADIENTS = (Implicit, Phantom, JacobianFree, Unrolled)
+
+
+def _check_f(f, z0, args, *, name: str = "f") -> None:
+    """Traces ``f`` once abstractly; raises if its output does not match ``z0``."""
+    if not callable(f):
+        raise TypeError(f"`{name}` must be callable as {name}(z, args), got {f!r}.")
+    out = jax.eval_shape(f, z0, args)
+    want, got = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
+    if want != got:
+        raise TypeError(
+            f"`{name}(z, args)` must return the pytree structure of `z0`: expected {want}, got {got}."
+        )
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(z0)[0], jax.tree_util.tree_leaves(out)):
+        where = jax.tree_util.keystr(path) or "<root>"
+        if tuple(jnp.shape(a)) != tuple(b.shape):
+            raise ValueError(
+                f"`{name}(z, args)` changed the shape of leaf {where}: {tuple(jnp.shape(a))} -> {b.shape}."
+            )
+        if jnp.result_type(a) != b.dtype:
+            raise TypeError(
+                f"`{name}(z, args)` changed the dtype of leaf {where}: {jnp.result_type(a)} -> {b.dtype}."
+            )
+
+
+def _raise_on_failure(converged, abs_res, rel_res) -> None:
+    converged, abs_res, rel_res = map(np.asarray, (converged, abs_res, rel_res))
+    finite = np.isfinite(abs_res)
+    if not finite.all():
+        raise RuntimeError(
+            f"jdeq.fixed_point(throw=True): non-finite residual in {int((~finite).sum())} of "
+            f"{finite.size} examples (the solve diverged or f produced NaN/inf)."
+        )
+    if not converged.all():
+        bad = ~converged
+        raise RuntimeError(
+            f"jdeq.fixed_point(throw=True): {int(bad.sum())} of {converged.size} examples did not "
+            f"converge; worst abs residual {abs_res[bad].max():.3e}, rel {rel_res[bad].max():.3e}. "
+            "Raise `maxiter`, loosen `tol`, or make f more contractive."
+        )
+
+
+def fixed_point(
+    f: Callable[[Any, Any], Any],
+    z0,
+    args=None,
+    *,
+    solver=Anderson(),
+    gradient=Implicit(),
+    maxiter=None,
+    throw: bool = False,
+) -> Solution:
+    """Finds ``z* = f(z*, args)`` for every example of a batch and makes it differentiable.
+
+    Args:
+      f: a pure function ``f(z, args) -> z`` with the structure, shapes and dtypes of ``z0``.
+        It receives the whole batch at once and must treat examples independently.
+      z0: starting point; a pytree whose floating leaves share a leading batch axis. Each example
+        is its own fixed-point problem (own residual norm, own Anderson/Broyden history, frozen
+        once converged). ``z0`` receives no gradient.
+      args: any pytree (parameters, input injection, ...); gradients flow to it.
+      solver: ``jdeq.FixedPointIteration``, ``jdeq.Anderson`` (default), ``jdeq.Broyden`` or a
+        ``jdeq.JaxoptSolver``.
+      gradient: ``jdeq.Implicit()`` (default), ``jdeq.Phantom``, ``jdeq.JacobianFree`` or
+        ``jdeq.Unrolled``.
+      maxiter: run-time override of ``solver.maxiter``. May be a traced integer (changing it
+        does not recompile), except with ``Unrolled`` or ``trace=True``, which need it static.
+      throw: raise a ``RuntimeError`` at run time (also under ``jit``, surfacing as a
+        ``JaxRuntimeError``) when any example did not converge or went non-finite.
+
+    Returns:
+      A :class:`jdeq.Solution`: ``value`` (per example, the lowest-residual iterate seen) and
+      ``stats`` (a :class:`jdeq.SolverStats`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jdeq
+      >>> f = lambda z, p: jnp.tanh(z @ p["W"] + p["x"])
+      >>> p = {"W": 0.3 * jnp.eye(4), "x": jnp.ones((8, 4))}
+      >>> sol = jdeq.fixed_point(f, jnp.zeros((8, 4)), p)
+      >>> bool(sol.stats.converged.all())
+      True
+
+    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+    if not isinstance(solver, (_Solver, JaxoptSolver)):
+        raise TypeError(
+            "`solver` must be jdeq.FixedPointIteration, jdeq.Anderson, jdeq.Broyden or "
+            f"jdeq.JaxoptSolver, got {solver!r}."
+        )
+    if not isinstance(gradient, _GRADIENTS):
+        raise TypeError(
+            "`gradient` must be jdeq.Implicit, jdeq.Phantom, jdeq.JacobianFree or jdeq.Unrolled, "
+            f"got {gradient!r}."
+        )
+    layout = batch_layout(z0)
+    _check_f(f, z0, args)
+    if maxiter is not None:
+        check_maxiter(maxiter)
+    unrolled = isinstance(gradient, Unrolled)
+    if unrolled:
+        static = solver.maxiter if maxiter is None else maxiter
+        if not isinstance(static, numbers.Integral):
+            raise ValueError("`maxiter` must be a static int with gradient=jdeq.Unrolled().")
+        zm, stats = solver.solve(
+            layout.wrap(f, args), layout.flatten(jax.lax.stop_gradient(z0)), static, unrolled=True
+        )
+        value, stats = layout.unflatten(zm), jax.lax.stop_gradient(stats)
+    else:
+        args_ng = jax.lax.stop_gradient(args)
+        zm, stats = solver.solve(
+            layout.wrap(f, args_ng), layout.flatten(jax.lax.stop_gradient(z0)), maxiter
+        )
+        z_star = layout.unflatten(zm)
+        effective = solver.maxiter if maxiter is None else maxiter
+        value = gradient.attach(f, z_star, args, forward_solver=solver, maxiter=effective)
+    if throw:
+        jax.debug.callback(_raise_on_failure, stats.converged, stats.abs_residual, stats.rel_residual)
+    return Solution(value=value, stats=stats)
+
+
+def unroll(
+    f: Callable[[Any, Any], Any],
+    z0,
+    args=None,
+    *,
+    depth: int,
+    remat: bool = False,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+) -> Solution:
+    """The explicit weight-tied deep network: ``depth`` applications of ``f``, differentiated
+    by plain backprop (memory O(depth), or O(1) activations per layer with ``remat=True``).
+
+    Returns the same :class:`jdeq.Solution` as :func:`fixed_point`, so a benchmark can swap one
+    for the other: ``nsteps = depth`` and the residuals are those of the last-but-one state,
+    ``||z_L - z_{L-1}|| = ||f(z_{L-1}) - z_{L-1}||`` (free: no extra evaluation), and
+    ``converged`` compares that residual (of kind ``stop_mode``) with ``tol``.
+
+    Args:
+      f, z0, args: as in :func:`fixed_point`.
+      depth: number of layers ``L >= 1`` (static).
+      remat: rematerialize each layer in the backward pass (``jax.checkpoint``).
+      tol, stop_mode: only used to fill ``stats.converged``.
+
+    Example:
+      >>> import jax.numpy as jnp, jdeq
+      >>> sol = jdeq.unroll(lambda z, a: jnp.tanh(0.5 * z + a), jnp.zeros((2, 3)),
+      ...                   jnp.ones((2, 3)), depth=8)
+    """
+    if not isinstance(depth, numbers.Integral) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
+    if stop_mode not in ("abs", "rel"):
+        raise ValueError(f"`stop_mode` must be 'abs' or 'rel', got {stop_mode!r}.")
+    layout = batch_layout(z0)
+    _check_f(f, z0, args)
+    layer = (lambda z: f(z, args)) if not remat else jax.checkpoint(lambda z: f(z, args))
+
+    def body(z, _):
+        return layer(z), None
+
+    z0 = jax.lax.stop_gradient(z0)
+    z_prev, _ = jax.lax.scan(body, z0, None, length=depth - 1)
+    z = layer(z_prev)
+    abs_res, rel_res = residuals(*map(layout.flatten, jax.lax.stop_gradient((z_prev, z))))
+    n = layout.batch
+    stats = SolverStats(
+        nsteps=jnp.full((n,), depth, jnp.int32),
+        abs_residual=abs_res,
+        rel_residual=rel_res,
+        converged=(abs_res if stop_mode == "abs" else rel_res) < tol,
+    )
+    return Solution(value=z, stats=stats)

@@ -1,0 +1,142 @@
+"""The one module that imports jaxopt: ``JaxoptSolver`` and jaxopt's linear solvers.
+
+jaxopt is archived and warns at import that it is no longer maintained; that one warning is
+filtered here (by message), nothing broader. Replacing jaxopt later touches this module only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
+    )
+    import jaxopt
+
+from jdeq._loop import residuals
+from jdeq._stats import SolverStats
+
+__all__ = ["JaxoptSolver", "LINEAR_SOLVERS", "linear_solve"]
+
+# Root-finding classes solve g(z) = f(z) - z; the others take a fixed-point map.
+_ROOT_CLASSES = (jaxopt.Broyden,)
+_FIXED_POINT_CLASSES = (jaxopt.FixedPointIteration, jaxopt.AndersonAcceleration)
+_RESERVED = ("fixed_point_fun", "fun", "implicit_diff", "implicit_diff_solve", "has_aux")
+
+LINEAR_SOLVERS = {
+    "gmres": jaxopt.linear_solve.solve_gmres,
+    "bicgstab": jaxopt.linear_solve.solve_bicgstab,
+    "normal_cg": jaxopt.linear_solve.solve_normal_cg,
+}
+
+
+def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
+    """Solves ``matvec(x) = b`` with jaxopt's ``solve_<name>`` (whole batch as one system)."""
+    return LINEAR_SOLVERS[name](matvec, b, tol=tol, maxiter=maxiter)
+
+
+class JaxoptSolver:
+    """Any jaxopt fixed-point or root solver as a jdeq forward solver, with jaxopt's semantics.
+
+    ``jaxopt_class`` is one of ``jaxopt.FixedPointIteration``, ``jaxopt.AndersonAcceleration``
+    (given ``f``) or ``jaxopt.Broyden`` (given the root function ``f(z) - z``). jaxopt treats
+    the whole batch as one problem: one global norm, one stopping test (its own ``tol`` and
+    error definition), one iteration count. jdeq then fills ``SolverStats`` per example from
+    the final iterate (one extra evaluation of ``f``): ``abs_residual``/``rel_residual`` per
+    example, ``nsteps`` = jaxopt's ``iter_num`` for every example, ``converged`` = jaxopt's own
+    global test ``error <= tol`` for every example. jaxopt's implicit differentiation is turned
+    off: the jdeq gradient mode (``Implicit``, ``Phantom``, ``JacobianFree``) applies.
+    ``Unrolled`` is not supported (use jdeq's solvers); ``maxiter`` must be static.
+
+    Args:
+      jaxopt_class: the jaxopt solver class.
+      **options: its constructor options (``tol``, ``maxiter``, ``history_size``, ...);
+        unknown ones raise ``TypeError``.
+
+    Example:
+      >>> import jaxopt, jax.numpy as jnp, jdeq
+      >>> solver = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, history_size=5, tol=1e-5)
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.5 * jnp.tanh(z) + a, jnp.zeros((2, 4)),
+      ...                        jnp.ones((2, 4)), solver=solver)
+    """
+
+    stop_mode = "abs"
+    trace = False
+
+    def __init__(self, jaxopt_class, **options):
+        if jaxopt_class not in _ROOT_CLASSES + _FIXED_POINT_CLASSES:
+            names = [c.__name__ for c in _ROOT_CLASSES + _FIXED_POINT_CLASSES]
+            raise TypeError(f"`jaxopt_class` must be one of jaxopt's {names}, got {jaxopt_class!r}.")
+        fields = {f.name: f for f in dataclasses.fields(jaxopt_class)}
+        for key in options:
+            if key in _RESERVED:
+                raise TypeError(f"JaxoptSolver sets `{key}` itself; do not pass it.")
+            if key not in fields:
+                raise TypeError(f"unknown option `{key}` for jaxopt.{jaxopt_class.__name__}.")
+        self._cls = jaxopt_class
+        self._options = tuple(sorted(options.items()))
+
+    @property
+    def jaxopt_class(self):
+        return self._cls
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self._options)
+
+    def _option(self, name):
+        defaults = {f.name: f.default for f in dataclasses.fields(self._cls)}
+        return self.options.get(name, defaults[name])
+
+    @property
+    def tol(self) -> float:
+        return self._option("tol")
+
+    @property
+    def maxiter(self) -> int:
+        return self._option("maxiter")
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, JaxoptSolver)
+            and self._cls is other._cls
+            and self._options == other._options
+        )
+
+    def __hash__(self):
+        return hash((JaxoptSolver, self._cls, self._options))
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options)
+        return f"JaxoptSolver(jaxopt.{self._cls.__name__}{', ' if opts else ''}{opts})"
+
+    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False):
+        if unrolled:
+            raise ValueError(
+                "gradient=jdeq.Unrolled() is not supported with JaxoptSolver; use a jdeq solver "
+                "(FixedPointIteration, Anderson, Broyden) to differentiate through iterations."
+            )
+        options = dict(self.options, implicit_diff=False)
+        if maxiter is not None:
+            options["maxiter"] = maxiter
+        if self._cls in _ROOT_CLASSES:
+            solver = self._cls(fun=lambda z: F(z) - z, **options)
+        else:
+            solver = self._cls(fixed_point_fun=F, **options)
+        z, state = solver.run(z0)
+        abs_res, rel_res = residuals(z, F(z))
+        n = z0.shape[0]
+        stats = SolverStats(
+            nsteps=jnp.full((n,), state.iter_num, jnp.int32),
+            abs_residual=abs_res,
+            rel_residual=rel_res,
+            converged=jnp.full((n,), state.error <= self.tol),
+            trace=None,
+        )
+        return z, stats

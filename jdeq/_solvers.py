@@ -1,0 +1,259 @@
+"""jdeq's forward solvers: damped fixed-point iteration, Anderson acceleration, Broyden.
+
+Each is a small immutable, hashable config object. The numerics live in ``init``/``update`` on
+``(batch, dim)`` matrices, every quantity per example (row), and run inside the shared loop of
+:mod:`jdeq._loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._loop import run_loop
+
+__all__ = ["Anderson", "Broyden", "FixedPointIteration", "check_maxiter"]
+
+_HI = jax.lax.Precision.HIGHEST  # small solver contractions: never TF32/bf16 passes
+_STOP_MODES = ("abs", "rel")
+
+
+def _is_concrete_number(x) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def check_maxiter(maxiter, *, name: str = "maxiter") -> None:
+    """Raises ``ValueError`` if a concrete ``maxiter`` is below 1 (traced values pass)."""
+    if isinstance(maxiter, bool) or (isinstance(maxiter, float) and not maxiter.is_integer()):
+        raise TypeError(f"`{name}` must be an integer, got {maxiter!r}.")
+    if _is_concrete_number(maxiter) and maxiter < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {maxiter}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Solver:
+    """Options shared by every jdeq solver (see the subclasses)."""
+
+    tol: float = 1e-4
+    maxiter: int = 50
+    stop_mode: str = "rel"
+    trace: bool = False
+
+    def __post_init__(self):
+        if not _is_concrete_number(self.tol) or not self.tol > 0:
+            raise ValueError(f"`tol` must be a number > 0, got {self.tol!r}.")
+        if not isinstance(self.maxiter, numbers.Integral) or isinstance(self.maxiter, bool):
+            raise TypeError(f"`maxiter` must be an int, got {self.maxiter!r}.")
+        check_maxiter(self.maxiter)
+        if self.stop_mode not in _STOP_MODES:
+            raise ValueError(f"`stop_mode` must be one of {_STOP_MODES}, got {self.stop_mode!r}.")
+        if not isinstance(self.trace, bool):
+            raise TypeError(f"`trace` must be a bool, got {self.trace!r}.")
+        for name in ("damping",):
+            if hasattr(self, name):
+                value = getattr(self, name)
+                if not _is_concrete_number(value) or not 0 < value <= 1:
+                    raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+        if hasattr(self, "memory"):
+            if not isinstance(self.memory, numbers.Integral) or self.memory < 1:
+                raise ValueError(f"`memory` must be an int >= 1, got {self.memory!r}.")
+
+    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False):
+        """Runs the shared per-example loop; see :func:`jdeq._loop.run_loop`."""
+        maxiter = self.maxiter if maxiter is None else maxiter
+        trace_len = None
+        if self.trace:
+            if not isinstance(maxiter, numbers.Integral):
+                raise ValueError(
+                    "`trace=True` needs a static `maxiter` (the trace has one column per "
+                    "iteration); pass a Python int, not a traced value."
+                )
+            trace_len = int(maxiter)
+        return run_loop(self, F, z0, maxiter, trace_len=trace_len, unrolled=unrolled)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedPointIteration(_Solver):
+    """Damped fixed-point (Picard) iteration ``z <- (1 - b) z + b f(z)``, per example.
+
+    Args:
+      tol: stop an example once its residual (see ``stop_mode``) is below ``tol``.
+      maxiter: budget of evaluations of ``f`` (the first one, at ``z0``, counts).
+      damping: ``b`` in (0, 1]; 1 is plain iteration.
+      stop_mode: ``"rel"`` (default, scale-free) tests ``||f(z)-z|| / ||f(z)||``;
+        ``"abs"`` tests ``||f(z)-z||``.
+      trace: record every iteration's residual in ``SolverStats.trace``.
+
+    Example:
+      >>> import jax.numpy as jnp, jdeq
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.5 * jnp.cos(z) + a, jnp.zeros((2, 3)),
+      ...                        jnp.ones((2, 3)), solver=jdeq.FixedPointIteration(tol=1e-6))
+    """
+
+    damping: float = 1.0
+
+    def init(self, z):
+        return ()
+
+    def update(self, state, k, z, fz):
+        return z + self.damping * (fz - z), state
+
+
+def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Solves batched symmetric positive-definite ``a x = b`` ((n, m, m), (n, m)).
+
+    Gauss-Jordan elimination without pivoting (stable for SPD), unrolled over the static ``m``:
+    a handful of fused elementwise ops instead of a LAPACK call per tiny system.
+    """
+    m = a.shape[-1]
+    for i in range(m):
+        piv = a[:, i, i]
+        row = a[:, i, :] / piv[:, None]
+        bi = b[:, i] / piv
+        col = a[:, :, i]
+        a = (a - col[:, :, None] * row[:, None, :]).at[:, i, :].set(row)
+        b = (b - col * bi[:, None]).at[:, i].set(bi)
+    return b
+
+
+def anderson_weights(gram: jax.Array, valid: jax.Array, ridge: float) -> jax.Array:
+    """Per-example Anderson mixing weights ``argmin ||sum_i a_i g_i||, sum_i a_i = 1``.
+
+    Args:
+      gram: ``(batch, m, m)`` Gram matrix ``<g_i, g_j>`` of the stored residuals.
+      valid: ``(m,)`` bool, which history slots hold residuals.
+      ridge: Tikhonov term relative to each slot's own ``||g_i||^2`` (scale-free, so it never
+        outweighs small residuals, unlike a fixed absolute ridge).
+
+    Returns:
+      ``(batch, m)`` weights, zero on invalid slots, summing to 1.
+    """
+    m = gram.shape[-1]
+    vf = valid.astype(gram.dtype)
+    mask = vf[:, None] * vf[None, :]
+    h = gram * mask
+    diag = jnp.diagonal(h, axis1=1, axis2=2)
+    # Ridge relative to each slot's own ||g_i||^2 (scale-free: it never swamps the newest, small
+    # residual, unlike one absolute or largest-entry ridge), plus a floor so exact zeros stay
+    # solvable.
+    lam = ridge * diag + jnp.sqrt(jnp.finfo(gram.dtype).tiny)
+    eye = jnp.eye(m, dtype=gram.dtype)
+    h = h + eye * (lam[:, :, None] * vf + (1.0 - vf))  # invalid slots: identity rows
+    x = _spd_solve(h, jnp.broadcast_to(vf, diag.shape))
+    return x / jnp.sum(x, axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Anderson(_Solver):
+    """Anderson acceleration (type II), per example, with an incrementally updated Gram matrix.
+
+    Each iteration stores ``(z_k, g_k = f(z_k) - z_k)`` in a ring buffer of ``memory`` slots,
+    updates one row/column of the residual Gram matrix (O(memory * dim) per example, never the
+    whole history), solves the small bordered least-squares system and mixes
+    ``z_{k+1} = sum_i a_i (z_i + damping * g_i)``. Mixing starts at the second iteration.
+
+    Args:
+      tol, maxiter, stop_mode, trace: as in :class:`FixedPointIteration`.
+      memory: number of past iterates mixed (``m``).
+      ridge: Tikhonov regularization, relative to each stored squared residual.
+      damping: mixing parameter ``beta`` in (0, 1].
+
+    Example:
+      >>> import jax.numpy as jnp, jdeq
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.9 * jnp.tanh(z) + a, jnp.zeros((4, 8)),
+      ...                        jnp.ones((4, 8)), solver=jdeq.Anderson(memory=5, tol=1e-5))
+
+    Reference: Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer.
+    Anal. 2011; used for DEQs by Bai et al. 2019.
+    """
+
+    memory: int = 5
+    ridge: float = 1e-5
+    damping: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _is_concrete_number(self.ridge) or self.ridge < 0:
+            raise ValueError(f"`ridge` must be a number >= 0, got {self.ridge!r}.")
+
+    def init(self, z):
+        n, d = z.shape
+        m = self.memory
+        return (
+            jnp.zeros((n, m, d), z.dtype),
+            jnp.zeros((n, m, d), z.dtype),
+            jnp.zeros((n, m, m), z.dtype),
+        )
+
+    def update(self, state, k, z, fz):
+        xs, gs, gram = state
+        m = self.memory
+        g = fz - z
+        slot = (k - 1) % m
+        xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
+        gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
+        row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
+        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
+        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
+        valid = jnp.arange(m) < jnp.minimum(k, m)
+        alpha = anderson_weights(gram, valid, self.ridge)
+        z_next = jnp.einsum("nm,nmd->nd", alpha, xs + self.damping * gs, precision=_HI)
+        return z_next, (xs, gs, gram)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Broyden(_Solver):
+    """Limited-memory ("good") Broyden root finding on ``g(z) = f(z) - z``, per example.
+
+    Keeps a low-rank inverse-Jacobian estimate ``B = -I + sum_i u_i v_i^T`` (``memory`` rank-one
+    terms in a ring buffer, the oldest overwritten), steps ``z <- z - B g(z)`` (the first step is a
+    plain fixed-point step) and applies the Sherman-Morrison update after each step.
+
+    Args:
+      tol, maxiter, stop_mode, trace: as in :class:`FixedPointIteration`.
+      memory: number of rank-one updates kept.
+
+    Example:
+      >>> import jax.numpy as jnp, jdeq
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.9 * jnp.tanh(z) + a, jnp.zeros((4, 8)),
+      ...                        jnp.ones((4, 8)), solver=jdeq.Broyden(memory=20))
+
+    Reference: Broyden, Math. Comp. 1965; as used for DEQs by Bai et al. 2019.
+    """
+
+    memory: int = 20
+
+    def init(self, z):
+        n, d = z.shape
+        zeros = jnp.zeros((n, self.memory, d), z.dtype)
+        return zeros, zeros, z, jnp.zeros_like(z)
+
+    def update(self, state, k, z, fz):
+        us, vs, z_prev, g_prev = state
+        g = fz - z
+
+        def apply(left, right, x):  # (-I + sum_i left_i right_i^T) x
+            return -x + jnp.einsum(
+                "nm,nmd->nd", jnp.einsum("nmd,nd->nm", right, x, precision=_HI), left, precision=_HI
+            )
+
+        dz, dg = z - z_prev, g - g_prev
+        vt = apply(vs, us, dz)  # dz^T B, as a column
+        bdg = apply(us, vs, dg)
+        denom = jnp.sum(vt * dg, axis=1)
+        ok = (k > 1) & (jnp.abs(denom) > jnp.sqrt(jnp.finfo(z.dtype).tiny))
+        safe = jnp.where(ok, denom, 1.0)
+        u = jnp.where(ok[:, None], (dz - bdg) / safe[:, None], 0.0)
+        v = jnp.where(ok[:, None], vt, 0.0)
+        slot = (k - 2) % self.memory
+        us = jax.lax.dynamic_update_index_in_dim(us, u, slot, axis=1)
+        vs = jax.lax.dynamic_update_index_in_dim(vs, v, slot, axis=1)
+        z_next = z - apply(us, vs, g)
+        return z_next, (us, vs, z, g)
+
+
+Solver = Any  # any object with the jdeq solver interface (the above or JaxoptSolver)
