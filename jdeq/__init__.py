@@ -13,6 +13,7 @@ from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
 from jdeq._jaxopt import JaxoptSolver
 from jdeq._solvers import Anderson, Broyden, FixedPointIteration
 from jdeq._stats import Solution, SolverStats
+from jdeq import linen, models, nnx  # noqa: E402  (subpackages)
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,8 @@ __all__ = [
     "SolverStats",
     "Unrolled",
     "fixed_point",
+    "linen",
+    "models",
+    "nnx",
     "unroll",
 ]
