@@ -62,7 +62,7 @@ class _Solver:
             if not isinstance(self.memory, numbers.Integral) or self.memory < 1:
                 raise ValueError(f"`memory` must be an int >= 1, got {self.memory!r}.")
 
-    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False):
+    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
         """Runs the shared per-example loop; see :func:`jdeq._loop.run_loop`."""
         maxiter = self.maxiter if maxiter is None else maxiter
         trace_len = None
@@ -73,7 +73,9 @@ class _Solver:
                     "iteration); pass a Python int, not a traced value."
                 )
             trace_len = int(maxiter)
-        return run_loop(self, F, z0, maxiter, trace_len=trace_len, unrolled=unrolled)
+        return run_loop(
+            self, F, z0, maxiter, trace_len=trace_len, unrolled=unrolled, snapshots=snapshots
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,7 +203,10 @@ class Anderson(_Solver):
         gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
         valid = jnp.arange(m) < jnp.minimum(k, m)
         alpha = anderson_weights(gram, valid, self.ridge)
-        z_next = jnp.einsum("nm,nmd->nd", alpha, xs + self.damping * gs, precision=_HI)
+        # Two reductions rather than one over ``xs + damping * gs``: that temporary would fuse
+        # with the ring-buffer update and force XLA to copy the whole history every iteration.
+        mix = lambda hist: jnp.einsum("nm,nmd->nd", alpha, hist, precision=_HI)
+        z_next = mix(xs) + self.damping * mix(gs)
         return z_next, (xs, gs, gram)
 
 
@@ -209,9 +214,10 @@ class Anderson(_Solver):
 class Broyden(_Solver):
     """Limited-memory ("good") Broyden root finding on ``g(z) = f(z) - z``, per example.
 
-    Keeps a low-rank inverse-Jacobian estimate ``B = -I + sum_i u_i v_i^T`` (``memory`` rank-one
-    terms in a ring buffer, the oldest overwritten), steps ``z <- z - B g(z)`` (the first step is a
-    plain fixed-point step) and applies the Sherman-Morrison update after each step.
+    Keeps a low-rank inverse-Jacobian estimate ``B = -I + sum_i u_i v_i^T`` (the ``memory``
+    latest rank-one terms in a ring buffer, plus the newest one before it is stored), steps
+    ``z <- z - B g(z)`` (the first step is a plain fixed-point step) and applies the
+    Sherman-Morrison update ``B += (dz - B dg) dz^T B / (dz^T B dg)`` after each step.
 
     Args:
       tol, maxiter, stop_mode, trace: as in :class:`FixedPointIteration`.
@@ -229,17 +235,22 @@ class Broyden(_Solver):
 
     def init(self, z):
         n, d = z.shape
-        zeros = jnp.zeros((n, self.memory, d), z.dtype)
-        return zeros, zeros, z, jnp.zeros_like(z)
+        hist = jnp.zeros((n, self.memory, d), z.dtype)
+        return hist, jnp.zeros_like(hist), z, jnp.zeros_like(z), jnp.zeros_like(z), jnp.zeros_like(z)
 
     def update(self, state, k, z, fz):
-        us, vs, z_prev, g_prev = state
+        us, vs, z_prev, g_prev, u_new, v_new = state
+        m = self.memory
+        # The rank-one term found last iteration enters the ring buffer first, so that every
+        # read below follows the in-place write (reading the old buffer after it would make XLA
+        # copy the whole history each iteration).
+        us = jax.lax.dynamic_update_index_in_dim(us, u_new, (k - 3) % m, axis=1)
+        vs = jax.lax.dynamic_update_index_in_dim(vs, v_new, (k - 3) % m, axis=1)
         g = fz - z
 
         def apply(left, right, x):  # (-I + sum_i left_i right_i^T) x
-            return -x + jnp.einsum(
-                "nm,nmd->nd", jnp.einsum("nmd,nd->nm", right, x, precision=_HI), left, precision=_HI
-            )
+            coef = jnp.einsum("nmd,nd->nm", right, x, precision=_HI)
+            return jnp.einsum("nm,nmd->nd", coef, left, precision=_HI) - x
 
         dz, dg = z - z_prev, g - g_prev
         vt = apply(vs, us, dz)  # dz^T B, as a column
@@ -249,11 +260,9 @@ class Broyden(_Solver):
         safe = jnp.where(ok, denom, 1.0)
         u = jnp.where(ok[:, None], (dz - bdg) / safe[:, None], 0.0)
         v = jnp.where(ok[:, None], vt, 0.0)
-        slot = (k - 2) % self.memory
-        us = jax.lax.dynamic_update_index_in_dim(us, u, slot, axis=1)
-        vs = jax.lax.dynamic_update_index_in_dim(vs, v, slot, axis=1)
-        z_next = z - apply(us, vs, g)
-        return z_next, (us, vs, z, g)
+        # B_new g with B_new = B + u v^T (the buffered terms plus the new one).
+        bg = apply(us, vs, g) + u * jnp.sum(v * g, axis=1, keepdims=True)
+        return z - bg, (us, vs, z, g, u, v)
 
 
 Solver = Any  # any object with the jdeq solver interface (the above or JaxoptSolver)
