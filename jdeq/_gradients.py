@@ -93,7 +93,7 @@ class Implicit:
         if self.callback is not None and not callable(self.callback):
             raise TypeError(f"`callback` must be callable, got {self.callback!r}.")
 
-    def _linear_solver(self, forward_solver) -> Callable:
+    def _linear_solver(self, forward_solver, static_maxiter=None) -> Callable:
         """``solve(matvec, b, maxiter) -> x`` for ``matvec(x) = b`` (batched like ``z``)."""
         callback = self.callback
         if isinstance(self.solver, str):
@@ -119,6 +119,8 @@ class Implicit:
         overrides = {k: getattr(self, k) for k in ("tol", "stop_mode") if getattr(self, k) is not None}
         if isinstance(base, JaxoptSolver):
             overrides.pop("stop_mode", None)
+            if isinstance(static_maxiter, numbers.Integral):  # jaxopt needs a static maxiter
+                overrides["maxiter"] = int(static_maxiter)
             solver = JaxoptSolver(base.jaxopt_class, **{**base.options, **overrides})
         else:
             solver = dataclasses.replace(base, trace=False, **overrides)
@@ -130,7 +132,8 @@ class Implicit:
             def fixed_point_form(um):  # u = u - (A u - b): fixed point at A u = b
                 return bm + um - layout.flatten(matvec(layout.unflatten(um)))
 
-            um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), maxiter)
+            run_maxiter = None if isinstance(solver, JaxoptSolver) else maxiter  # static: in options
+            um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), run_maxiter)
             if callback is not None:
                 jax.debug.callback(callback, stats)
             return layout.unflatten(um)
@@ -141,10 +144,10 @@ class Implicit:
         fn, params = _convert(f, z_star, args)
         if self.maxiter is not None:
             maxiter = self.maxiter
-        elif isinstance(self.solver, _Solver):
+        elif isinstance(self.solver, (_Solver, JaxoptSolver)):
             maxiter = self.solver.maxiter
         return _implicit_identity(
-            fn, self._linear_solver(forward_solver), z_star, params, jnp.asarray(maxiter, jnp.int32)
+            fn, self._linear_solver(forward_solver, maxiter), z_star, params, jnp.asarray(maxiter, jnp.int32)
         )
 
 
