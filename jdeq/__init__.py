@@ -8,12 +8,22 @@ The public API is this flat namespace (plus the ``jdeq.nnx``, ``jdeq.linen`` and
 ``jdeq.models`` subpackages).
 """
 
+from jdeq._correction import correction_loss, correction_weights, fixed_point_states
 from jdeq._fixed_point import fixed_point, unroll
 from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
+from jdeq._hypersolver import HyperAnderson, hyper_loss, init_mixer
 from jdeq._jaxopt import JaxoptSolver
+from jdeq._regularizers import jacobian_frobenius, jacobian_penalty, spectral_radius
 from jdeq._solvers import Anderson, Broyden, FixedPointIteration
+from jdeq._splitting import (
+    ForwardBackward,
+    MonotoneProblem,
+    PeacemanRachford,
+    monotone_fixed_point,
+)
 from jdeq._stats import Solution, SolverStats
 from jdeq import linen, models, nnx  # noqa: E402  (subpackages)
+from jdeq import data, train  # noqa: E402  (cheap: numpy, optax, tqdm; orbax loads lazily)
 
 __version__ = "0.1.0"
 
@@ -21,16 +31,31 @@ __all__ = [
     "Anderson",
     "Broyden",
     "FixedPointIteration",
+    "ForwardBackward",
+    "HyperAnderson",
     "Implicit",
     "JacobianFree",
     "JaxoptSolver",
+    "MonotoneProblem",
+    "PeacemanRachford",
     "Phantom",
     "Solution",
     "SolverStats",
     "Unrolled",
+    "correction_loss",
+    "correction_weights",
+    "data",
     "fixed_point",
+    "fixed_point_states",
+    "hyper_loss",
+    "init_mixer",
+    "jacobian_frobenius",
+    "jacobian_penalty",
     "linen",
     "models",
+    "monotone_fixed_point",
     "nnx",
+    "spectral_radius",
+    "train",
     "unroll",
 ]

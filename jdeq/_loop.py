@@ -40,6 +40,7 @@ class _Carry(NamedTuple):
     nsteps: jax.Array
     active: jax.Array
     trace: Any
+    snaps: Any  # (states, batch, dim) best iterates at the snapshot budgets, or None
 
 
 def run_loop(
@@ -50,7 +51,8 @@ def run_loop(
     *,
     trace_len: int | None = None,
     unrolled: bool = False,
-) -> tuple[jax.Array, SolverStats]:
+    snapshots=None,
+):
     """Solves ``z = F(z)`` row by row.
 
     Args:
@@ -61,9 +63,13 @@ def run_loop(
       trace_len: length of the residual trace to record, or None for no trace.
       unrolled: run a ``lax.scan`` of ``maxiter - 1`` steps (``maxiter`` static) so that reverse
         mode can differentiate through every iteration.
+      snapshots: optional ``(states,)`` int array of evaluation budgets ``n_j``; snapshot ``j``
+        is, per example, the iterate this loop would return with ``maxiter = n_j`` (the best
+        iterate after ``n_j`` evaluations, or the final one if the loop stopped earlier).
 
     Returns:
-      ``(z_best, stats)``.
+      ``(z_best, stats)``, or ``(z_best, stats, snaps)`` with ``snaps`` of shape
+      ``(states, batch, dim)`` when ``snapshots`` is given.
     """
     tol = solver.tol
     pick = 0 if solver.stop_mode == "abs" else 1
@@ -85,6 +91,7 @@ def run_loop(
         nsteps=jnp.ones((batch,), jnp.int32),
         active=(metric >= tol) & jnp.isfinite(metric),
         trace=trace,
+        snaps=None if snapshots is None else jnp.broadcast_to(z0, (len(snapshots),) + z0.shape),
     )
 
     def step(c: _Carry) -> _Carry:
@@ -99,17 +106,22 @@ def run_loop(
         trace = c.trace
         if trace is not None:
             trace = trace.at[:, c.k].set(jnp.where(c.active, metric, jnp.nan), mode="drop")
+        best_z = jnp.where(better[:, None], z_next, c.best_z)
+        snaps = c.snaps
+        if snaps is not None:  # budgets not yet reached follow the best iterate
+            snaps = jnp.where((snapshots > c.k)[:, None, None], best_z[None], snaps)
         return _Carry(
             k=c.k + 1,
             z=z_next,
             fz=fz_next,
             state=state,
-            best_z=jnp.where(better[:, None], z_next, c.best_z),
+            best_z=best_z,
             best_abs=jnp.where(better, abs_res, c.best_abs),
             best_rel=jnp.where(better, rel_res, c.best_rel),
             nsteps=c.nsteps + c.active.astype(jnp.int32),
             active=c.active & (metric >= tol) & jnp.isfinite(metric),
             trace=trace,
+            snaps=snaps,
         )
 
     if unrolled:
@@ -125,4 +137,6 @@ def run_loop(
         converged=best_metric < tol,
         trace=carry.trace,
     )
+    if snapshots is not None:
+        return carry.best_z, stats, carry.snaps
     return carry.best_z, stats

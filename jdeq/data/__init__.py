@@ -2,8 +2,10 @@
 
 - :mod:`jdeq.data.arithmetic`: random symbolic arithmetic expressions mod 10 with a controllable
   distribution of nesting depth (the depth study of issue 4).
+- :mod:`jdeq.data.digits`: scikit-learn's 8x8 handwritten digits, fixed stratified split.
+- :mod:`jdeq.data.mnist1d`: MNIST-1D generated offline from the ``mnist1d`` package's templates.
 """
 
-from jdeq.data import arithmetic
+from jdeq.data import arithmetic, digits, mnist1d
 
-__all__ = ["arithmetic"]
+__all__ = ["arithmetic", "digits", "mnist1d"]

@@ -15,10 +15,11 @@ How the depth is controlled: the depth of each example is drawn first (uniformly
 ``[min_depth, max_depth]``, or from ``depth_weights``), then an expression of exactly that
 depth and length is built top-down. An expression of depth ``d > 0`` is a chain
 ``operand op operand op ...`` with one *deep* operand ``( E' )``, ``E'`` of depth ``d - 1`` and
-a random odd length (at least ``2d - 1``, so that depth fits), plus other operands filling the
-remaining budget: single digits, or parenthesized groups of a random depth ``<= d``. So each
-depth is hit exactly, at any fixed length that can hold it (depth ``d`` needs
-``2d + 1 <= length``).
+a random odd length, plus other operands filling the remaining budget: single digits, or
+parenthesized groups of a random depth ``<= d``. So each depth is hit exactly, at any fixed
+length that can hold it (depth ``d`` needs ``2d + 1 <= length``). Up to
+:func:`default_max_depth` (7 for length 32) every parenthesis pair encloses an operator; deeper
+expressions need redundant pairs such as ``((7))``, since the length is fixed.
 
 Example:
   >>> from jdeq.data import arithmetic
@@ -110,13 +111,14 @@ class Dataset:
 
 
 def default_max_depth(length: int) -> int:
-    """The largest depth at which an expression of ``length`` tokens still has an operator.
+    """The largest depth at which every parenthesis pair can still enclose an operator.
 
-    Depth ``d`` needs ``2d + 3`` tokens for ``(...(a op b)...)``; deeper ones (up to
-    ``(length - 1) // 2``, a lone digit in parentheses) may be asked for explicitly.
+    A depth-``d`` expression without redundant parentheses, ``a+(b+(c+...(y+z)))``, needs
+    ``4d + 3`` tokens. Deeper ones, up to ``(length - 1) // 2`` (a lone digit in ``d`` pairs of
+    parentheses), may be asked for explicitly; they contain redundant pairs such as ``((7))``.
     """
     n = length if length % 2 else length - 1
-    return max((n - 3) // 2, 0)
+    return max((n - 3) // 4, 0)
 
 
 def decode(tokens) -> str:
@@ -154,21 +156,35 @@ def _digit(rng: random.Random) -> tuple[str, int]:
     return _DIGITS[v], v
 
 
+def _odd_between(lo: int, hi: int, rng: random.Random) -> int:
+    """A uniformly random odd number in ``[lo, hi]`` (``lo`` odd, ``lo <= hi``)."""
+    return lo + 2 * rng.randrange((hi - lo) // 2 + 1)
+
+
 def _expr(n: int, d: int, rng: random.Random) -> tuple[str, int]:
-    """A random expression of exactly ``n`` tokens (odd) and depth exactly ``d`` (2d+1 <= n)."""
+    """A random expression of exactly ``n`` tokens (odd) and depth exactly ``d`` (2d+1 <= n).
+
+    Whenever the budget allows (``n >= 4d + 3``) every parenthesis pair encloses an operator at
+    its own level; shorter budgets fall back to redundant parentheses such as ``((7))``.
+    """
     if d == 0:
         return _chain([_digit(rng) for _ in range((n + 1) // 2)], rng)
-    # The deep operand "( E' )" with E' of depth d - 1: odd length in [2d + 1, n].
-    lo = 2 * d + 1
-    size = lo + 2 * rng.randrange((n - lo) // 2 + 1)
+    # The deep operand "( E' )" with E' of depth d - 1, of odd size s: leave room for at least
+    # one more operand (s <= n - 2) and for an operator at every level inside (s >= 4d + 1).
+    if n - 2 >= 4 * d + 1:
+        size = _odd_between(4 * d + 1, n - 2, rng)
+    elif n - 2 >= 2 * d + 1:
+        size = _odd_between(2 * d + 1, n - 2, rng)
+    else:
+        size = n
     s, v = _expr(size - 2, d - 1, rng)
     deep = ("(" + s + ")", v)
     others = []
     left = n - size  # even: each filler is "op operand" of even length
     while left > 0:
-        if left >= 4 and rng.random() < _GROUP_PROB:
-            fill = 2 * rng.randint(2, left // 2)  # operand "( E )" of fill - 1 tokens
-            e = rng.randint(1, min(d, (fill - 2) // 2))
+        if left >= 6 and rng.random() < _GROUP_PROB:
+            fill = 2 * rng.randint(3, left // 2)  # operand "( E )" of fill - 1 >= 5 tokens
+            e = rng.randint(1, min(d, max(1, (fill - 2) // 4)))
             s, v = _expr(fill - 3, e - 1, rng)
             others.append(("(" + s + ")", v))
         else:

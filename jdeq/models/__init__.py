@@ -1,6 +1,40 @@
 """Cells and ready models for jdeq (Flax NNX first; Linen twins in ``jdeq.models.linen``)."""
 
 from jdeq.models import linen
+from jdeq.models.dropout import VariationalDropout, dropout_mask, reset_dropout
+from jdeq.models.hypersolver import HyperSolver
+from jdeq.models.mdeq import MDEQCell, MDEQClassifier
 from jdeq.models.mlp import MLPCell
+from jdeq.models.mondeq import MonDEQ, MonDEQClassifier, MonotoneConvCell, MonotoneDenseCell
+from jdeq.models.norm import SpectralNorm, WeightNorm, apply_norm, update_norm
+from jdeq.models.transformer import (
+    LSTMClassifier,
+    TiedTransformerClassifier,
+    TransformerBlock,
+    TransformerCell,
+    TransformerClassifier,
+)
 
-__all__ = ["MLPCell", "linen"]
+__all__ = [
+    "HyperSolver",
+    "LSTMClassifier",
+    "MDEQCell",
+    "MDEQClassifier",
+    "MLPCell",
+    "MonDEQ",
+    "MonDEQClassifier",
+    "MonotoneConvCell",
+    "MonotoneDenseCell",
+    "SpectralNorm",
+    "TiedTransformerClassifier",
+    "TransformerBlock",
+    "TransformerCell",
+    "TransformerClassifier",
+    "VariationalDropout",
+    "WeightNorm",
+    "apply_norm",
+    "dropout_mask",
+    "linen",
+    "reset_dropout",
+    "update_norm",
+]

@@ -1,0 +1,255 @@
+"""A learned Anderson solver (the solver half of Bai et al. 2022's "neural deep equilibrium solver").
+
+:class:`HyperAnderson` is Anderson acceleration whose mixing weights and step size are corrected
+by a tiny MLP, per example and per iteration, then run in jdeq's shared per-example loop like any
+other solver. The network sees only dimension-free summaries of the history that Anderson itself
+uses (the residual Gram matrix as cosines and log-norms, Anderson's own weights, which slots are
+filled), so one mixer serves any state size. Its last layer starts at zero: an untrained mixer
+*is* plain Anderson, and training can only move away from it where that lowers the loss.
+
+Safeguards (the "falls back to plain Anderson" part):
+
+* per example, as soon as a learned step fails to reduce the residual, that example continues
+  with plain Anderson weights for the rest of the solve;
+* learned mixing is used for the first ``learned_steps`` iterations only (all by default);
+* :func:`jdeq.models.HyperSolver.calibrate` measures whether the learned initializer and mixer
+  save evaluations at all on held-out data, and switches off each part that does not.
+
+:func:`hyper_loss` is the training objective on a frozen DEQ: the mean log relative residual over
+an unrolled trajectory of ``steps`` iterations (every iteration counts, so the whole path gets
+faster, not only its end), computed by the same shared loop run as a differentiable scan.
+
+Reference: Bai, Koltun & Kolter, "Neural Deep Equilibrium Solvers", ICLR 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._loop import REL_EPS
+from jdeq._solvers import _HI, _Solver, anderson_weights
+
+__all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
+
+_BETA_MAX = 2.0  # learned step size beta lies in (0, 2 * damping)
+_DIVERGED = 10.0  # hyper_loss's log-residual charged for each iteration after a divergence
+
+
+def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: jax.Array):
+    """Dimension-free features of an Anderson history, newest slot first: ``(batch, m*m + 3m)``.
+
+    Args:
+      gram: ``(batch, m, m)`` residual Gram matrix (ring-buffer order).
+      valid: ``(m,)`` filled slots.
+      alpha: ``(batch, m)`` Anderson's least-squares weights.
+      order: ``(m,)`` slot indices from newest to oldest.
+    """
+    g = gram[:, order][:, :, order]
+    v = valid[order].astype(gram.dtype)
+    # empty slots get a unit diagonal before any division or log (no inf/NaN in gradients)
+    eps = jnp.finfo(gram.dtype).eps
+    diag = jnp.where(v > 0, jnp.diagonal(g, axis1=1, axis2=2), 1.0) + eps**4
+    scale = jnp.sqrt(diag)
+    cos = g / (scale[:, :, None] * scale[:, None, :]) * (v[:, None] * v[None, :])
+    lognorm = 0.5 * (jnp.log(diag) - jnp.log(diag[:, :1])) * v
+    a = alpha[:, order] * v
+    n, m = alpha.shape
+    return jnp.concatenate(
+        [cos.reshape(n, m * m), jnp.clip(lognorm, -20.0, 20.0), a, jnp.broadcast_to(v, (n, m))], axis=1
+    )
+
+
+def init_mixer(key, memory: int = 5, hidden: int = 32, dtype=jnp.float32) -> dict:
+    """Parameters of the mixer MLP ``features -> hidden -> (m weight corrections, 1 step logit)``.
+
+    The output layer is zero, so the untrained mixer reproduces plain Anderson exactly.
+
+    Args:
+      key: PRNG key.
+      memory: Anderson memory ``m`` the mixer serves.
+      hidden: hidden width.
+      dtype: parameter dtype.
+
+    Returns:
+      A dict pytree ``{"w1", "b1", "w2", "b2"}``.
+
+    Example:
+      >>> import jax, jdeq
+      >>> params = jdeq.init_mixer(jax.random.key(0), memory=5)
+      >>> params["w1"].shape
+      (40, 32)
+    """
+    if not isinstance(memory, numbers.Integral) or memory < 1:
+        raise ValueError(f"`memory` must be an int >= 1, got {memory!r}.")
+    if not isinstance(hidden, numbers.Integral) or hidden < 1:
+        raise ValueError(f"`hidden` must be an int >= 1, got {hidden!r}.")
+    n_in = memory * memory + 3 * memory
+    w1 = jax.random.normal(key, (n_in, hidden), dtype) / math.sqrt(n_in)
+    return {
+        "w1": w1,
+        "b1": jnp.zeros((hidden,), dtype),
+        "w2": jnp.zeros((hidden, memory + 1), dtype),
+        "b2": jnp.zeros((memory + 1,), dtype),
+    }
+
+
+def _mixer_apply(params, feats):
+    h = jnp.tanh(feats @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class HyperAnderson(_Solver):
+    """Anderson acceleration with learned corrections of its mixing weights and step size.
+
+    At iteration ``k`` the tiny MLP ``mixer`` (parameters ``params``, see :func:`init_mixer`)
+    maps the history's features to ``delta`` (``m`` numbers in (-1, 1), projected to sum 0 over
+    the filled slots) and a step logit ``s``; the update is
+    ``z_{k+1} = sum_i (alpha_i + delta_i) (z_i + beta g_i)`` with Anderson's own weights
+    ``alpha`` and ``beta = 2 * damping * sigmoid(s)`` (``= damping`` at ``s = 0``). With
+    ``params=None`` it is plain Anderson. Per example, once a learned step does not lower the
+    residual, plain Anderson takes over for the rest of the solve.
+
+    The parameters are arrays, so the object compares and hashes by identity. As the forward
+    solver of a trained model, pair it with an explicit backward solver, e.g.
+    ``gradient=jdeq.Implicit(solver=jdeq.Anderson())`` (the mixer was trained on the forward
+    problem, not on the adjoint one).
+
+    Args:
+      tol, maxiter, stop_mode, trace, memory, ridge, damping: as in :class:`jdeq.Anderson`.
+      params: mixer parameters (from :func:`init_mixer`, trained with :func:`hyper_loss`), or
+        None.
+      learned_steps: use learned mixing for the first ``learned_steps`` iterations only
+        (None: all).
+      safeguard: switch an example to plain Anderson after a learned step that did not reduce
+        its residual.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jdeq
+      >>> solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0)), tol=1e-5)
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.9 * jnp.tanh(z) + a, jnp.zeros((4, 8)),
+      ...                        jnp.ones((4, 8)), solver=solver)
+
+    Reference: Bai, Koltun & Kolter, "Neural Deep Equilibrium Solvers", ICLR 2022.
+    """
+
+    memory: int = 5
+    ridge: float = 1e-5
+    damping: float = 1.0
+    params: Any = None
+    learned_steps: int | None = None
+    safeguard: bool = True
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.ridge, numbers.Real) or self.ridge < 0:
+            raise ValueError(f"`ridge` must be a number >= 0, got {self.ridge!r}.")
+        if self.learned_steps is not None and (
+            not isinstance(self.learned_steps, numbers.Integral) or self.learned_steps < 0
+        ):
+            raise ValueError(f"`learned_steps` must be None or an int >= 0, got {self.learned_steps!r}.")
+        if self.params is not None:
+            w1 = self.params.get("w1") if isinstance(self.params, dict) else None
+            n_in = self.memory * self.memory + 3 * self.memory
+            if w1 is None or w1.shape[0] != n_in or self.params["w2"].shape[-1] != self.memory + 1:
+                raise ValueError(
+                    f"`params` must come from jdeq.init_mixer(key, memory={self.memory}) "
+                    "(mixer input/output sizes must match `memory`)."
+                )
+
+    def init(self, z):
+        n, d = z.shape
+        m = self.memory
+        return (
+            jnp.zeros((n, m, d), z.dtype),
+            jnp.zeros((n, m, d), z.dtype),
+            jnp.zeros((n, m, m), z.dtype),
+            jnp.full((n,), jnp.inf, z.dtype),  # residual before the last step
+            jnp.ones((n,), bool),  # learned mixing still on for this example
+            jnp.zeros((n,), bool),  # the last step was a learned one
+        )
+
+    def update(self, state, k, z, fz):
+        xs, gs, gram, prev_res, learn, last_learned = state
+        m = self.memory
+        g = fz - z
+        res = jnp.linalg.norm(g, axis=1)
+        if self.safeguard:
+            learn = learn & ~(last_learned & (res >= prev_res))
+        slot = (k - 1) % m
+        xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
+        gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
+        row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
+        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
+        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
+        valid = jnp.arange(m) < jnp.minimum(k, m)
+        alpha = anderson_weights(gram, valid, self.ridge)
+        beta = jnp.full_like(res, self.damping)
+        use = jnp.zeros_like(learn)
+        if self.params is not None:
+            order = (slot - jnp.arange(m)) % m  # newest first
+            out = _mixer_apply(self.params, mixer_features(gram, valid, alpha, order))
+            vf = valid.astype(z.dtype)
+            delta_age = jnp.tanh(out[:, :m]) * vf[order]  # bounded corrections
+            delta_age = delta_age - vf[order] * jnp.sum(delta_age, 1, keepdims=True) / jnp.sum(vf)
+            delta = jnp.zeros_like(alpha).at[:, order].set(delta_age)
+            use = learn
+            if self.learned_steps is not None:
+                use = use & (k <= self.learned_steps)
+            alpha = jnp.where(use[:, None], alpha + delta, alpha)
+            beta_learned = _BETA_MAX * self.damping * jax.nn.sigmoid(out[:, m])
+            beta = jnp.where(use, beta_learned, beta)
+        mix = lambda hist: jnp.einsum("nm,nmd->nd", alpha, hist, precision=_HI)
+        z_next = mix(xs) + beta[:, None] * mix(gs)
+        return z_next, (xs, gs, gram, res, learn, use)
+
+
+def hyper_loss(f, z0, args, solver: HyperAnderson, *, steps: int) -> jax.Array:
+    """Training loss of a hypersolver on a frozen DEQ: mean log relative residual along the path.
+
+    Runs ``solver`` for ``steps`` evaluations as a differentiable scan (jdeq's shared loop with
+    ``unrolled=True`` and a residual trace), ignoring ``solver.tol`` (no example stops early),
+    and returns the mean over examples and iterations of ``log(rel_residual_k + 1e-8)``.
+    Gradients flow to ``solver.params`` and to ``z0`` (a learned initializer); ``args`` (the
+    frozen DEQ) is taken as a constant.
+
+    Args:
+      f: the cell ``f(z, args)`` on ``(batch, dim)`` states.
+      z0: ``(batch, dim)`` starting states (e.g. a learned initializer's output).
+      args: the cell's arguments (stop-gradient inside).
+      solver: a :class:`HyperAnderson`.
+      steps: evaluations of ``f`` in the unrolled path (static, ``>= 2``).
+
+    Returns:
+      A scalar loss.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jdeq
+      >>> f = lambda z, a: 0.9 * jnp.tanh(z) + a
+      >>> loss = lambda p: jdeq.hyper_loss(f, jnp.zeros((4, 8)), jnp.ones((4, 8)),
+      ...                                  jdeq.HyperAnderson(params=p), steps=8)
+      >>> g = jax.grad(loss)(jdeq.init_mixer(jax.random.key(0)))
+    """
+    if not isinstance(solver, HyperAnderson):
+        raise TypeError(f"`solver` must be a jdeq.HyperAnderson, got {solver!r}.")
+    if not isinstance(steps, numbers.Integral) or steps < 2:
+        raise ValueError(f"`steps` must be an int >= 2, got {steps!r}.")
+    if jnp.ndim(z0) != 2:
+        raise ValueError(f"`z0` must be a (batch, dim) array, got shape {jnp.shape(z0)}.")
+    args = jax.lax.stop_gradient(args)
+    train = dataclasses.replace(solver, tol=1e-30, stop_mode="abs", trace=True, maxiter=int(steps))
+    _, stats = train.solve(lambda z: f(z, args), z0, int(steps), unrolled=True)
+    # (batch, steps) abs residuals, relative to the size of f(z0) (a constant per example)
+    scale = jax.lax.stop_gradient(jnp.linalg.norm(f(z0, args), axis=1, keepdims=True)) + REL_EPS
+    ok = jnp.isfinite(stats.trace)  # NaN once a path went non-finite (frozen by the loop)
+    log_res = jnp.log(jnp.where(ok, stats.trace, 1.0) / scale + 1e-8)
+    return jnp.mean(jnp.where(ok, log_res, _DIVERGED))

@@ -1,0 +1,51 @@
+"""A small, general optax training loop for jdeq models (and any ``nnx.Module``).
+
+The pieces, each usable on its own:
+
+- :func:`fit`: trains a model in place with an optax optimizer: one jit-compiled step, a
+  tqdm progress bar, periodic evaluation, metrics including the solver's stats, and
+  checkpoint/resume with orbax (an interrupted run resumes at the step it stopped at and ends
+  with the same parameters as an uninterrupted run).
+- :func:`evaluate`: mean metrics of a loss function over a dataset (jit-compiled, batched).
+- :func:`predict`: per-example outputs (logits and ``jdeq.SolverStats``) over a dataset; call
+  options such as ``maxiter=`` are run-time values (no recompile between budgets).
+- :func:`batches` / :func:`batch_indices`: the deterministic shuffled batch stream (the batch
+  at step ``k`` depends only on ``(seed, k)``, which is what makes resuming exact).
+- :func:`classification_loss`, :func:`solver_metrics`, :func:`split_output`: the default
+  loss and its metrics; :func:`count_params`.
+
+Conventions: a *model* is an ``nnx.Module`` whose call returns ``logits`` or ``(logits,
+stats)`` with ``stats`` a ``jdeq.SolverStats`` (or None); *data* is a mapping of arrays sharing
+a leading axis (``{"inputs": ..., "labels": ...}`` for the default loss); a *loss function*
+is ``loss_fn(model, batch) -> (scalar loss, dict of scalar metrics)``.
+
+Example:
+  >>> import optax, jdeq
+  >>> from flax import nnx
+  >>> from jdeq.data import arithmetic
+  >>> from jdeq.models.transformer import TiedTransformerClassifier
+  >>> data = arithmetic.generate(256, length=8, max_depth=1).arrays()
+  >>> model = TiedTransformerClassifier(16, 10, length=8, features=16, num_heads=2,
+  ...                                   rngs=nnx.Rngs(0))
+  >>> history = jdeq.train.fit(model, optax.adam(1e-3), data, steps=5, batch_size=32,
+  ...                          progress=False)
+  >>> sorted(history.train[-1])[:3]
+  ['abs_residual', 'accuracy', 'converged']
+"""
+
+from jdeq.train.batches import batch_indices, batches
+from jdeq.train.loop import History, evaluate, fit, predict
+from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
+
+__all__ = [
+    "History",
+    "batch_indices",
+    "batches",
+    "classification_loss",
+    "count_params",
+    "evaluate",
+    "fit",
+    "predict",
+    "solver_metrics",
+    "split_output",
+]

@@ -1,0 +1,63 @@
+"""The default loss of :func:`jdeq.train.fit` and its metrics, including the solver's stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jdeq._stats import SolverStats
+
+__all__ = ["classification_loss", "count_params", "solver_metrics", "split_output"]
+
+
+def split_output(out) -> tuple[Any, SolverStats | None]:
+    """``(logits, stats)`` from a model output that is ``logits`` or ``(logits, stats)``."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(f"a model must return `logits` or `(logits, stats)`, got a {len(out)}-tuple.")
+        return out
+    return out, None
+
+
+def solver_metrics(stats: SolverStats | None) -> dict[str, jax.Array]:
+    """Batch means of a ``jdeq.SolverStats``: ``nsteps`` (forward evaluations of the cell),
+    ``abs_residual``, ``rel_residual`` and ``converged`` (fraction); empty for None."""
+    if stats is None:
+        return {}
+    return {
+        "nsteps": jnp.mean(stats.nsteps.astype(jnp.float32)),
+        "abs_residual": jnp.mean(stats.abs_residual),
+        "rel_residual": jnp.mean(stats.rel_residual),
+        "converged": jnp.mean(stats.converged.astype(jnp.float32)),
+    }
+
+
+def classification_loss(model, batch, **call_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Softmax cross-entropy with integer labels, plus accuracy and the solver's stats.
+
+    Args:
+      model: called as ``model(batch["inputs"], **call_kwargs)``, returning ``logits`` or
+        ``(logits, stats)``.
+      batch: a mapping with ``"inputs"`` and int ``"labels"`` ``(batch,)``.
+      call_kwargs: passed to the model (e.g. ``maxiter=4``; bind them with
+        ``functools.partial`` to train with them).
+
+    Returns:
+      ``(loss, {"loss", "accuracy", and, for a DEQ/unrolled model, "nsteps", "abs_residual",
+      "rel_residual", "converged"})``.
+    """
+    logits, stats = split_output(model(batch["inputs"], **call_kwargs))
+    labels = batch["labels"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics.update(solver_metrics(stats))
+    return loss, metrics
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable scalars (``nnx.Param`` entries) of a model."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,150 @@
+"""Fixed-point correction: every state equals jdeq.fixed_point with the state's budget (value,
+and gradient through its phantom steps), budgets evenly spaced or explicit, traced maxiter under
+jit, and the weights of the correction loss as documented."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdeq
+
+N, D = 4, 6
+
+
+def cell(z, p):
+    return jnp.tanh(z @ p["W"] + p["x"])
+
+
+def make_params(seed=0, scale=0.95):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(D, D))
+    return {
+        "W": jnp.asarray(scale * W / np.linalg.norm(W, 2), jnp.float32),
+        "x": jnp.asarray(rng.normal(size=(N, D)), jnp.float32),
+    }
+
+
+def reference(solver, gradient=jdeq.Implicit()):
+    """jdeq.fixed_point with a run-time budget, compiled once for every budget."""
+    return jax.jit(lambda p, m: jdeq.fixed_point(
+        cell, jnp.zeros((N, D)), p, solver=solver, gradient=gradient, maxiter=m))
+
+
+def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # one program vs another: rounding
+
+
+@pytest.mark.parametrize("solver", [jdeq.Anderson(tol=1e-7, maxiter=12),
+                                    jdeq.FixedPointIteration(tol=1e-7, maxiter=12)])
+def test_states_equal_fixed_point_with_each_budget(solver):
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    sol = jax.jit(lambda p: jdeq.fixed_point_states(cell, z0, p, states=3, solver=solver))(p)
+    assert len(sol.value) == 3
+    ref = reference(solver)
+    for state, budget in zip(sol.value, (4, 8, 12)):  # ceil(j * 12 / 3)
+        close(state, ref(p, budget).value)
+    full = ref(p, 12)
+    np.testing.assert_array_equal(sol.stats.nsteps, full.stats.nsteps)
+    close(sol.stats.abs_residual, full.stats.abs_residual)
+    # later budgets never have a larger residual
+    res = [jnp.linalg.norm(cell(s, p) - s, axis=1) for s in sol.value]
+    assert bool(jnp.all(res[2] <= res[0]))
+
+
+def test_explicit_budgets_uneven_spacing_and_past_convergence():
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.Anderson(tol=1e-3, maxiter=30)
+    sol = jax.jit(lambda p: jdeq.fixed_point_states(cell, z0, p, states=(1, 3, 30),
+                                                    solver=solver))(p)
+    np.testing.assert_array_equal(sol.value[0], z0)  # budget 1: the start
+    ref = reference(solver)
+    close(sol.value[1], ref(p, 3).value)
+    final = ref(p, 30)
+    assert int(final.stats.nsteps.max()) < 30  # converged earlier: last state is that iterate
+    close(sol.value[2], final.value)
+
+
+def test_traced_maxiter_under_jit_and_pytree_state():
+    p = make_params()
+
+    def f(z, p):
+        return {"a": cell(z["a"], p), "b": 0.5 * z["b"] + 1.0}
+
+    z0 = {"a": jnp.zeros((N, D)), "b": jnp.zeros((N, 2))}
+    run = jax.jit(lambda m: jdeq.fixed_point_states(f, z0, p, states=2, maxiter=m).value)
+    ref_fn = jax.jit(lambda m: jdeq.fixed_point(f, z0, p, maxiter=m).value)
+    for m in (6, 10):
+        states = run(m)
+        ref = ref_fn((m + 1) // 2)  # ceil(m / 2)
+        for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # jit vs eager rounding
+
+
+def test_each_state_carries_its_phantom_gradient():
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.Anderson(tol=1e-7, maxiter=10)
+    grad_mode = jdeq.Phantom(steps=3, damping=0.7)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(N, D)), jnp.float32)
+    # d/dp of sum_j w_j-weighted states, against the same through fixed_point(maxiter=n_j)
+    g_states = jax.jit(jax.jacrev(lambda p: jnp.stack([jnp.sum(w * s) for s in
+                       jdeq.fixed_point_states(cell, z0, p, states=2, solver=solver,
+                                               gradient=grad_mode).value])))(p)
+    ref = reference(solver, grad_mode)
+    g_ref = jax.jit(jax.grad(lambda p, m: jnp.sum(w * ref(p, m).value)))
+    for j, budget in enumerate((5, 10)):
+        for a, b in zip(jax.tree_util.tree_leaves(g_states), jax.tree_util.tree_leaves(g_ref(p, budget))):
+            np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
+
+
+def test_correction_weights_as_documented():
+    np.testing.assert_allclose(jdeq.correction_weights(4, "exp", gamma=0.5), [0.125, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(jdeq.correction_weights(4, "linear"), [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(jdeq.correction_weights(3, "const"), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(jdeq.correction_weights(1, "exp"), [1.0])
+
+
+def test_correction_loss_is_the_weighted_sum_and_trains():
+    p = make_params()
+    y = jnp.ones((N, D)) * 0.3
+    loss_fn = lambda z, y: jnp.mean((z - y) ** 2)
+
+    states = jax.jit(lambda p: jdeq.fixed_point_states(
+        cell, jnp.zeros((N, D)), p, states=3, solver=jdeq.Anderson(maxiter=9)).value)
+
+    tot, losses = jdeq.correction_loss(loss_fn, states(p), y, weights="exp", gamma=0.8)
+    assert losses.shape == (3,)
+    np.testing.assert_allclose(tot, 0.64 * losses[0] + 0.8 * losses[1] + losses[2], rtol=1e-6)
+    tot, losses = jdeq.correction_loss(loss_fn, states(p), y, weights=[0.0, 0.0, 2.0])
+    np.testing.assert_allclose(tot, 2 * losses[2], rtol=1e-6)
+    g = jax.jit(jax.grad(lambda p: jdeq.correction_loss(loss_fn, states(p), y, weights="linear")[0]))(p)
+    assert all(bool(jnp.isfinite(x).all()) and float(jnp.abs(x).sum()) > 0
+               for x in jax.tree_util.tree_leaves(g))
+
+
+def test_bad_inputs_raise():
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    with pytest.raises(ValueError, match="states"):
+        jdeq.fixed_point_states(cell, z0, p, states=0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        jdeq.fixed_point_states(cell, z0, p, states=(4, 2))
+    with pytest.raises(TypeError, match="states"):
+        jdeq.fixed_point_states(cell, z0, p, states="two")
+    with pytest.raises(TypeError, match="gradient"):
+        jdeq.fixed_point_states(cell, z0, p, gradient=jdeq.Unrolled())
+    with pytest.raises(TypeError, match="solver"):
+        jdeq.fixed_point_states(cell, z0, p, solver="anderson")
+    with pytest.raises(ValueError, match="kind"):
+        jdeq.correction_weights(3, "cosine")
+    with pytest.raises(ValueError, match="gamma"):
+        jdeq.correction_weights(3, "exp", gamma=1.5)
+    with pytest.raises(ValueError, match="num_states"):
+        jdeq.correction_weights(0)
+    with pytest.raises(ValueError, match="one entry per state"):
+        jdeq.correction_loss(lambda z: jnp.sum(z), (z0, z0), weights=[1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        jdeq.correction_loss(lambda z: jnp.sum(z), ())

@@ -1,0 +1,88 @@
+"""Hypersolver: HyperAnderson without (or with untrained) mixer is exactly Anderson, its loss is
+differentiable, and training the initializer and mixer on a frozen tiny DEQ cuts the number of
+evaluations to reach the tolerance on held-out inputs, without touching the DEQ; calibration
+never keeps a learned part that costs evaluations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jdeq
+
+N, D, IN = 8, 16, 4
+
+
+def cell(z, x):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(D, D)) * 0.95 / np.sqrt(D), z.dtype)
+    return jnp.tanh(z @ w + x)
+
+
+@pytest.mark.parametrize("params", [None, "untrained"])
+def test_without_training_it_is_anderson(params):
+    if params == "untrained":
+        params = jdeq.init_mixer(jax.random.key(0), memory=4)
+    x = jax.random.normal(jax.random.key(1), (N, D))
+    z0 = jnp.zeros((N, D))
+    run = jax.jit(lambda s: jdeq.fixed_point(cell, z0, x, solver=s), static_argnums=0)
+    ref = run(jdeq.Anderson(memory=4, tol=1e-6, maxiter=60))
+    hyp = jdeq.fixed_point(cell, z0, x, solver=jdeq.HyperAnderson(params=params, memory=4, tol=1e-6,
+                                                                  maxiter=60))
+    # the same iteration up to rounding (two programs): at most one step apart near the tolerance
+    assert int(jnp.max(jnp.abs(hyp.stats.nsteps - ref.stats.nsteps))) <= 1
+    assert float(jnp.mean(hyp.stats.nsteps - ref.stats.nsteps)) < 0.5
+    np.testing.assert_allclose(hyp.value, ref.value, rtol=1e-5, atol=1e-6)
+
+
+def test_hyper_loss_is_differentiable():
+    x = jax.random.normal(jax.random.key(1), (N, D))
+    params = jdeq.init_mixer(jax.random.key(0), memory=2)
+    loss, g = jax.jit(jax.value_and_grad(lambda p, z0: jdeq.hyper_loss(
+        cell, z0, x, jdeq.HyperAnderson(params=p, memory=2), steps=3), argnums=(0, 1)))(
+        params, jnp.zeros((N, D)))
+    assert np.isfinite(loss)
+    leaves = jax.tree_util.tree_leaves(g)
+    assert all(bool(jnp.isfinite(a).all()) for a in leaves)
+    assert float(jnp.abs(g[0]["w2"]).sum()) > 0 and float(jnp.abs(g[1]).sum()) > 0
+
+
+def test_hypersolver_cuts_iterations_on_a_frozen_deq():
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(IN, D, w_scale=1.0, rngs=nnx.Rngs(0)),
+                       solver=jdeq.Anderson(tol=1e-4, maxiter=50))
+    frozen = jax.tree_util.tree_map(np.asarray, nnx.state(deq))
+    hyper = jdeq.models.HyperSolver(IN, D, hidden=32, memory=4, rngs=nnx.Rngs(1))
+    x_train = jax.random.normal(jax.random.key(0), (256, IN))
+    x_test = jax.random.normal(jax.random.key(1), (128, IN))
+    losses = hyper.fit(deq, x_train, steps=60, batch_size=32, unroll=8, learning_rate=1e-2)
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+    for a, b in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(nnx.state(deq))):
+        np.testing.assert_array_equal(a, b)  # the DEQ is frozen
+    nfe = hyper.calibrate(deq, x_test, tol=1e-4)
+    assert min(nfe["init"], nfe["init+mixer"]) < 0.9 * nfe["anderson"]
+    kept = {(True, True): "init+mixer", (True, False): "init", (False, True): "mixer",
+            (False, False): "anderson"}[(hyper.use_init, hyper.use_mixer)]
+    assert nfe[kept] == min(nfe.values())
+    z, stats = hyper.solve(deq, x_test, tol=1e-4)
+    z_ref, _ = deq(x_test)
+    assert bool(stats.converged.all())
+    np.testing.assert_allclose(z, z_ref, atol=1e-3)  # same fixed point, fewer evaluations
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="init_mixer"):
+        jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=3), memory=5)
+    with pytest.raises(ValueError, match="learned_steps"):
+        jdeq.HyperAnderson(learned_steps=-1)
+    with pytest.raises(ValueError, match="memory"):
+        jdeq.init_mixer(jax.random.key(0), memory=0)
+    with pytest.raises(TypeError, match="HyperAnderson"):
+        jdeq.hyper_loss(cell, jnp.zeros((N, D)), None, jdeq.Anderson(), steps=4)
+    with pytest.raises(ValueError, match="steps"):
+        jdeq.hyper_loss(cell, jnp.zeros((N, D)), None, jdeq.HyperAnderson(), steps=1)
+    hyper = jdeq.models.HyperSolver(IN, D, rngs=nnx.Rngs(0))
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(IN, D, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="criterion"):
+        hyper.calibrate(deq, jnp.ones((2, IN)), criterion="speed")
+    with pytest.raises(ValueError, match="features"):
+        jdeq.models.HyperSolver(IN, 0, rngs=nnx.Rngs(0))

@@ -1,0 +1,169 @@
+"""monDEQ (Winston & Kolter 2020): monotone parametrization, splitting solvers, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jdeq
+from jdeq.models import MonDEQ, MonDEQClassifier, MonotoneConvCell, MonotoneDenseCell
+
+
+def _dense(seed=0, m=0.5, w_scale=1.5, n=12, dtype=jnp.float64):
+    return MonotoneDenseCell(5, n, m=m, w_scale=w_scale, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def _conv(seed=0, nd=2, m=0.5, w_scale=1.0, dtype=jnp.float64):
+    return MonotoneConvCell(1, 2, spatial_dims=nd, m=m, w_scale=w_scale, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def _operator_matrix(cell, x):
+    """The matrix of I - W on one example, built column by column from the cell's `linear`."""
+    op = cell.operator()
+    problem = cell.problem(cell.injection(x))
+    z1 = cell.init_z(x)[:1]
+    n = z1.size
+    W = jax.jacfwd(lambda v: problem.linear(v.reshape(z1.shape), op).reshape(-1))(jnp.zeros(n, z1.dtype))
+    return jnp.eye(n, dtype=W.dtype) - W, problem, op
+
+
+def test_dense_parametrization_strongly_monotone(x64):
+    for seed in range(4):
+        cell = _dense(seed, m=0.3, w_scale=3.0)  # large random A, B: W itself far from contractive
+        M, problem, op = _operator_matrix(cell, jnp.ones((1, 5)))
+        sym = jnp.linalg.eigvalsh((M + M.T) / 2)
+        assert sym.min() >= 0.3 - 1e-9
+        assert float(jnp.linalg.norm(jnp.eye(12) - M, 2)) > 1.0  # W is no contraction: not trivial
+        np.testing.assert_allclose(problem.lipschitz(op), jnp.linalg.norm(M, 2), rtol=1e-10)
+
+
+@pytest.mark.parametrize("nd,shape,seed", [(1, (1, 7, 1), 0), (2, (1, 5, 4, 1), 1)])
+def test_conv_operator_strongly_monotone(x64, nd, shape, seed):
+    cell = _conv(seed, nd=nd, m=0.2, w_scale=2.0)
+    M, problem, op = _operator_matrix(cell, jnp.ones(shape))
+    sym = jnp.linalg.eigvalsh((M + M.T) / 2)
+    assert sym.min() >= 0.2 - 1e-9
+    # The Fourier bound is a true upper bound of ||I - W|| for the zero-padded operator.
+    assert float(problem.lipschitz(op)) >= float(jnp.linalg.norm(M, 2)) * (1 - 1e-9)
+
+
+def _cell_reference(cell, x):
+    """The same equilibrium by Anderson on the plain cell relu(Wz + Ux + b)."""
+    return jdeq.fixed_point(lambda z, a: a[0](z, a[1]), cell.init_z(x), (cell, x),
+                            solver=jdeq.Anderson(tol=1e-11, maxiter=400, stop_mode="abs")).value
+
+
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()])
+def test_dense_splitting_converges_from_any_start(x64, splitting):
+    cell = _dense(1)
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    ref = _cell_reference(cell, x)
+    bias, problem, op = cell.injection(x), cell.problem(None), cell.operator()
+    solver = jdeq.FixedPointIteration(tol=1e-11, maxiter=5000, stop_mode="abs")
+    solve = jax.jit(lambda z0, bias, op: jdeq.monotone_fixed_point(problem, bias, z0, op, splitting=splitting,
+                                                                   solver=solver))
+    for k in range(3):
+        z0 = 10.0 * jax.random.normal(jax.random.key(k + 1), ref.shape, jnp.float64)
+        sol = solve(z0, bias, op)
+        assert bool(sol.stats.converged.all())
+        np.testing.assert_allclose(sol.value, ref, atol=1e-8)
+    z = sol.value
+    np.testing.assert_allclose(z, jax.nn.relu(z @ op["W"].T + bias), atol=1e-8)  # a fixed point of the cell
+
+
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()])
+def test_residual_contracts_at_guaranteed_rate(x64, splitting):
+    cell = _dense(2, m=1.0, w_scale=1.0)
+    x = jax.random.normal(jax.random.key(0), (2, 5), jnp.float64)
+    bias, problem, op = cell.injection(x), cell.problem(None), cell.operator()
+    solver = jdeq.FixedPointIteration(tol=1e-300, maxiter=30, stop_mode="abs", trace=True)
+    z0 = 5.0 * jax.random.normal(jax.random.key(3), (2, 12), jnp.float64)
+    sol = jdeq.monotone_fixed_point(problem, bias, z0, op, splitting=splitting, solver=solver)
+    lip = problem.lipschitz(op)
+    alpha = splitting.step(problem, op)
+    rate = float(splitting.contraction(problem, alpha, lip))
+    assert rate < 1
+    tr = np.asarray(sol.stats.trace)
+    ratios = tr[:, 1:] / tr[:, :-1]
+    assert np.nanmax(ratios) <= rate + 1e-9
+
+
+def test_conv_forward_backward_matches_anderson(x64):
+    cell = _conv(0, nd=2, m=1.0, w_scale=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1), jnp.float64)
+    ref = _cell_reference(cell, x)
+    layer = MonDEQ(cell, solver=jdeq.FixedPointIteration(tol=1e-10, maxiter=3000, stop_mode="abs"))
+    solve = nnx.jit(lambda layer, x, z0: layer(x, z0))
+    for k in range(2):
+        z0 = 5.0 * jax.random.normal(jax.random.key(k), ref.shape, jnp.float64)
+        z, stats = solve(layer, x, z0)
+        assert bool(stats.converged.all())
+        np.testing.assert_allclose(z, ref, atol=1e-7)
+
+
+def test_implicit_gradient_matches_plain_deq(x64):
+    cell = _dense(3, m=0.5, w_scale=1.0)
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    tight = jdeq.FixedPointIteration(tol=1e-12, maxiter=2000, stop_mode="abs")
+    mon = MonDEQ(cell, splitting=jdeq.PeacemanRachford(), solver=tight)
+    deq = jdeq.nnx.DEQ(cell, solver=jdeq.Anderson(tol=1e-12, maxiter=300, stop_mode="abs"))
+
+    def loss(model):
+        z, _ = model(x)
+        return jnp.sum(jnp.sin(z))
+
+    g1 = nnx.jit(nnx.grad(loss))(mon)
+    g2 = nnx.jit(nnx.grad(loss))(deq)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(g1, nnx.Param)), jax.tree_util.tree_leaves(nnx.state(g2, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="`m`"):
+        MonotoneDenseCell(3, 4, m=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`alpha`"):
+        jdeq.ForwardBackward(alpha=-1.0)
+    with pytest.raises(ValueError, match="`monotonicity`"):
+        jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=0)
+    with pytest.raises(ValueError, match="`kernel_size`"):
+        MonotoneConvCell(1, 2, kernel_size=2, rngs=nnx.Rngs(0))
+    cell = MonotoneConvCell(1, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="resolvent"):
+        MonDEQ(cell, splitting=jdeq.PeacemanRachford())(jnp.ones((1, 4, 4, 1)))
+    with pytest.raises(TypeError, match="`splitting`"):
+        MonDEQ(cell, splitting=jdeq.Anderson())
+    problem = jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        jdeq.monotone_fixed_point(problem, jnp.ones((1, 2)), jnp.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_trains_and_reduces_loss(kind):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    if kind == "dense":
+        x = jax.random.normal(k1, (32, 6))
+        cell = MonotoneDenseCell(6, 16, rngs=nnx.Rngs(0))
+        model = MonDEQClassifier(cell, 3, input_shape=(6,), rngs=nnx.Rngs(1))
+    else:
+        x = jax.random.normal(k1, (32, 6, 1))
+        cell = MonotoneConvCell(1, 4, spatial_dims=1, rngs=nnx.Rngs(0))
+        model = MonDEQClassifier(cell, 3, input_shape=(6, 1), pool=2,
+                                 solver=jdeq.Anderson(tol=1e-4, maxiter=60), rngs=nnx.Rngs(1))
+    y = jax.random.randint(k2, (32,), 0, 3)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+        def loss_fn(model):
+            logits, _ = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(20)]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.85 * losses[0]

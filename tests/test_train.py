@@ -1,0 +1,132 @@
+"""jdeq.train: batches, fit (smoke per model), evaluate/predict, checkpoint resume."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jdeq
+from jdeq import train as T
+from jdeq.data import arithmetic as A
+from jdeq.models.transformer import LSTMClassifier, TiedTransformerClassifier, TransformerClassifier
+
+L = 8
+
+
+@pytest.fixture(scope="module")
+def data():
+    return A.generate(192, length=L, max_depth=1, seed=0).arrays()
+
+
+def _deq(**kw):  # plain iteration + one-step gradient: the cheapest DEQ to compile
+    return TiedTransformerClassifier(16, 10, length=L, features=8, num_heads=2, rngs=nnx.Rngs(0),
+                                     solver=jdeq.FixedPointIteration(tol=1e-3, maxiter=8),
+                                     gradient=jdeq.JacobianFree(), **kw)
+
+
+class _Tiny(nnx.Module):
+    """Embedding + linear head: fast to compile, for the tests of the loop itself."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.embed = nnx.Embed(16, 4, rngs=rngs)
+        self.head = nnx.Linear(4 * L, 10, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head(self.embed(tokens).reshape(tokens.shape[0], -1))
+
+
+def test_batch_indices_cover_each_epoch_once():
+    idx = np.concatenate([T.batch_indices(10, 3, s, seed=1) for s in range(3)])
+    assert len(set(idx.tolist())) == 9
+    assert (T.batch_indices(10, 3, 4, seed=1) == T.batch_indices(10, 3, 4, seed=1)).all()
+    b = next(T.batches({"x": np.arange(10), "y": np.arange(10) * 2}, 4, start_step=2))
+    assert (b["y"] == 2 * b["x"]).all()
+    with pytest.raises(ValueError, match="batch_size"):
+        T.batch_indices(3, 4, 0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _deq,
+        lambda: TransformerClassifier(16, 10, length=L, features=8, num_heads=2, num_layers=2, rngs=nnx.Rngs(0)),
+        lambda: LSTMClassifier(16, 10, features=8, hidden=8, rngs=nnx.Rngs(0)),
+    ],
+    ids=["deq", "transformer", "lstm"],  # the unrolled tied net is trained in test_arithmetic_experiment
+)
+def test_one_epoch_smoke(make, data):
+    model = make()
+    before = [np.array(x) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))]
+    has_stats = isinstance(model, TiedTransformerClassifier)
+    # the DEQ also trains with a run-time call option bound into the loss (maxiter=2)
+    loss = functools.partial(T.classification_loss, maxiter=2) if has_stats else T.classification_loss
+    hist = T.fit(model, optax.adam(1e-2), data, steps=6, batch_size=32, log_every=3, progress=False,
+                 loss_fn=loss, eval_data={"test": data} if not has_stats else None)
+    after = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    assert any(not np.allclose(a, b) for a, b in zip(after, before))
+    assert [r["step"] for r in hist.train] == [3, 6]
+    assert np.isfinite(hist.train[-1]["loss"])
+    assert ("nsteps" in hist.train[-1]) == has_stats
+    if has_stats:
+        assert all(0 < r["nsteps"] <= 2 for r in hist.train)
+    else:
+        assert 0 <= hist.eval[-1]["test"]["accuracy"] <= 1 and hist.eval[-1]["step"] == 6
+
+
+def test_predict_and_evaluate_agree_and_maxiter_is_runtime(data):
+    model = _deq()
+    logits, stats = T.predict(model, data["inputs"], batch_size=50, maxiter=2)
+    assert logits.shape == (192, 10) and stats.nsteps.shape == (192,) and (stats.nsteps <= 2).all()
+    m = T.evaluate(model, data, batch_size=50, maxiter=2)
+    np.testing.assert_allclose(m["accuracy"], (logits.argmax(-1) == data["labels"]).mean(), atol=1e-6)
+    np.testing.assert_allclose(m["nsteps"], stats.nsteps.mean(), rtol=1e-6)
+    # another budget reuses the compiled function (maxiter is traced)
+    size = T.loop._apply._cache_size()
+    T.predict(model, data["inputs"], batch_size=50, maxiter=5)
+    assert T.loop._apply._cache_size() == size
+
+
+class _Stop(Exception):
+    pass
+
+
+def _params(model):
+    return [np.array(x) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.mark.parametrize("interrupt", [_Stop, KeyboardInterrupt])
+def test_resume_equals_uninterrupted(tmp_path, data, interrupt):
+    kw = dict(steps=6, batch_size=32, seed=3, log_every=1, progress=False)
+    full = _Tiny()
+    T.fit(full, optax.adam(1e-2), data, **kw)
+
+    def stop_at_4(step, metrics):
+        if step == 4:
+            raise interrupt()
+
+    first = _Tiny()
+    every = 2 if interrupt is _Stop else None  # KeyboardInterrupt saves at the step it stopped at
+    with pytest.raises(interrupt):
+        T.fit(first, optax.adam(1e-2), data, checkpoint_dir=tmp_path, checkpoint_every=every, callback=stop_at_4, **kw)
+    second = _Tiny()  # a fresh process would start from fresh parameters
+    hist = T.fit(second, optax.adam(1e-2), data, checkpoint_dir=tmp_path, **kw)
+    assert hist.resumed_from == 4
+    assert [r["step"] for r in hist.train] == list(range(1, 7))
+    for a, b in zip(_params(full), _params(second)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_arguments(data):
+    model = _Tiny()
+    with pytest.raises(ValueError, match="steps"):
+        T.fit(model, optax.adam(1e-3), data, steps=0, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        T.fit(model, optax.adam(1e-3), data, steps=1, batch_size=1000)
+    with pytest.raises(TypeError, match="optimizer"):
+        T.fit(model, "adam", data, steps=1, batch_size=8)
+    with pytest.raises(ValueError, match="leading axis"):
+        T.fit(model, optax.adam(1e-3), {"inputs": data["inputs"], "labels": data["labels"][:5]}, steps=1, batch_size=4)
