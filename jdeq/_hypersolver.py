@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jdeq._loop import REL_EPS
-from jdeq._solvers import _HI, _Solver, anderson_weights
+from jdeq._solvers import _Solver, anderson_mix, anderson_record, anderson_weights
 
 __all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
 
@@ -186,12 +186,7 @@ class HyperAnderson(_Solver):
         if self.safeguard:
             learn = learn & ~(last_learned & (res >= prev_res))
         slot = (k - 1) % m
-        xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
-        gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
-        row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
-        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
-        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
-        valid = jnp.arange(m) < jnp.minimum(k, m)
+        xs, gs, gram, valid = anderson_record(xs, gs, gram, k, z, g)
         alpha = anderson_weights(gram, valid, self.ridge)
         beta = jnp.full_like(res, self.damping)
         use = jnp.zeros_like(learn)
@@ -208,8 +203,7 @@ class HyperAnderson(_Solver):
             alpha = jnp.where(use[:, None], alpha + delta, alpha)
             beta_learned = _BETA_MAX * self.damping * jax.nn.sigmoid(out[:, m])
             beta = jnp.where(use, beta_learned, beta)
-        mix = lambda hist: jnp.einsum("nm,nmd->nd", alpha, hist, precision=_HI)
-        z_next = mix(xs) + beta[:, None] * mix(gs)
+        z_next = anderson_mix(alpha, xs, gs, beta)
         return z_next, (xs, gs, gram, res, learn, use)
 
 

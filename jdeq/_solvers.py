@@ -149,6 +149,36 @@ def anderson_weights(gram: jax.Array, valid: jax.Array, ridge: float) -> jax.Arr
     return x / jnp.sum(x, axis=1, keepdims=True)
 
 
+def anderson_record(xs, gs, gram, k, z, g):
+    """Stores ``(z, g)`` in slot ``(k - 1) % m`` of the ring buffers; updates one Gram row/column.
+
+    Args:
+      xs, gs: ``(n, m, d)`` past iterates and residuals; gram: ``(n, m, m)`` their residual Gram.
+      k: evaluations so far (>= 1); z, g: ``(n, d)`` current iterate and residual ``f(z) - z``.
+
+    Returns:
+      ``(xs, gs, gram, valid)`` with ``valid`` the ``(m,)`` mask of filled slots.
+    """
+    m = xs.shape[1]
+    slot = (k - 1) % m
+    xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
+    gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
+    row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
+    gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
+    gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
+    return xs, gs, gram, jnp.arange(m) < jnp.minimum(k, m)
+
+
+def anderson_mix(alpha, xs, gs, damping):
+    """``sum_i alpha_i (x_i + damping * g_i)`` per example (``damping`` scalar or ``(n,)``).
+
+    Two reductions rather than one over ``xs + damping * gs``: that temporary would fuse with the
+    ring-buffer update and force XLA to copy the whole history every iteration.
+    """
+    mix = lambda hist: jnp.einsum("nm,nmd->nd", alpha, hist, precision=_HI)
+    return mix(xs) + jnp.reshape(damping, (-1, 1)) * mix(gs)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Anderson(_Solver):
     """Anderson acceleration (type II), per example, with an incrementally updated Gram matrix.
@@ -192,22 +222,9 @@ class Anderson(_Solver):
         )
 
     def update(self, state, k, z, fz):
-        xs, gs, gram = state
-        m = self.memory
-        g = fz - z
-        slot = (k - 1) % m
-        xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
-        gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
-        row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
-        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
-        gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
-        valid = jnp.arange(m) < jnp.minimum(k, m)
+        xs, gs, gram, valid = anderson_record(*state, k, z, fz - z)
         alpha = anderson_weights(gram, valid, self.ridge)
-        # Two reductions rather than one over ``xs + damping * gs``: that temporary would fuse
-        # with the ring-buffer update and force XLA to copy the whole history every iteration.
-        mix = lambda hist: jnp.einsum("nm,nmd->nd", alpha, hist, precision=_HI)
-        z_next = mix(xs) + self.damping * mix(gs)
-        return z_next, (xs, gs, gram)
+        return anderson_mix(alpha, xs, gs, self.damping), (xs, gs, gram)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
