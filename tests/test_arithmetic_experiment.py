@@ -8,13 +8,15 @@ import pytest
 import jdeq
 from jdeq.experiments import arithmetic as E
 
-# One DEQ and one weight-tied unrolled net cover every code path of the four experiments (the
-# baselines go through the same training and scoring code; their sizing is tested separately).
+# One DEQ and one weight-tied unrolled net cover the code paths of the four experiments: the
+# baselines and the small-budget DEQs of experiment 4 go through the same training and scoring
+# code (their construction is tested below); the cheapest gradient to compile (JFB).
 TINY = dataclasses.replace(
     E.QUICK, length=8, max_depth=1, n_train=128, n_test=64, features=8, num_heads=2, steps=2,
-    batch_size=32, unrolled_depths=(2,), baselines=(), extra_deqs=(), extrap_train_depth=0,
-    extrap_models=("unrolled-2",), test_maxiters=(1, 2), deq_maxiter=3, train_budgets=(2,),
-    trace_maxiter=4, trace_examples=3, eval_batch_size=64, model_lr=(("unrolled", 1e-2),),
+    batch_size=32, unrolled_depths=(2,), baselines=(), extra_deqs=(), deq_gradient="jfb",
+    extrap_train_depth=0, extrap_models=("unrolled-2",), test_maxiters=(1, 2), deq_maxiter=3,
+    train_budgets=(), trace_maxiter=4, trace_examples=3, eval_batch_size=64,
+    model_lr=(("unrolled", 1e-2),),
 )
 
 
@@ -35,8 +37,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert [r["maxiter"] for r in rows] == [1, 2] and all(r["nsteps"] <= r["maxiter"] for r in rows)
     assert [r["depth"] for r in res["compute"]["unrolled"][0]["rows"]] == [1, 2]
     assert res["depth"]["runs"][0]["forward_iterations"] <= 3
-    conv = res["convergence"]["budgets"]["2"][0]
-    assert conv["at_train_budget"]["nsteps"] <= 2 and len(conv["trajectories"]) == 3
+    conv = res["convergence"]["reference"][0]
+    assert conv["at_train_budget"]["nsteps"] <= 3 and len(conv["trajectories"]) == 3
+    assert len(conv["trajectories"][0]) == 4 and sum(b["n"] for b in conv["residual_bins"]) == 64
     assert set(res["extrapolation"]["summary"]["unrolled-2"]) == {"0", "1"}
 
 
@@ -44,7 +47,8 @@ def test_models_gradients_and_matched_sizes():
     tied = E._matched_sizes(TINY)[0]
     for kind in ("transformer", "lstm"):  # sized to the tied cell's parameter count
         assert abs(jdeq.train.count_params(E.build_model(kind, TINY, 0)) - tied) < 0.1 * tied
-    assert isinstance(E.build_model("deq", TINY, 0).core.gradient, jdeq.Phantom)
+    assert isinstance(E.build_model("deq", E.QUICK, 0).core.gradient, jdeq.Phantom)
+    assert isinstance(E.build_model("deq", TINY, 0).core.gradient, jdeq.JacobianFree)
     deq = E.build_model("deq-implicit", TINY, 0, maxiter=3)
     assert isinstance(deq.core.gradient, jdeq.Implicit) and deq.core.solver.maxiter == 3
     assert E._models(dataclasses.replace(TINY, extra_deqs=("jfb",))) == ["deq", "deq-jfb", "unrolled-2"]
