@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 from flax import nnx
 
 from jdeq._cells import initial_state
 from jdeq._fixed_point import fixed_point, unroll
 from jdeq._gradients import Implicit
+from jdeq._regularizers import jacobian_penalty
 from jdeq._solvers import Anderson
 
 __all__ = ["DEQ", "Unrolled"]
@@ -45,6 +47,11 @@ class DEQ(nnx.Module):
     Call: ``z_star, stats = deq(x, z0=None, *, maxiter=None)``; ``maxiter`` overrides the
     solver's budget at run time (a traced int: train and eval budgets without recompiling).
 
+    Attributes:
+      recorder: None, or a callable ``recorder(x, z_star)`` invoked after every solve (static:
+        set it on a traced copy of the model). ``jdeq.train.fit(..., jac_reg=...)`` uses it to
+        collect the equilibria it regularizes with :meth:`jacobian_penalty`.
+
     Example:
       >>> import jax.numpy as jnp, jdeq
       >>> from flax import nnx
@@ -58,6 +65,7 @@ class DEQ(nnx.Module):
         self.solver = solver
         self.gradient = gradient
         self.throw = throw
+        self.recorder = None
 
     def __call__(self, x, z0=None, *, maxiter=None) -> tuple[Any, Any]:
         z0 = initial_state(self.cell, x, z0)
@@ -65,7 +73,41 @@ class DEQ(nnx.Module):
         sol = fixed_point(
             f, z0, (state, x), solver=self.solver, gradient=self.gradient, maxiter=maxiter, throw=self.throw
         )
+        if self.recorder is not None:
+            self.recorder(x, sol.value)
         return sol.value, sol.stats
+
+    def jacobian_penalty(
+        self, x, z_star, key, *, gamma: float, prob: float = 1.0, num_samples: int = 1, noise: str = "normal"
+    ) -> jax.Array:
+        """``gamma * mean_b ||d cell(z, x)/dz||_F^2 / dim`` at ``z_star`` (Bai et al. 2021).
+
+        Calls ``jdeq.jacobian_penalty`` on this cell's pure function; ``z_star`` is taken
+        through ``stop_gradient`` (the gradient reaches the cell's parameters and ``x``, not the
+        solver).
+
+        Args:
+          x: the cell's input (as passed to the DEQ).
+          z_star: the equilibrium returned by the DEQ for ``x``.
+          key: PRNG key (coin flip and Hutchinson probes).
+          gamma, prob, num_samples, noise: as in ``jdeq.jacobian_penalty``.
+
+        Returns:
+          A scalar to add to the loss.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jdeq
+          >>> from flax import nnx
+          >>> deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 16, rngs=nnx.Rngs(0)))
+          >>> x = jnp.ones((4, 3))
+          >>> z, _ = deq(x)
+          >>> reg = deq.jacobian_penalty(x, z, jax.random.key(0), gamma=0.1)
+        """
+        f, state = _pure(self.cell)
+        return jacobian_penalty(
+            f, jax.lax.stop_gradient(z_star), (state, x), key,
+            gamma=gamma, prob=prob, num_samples=num_samples, noise=noise,
+        )
 
 
 class Unrolled(nnx.Module):

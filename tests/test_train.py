@@ -130,3 +130,97 @@ def test_bad_arguments(data):
         T.fit(model, "adam", data, steps=1, batch_size=8)
     with pytest.raises(ValueError, match="leading axis"):
         T.fit(model, optax.adam(1e-3), {"inputs": data["inputs"], "labels": data["labels"][:5]}, steps=1, batch_size=4)
+
+
+# ----------------------------------------------------------------------------- Jacobian regularization
+
+
+class _TinyDEQ(nnx.Module):
+    """MLP-cell DEQ + linear head on vectors: the smallest model with a jdeq.nnx.DEQ."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(4, 8, w_scale=0.9, rngs=rngs),
+                                solver=jdeq.FixedPointIteration(tol=1e-4, maxiter=30),
+                                gradient=jdeq.JacobianFree())
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        z, stats = self.deq(x)
+        return self.head(z), stats
+
+
+@pytest.fixture(scope="module")
+def vec_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype(np.float32)
+    return {"inputs": x, "labels": np.argmax(x @ rng.normal(size=(4, 3)), -1)}
+
+
+@nnx.jit
+def _jac_frob_jit(model, x):
+    z, _ = model.deq(x)
+    f = lambda z, x: model.deq.cell(z, x)  # noqa: E731
+    return jdeq.jacobian_frobenius(f, z, x, jax.random.key(1), num_samples=256).mean()
+
+
+def _jac_frob(model, x):
+    """Batch mean of ||J||_F^2 / dim at z*, with many Hutchinson probes."""
+    return float(_jac_frob_jit(model, jax.numpy.asarray(x)))
+
+
+def test_jac_reg_is_logged_and_changes_the_update(vec_data):
+    kw = dict(steps=1, batch_size=32, log_every=1, progress=False)
+    plain, reg = _TinyDEQ(), _TinyDEQ()
+    T.fit(plain, optax.sgd(0.1), vec_data, **kw)
+    hist = T.fit(reg, optax.sgd(0.1), vec_data, jac_reg=T.JacReg(gamma=2.0, num_samples=64), **kw)
+    # the logged term is gamma * ||J||_F^2 / dim on the step's batch, before the update
+    x = vec_data["inputs"][T.batch_indices(96, 32, 0, seed=0)]
+    np.testing.assert_allclose(hist.train[0]["jac_reg"], 2.0 * _jac_frob(_TinyDEQ(), x), rtol=0.25)
+    # its gradient reaches the cell's weights (the head's gradient does not depend on it)
+    np.testing.assert_array_equal(plain.head.kernel[...], reg.head.kernel[...])
+    assert not np.allclose(plain.deq.cell.w.kernel[...], reg.deq.cell.w.kernel[...])
+
+
+def test_inactive_jac_reg_is_exactly_no_regularization(vec_data):
+    assert not T.JacReg(gamma=0.0).active  # gamma=0 takes the same path as prob=0
+    jac_reg = T.JacReg(gamma=1.0, prob=0.0)
+    kw = dict(steps=2, batch_size=32, log_every=1, progress=False)
+    plain, reg = _TinyDEQ(), _TinyDEQ()
+    T.fit(plain, optax.adam(1e-2), vec_data, **kw)
+    hist = T.fit(reg, optax.adam(1e-2), vec_data, jac_reg=jac_reg, **kw)
+    assert all(r["jac_reg"] == 0 for r in hist.train)
+    for a, b in zip(_params(plain), _params(reg)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_jac_reg_with_probability_applies_on_a_seeded_fraction_of_steps(vec_data):
+    kw = dict(steps=8, batch_size=32, log_every=1, progress=False, seed=5,
+              jac_reg=T.JacReg(gamma=1.0, prob=0.5))
+    applied = [[r["jac_reg"] > 0 for r in T.fit(_TinyDEQ(), optax.adam(1e-2), vec_data, **kw).train]
+               for _ in range(2)]
+    assert applied[0] == applied[1]  # deterministic given the seed
+    assert 0 < sum(applied[0]) < 8
+
+
+def test_jac_reg_training_shrinks_the_jacobian(vec_data):
+    kw = dict(steps=40, batch_size=32, log_every=40, progress=False)
+    plain, reg = _TinyDEQ(), _TinyDEQ()
+    h_plain = T.fit(plain, optax.adam(1e-2), vec_data, **kw)
+    h_reg = T.fit(reg, optax.adam(1e-2), vec_data, jac_reg=T.JacReg(gamma=1.0), **kw)
+    x = vec_data["inputs"]
+    assert _jac_frob(reg, x) < 0.5 * _jac_frob(plain, x)  # measured: 0.10 vs 0.34
+    assert h_reg.train[-1]["nsteps"] < h_plain.train[-1]["nsteps"]  # and the solves got shorter
+
+
+def test_jac_reg_bad_arguments(data, vec_data):
+    with pytest.raises(ValueError, match="gamma"):
+        T.JacReg(gamma=-1.0)
+    with pytest.raises(ValueError, match="prob"):
+        T.JacReg(gamma=1.0, prob=1.5)
+    with pytest.raises(ValueError, match="num_samples"):
+        T.JacReg(gamma=1.0, num_samples=0)
+    with pytest.raises(ValueError, match="jac_reg"):
+        T.fit(_Tiny(), optax.adam(1e-3), data, steps=1, batch_size=8, jac_reg=T.JacReg(gamma=1.0))
+    with pytest.raises(TypeError, match="jac_reg"):
+        T.fit(_TinyDEQ(), optax.adam(1e-3), vec_data, steps=1, batch_size=8, jac_reg=1.0)

@@ -13,6 +13,9 @@ The pieces, each usable on its own:
   at step ``k`` depends only on ``(seed, k)``, which is what makes resuming exact).
 - :func:`classification_loss`, :func:`solver_metrics`, :func:`split_output`: the default
   loss and its metrics; :func:`count_params`.
+- :class:`JacReg`: the ``fit(..., jac_reg=...)`` option adding the Jacobian penalty
+  ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every step or with a
+  probability per step.
 
 Conventions: a *model* is an ``nnx.Module`` whose call returns ``logits`` or ``(logits,
 stats)`` with ``stats`` a ``jdeq.SolverStats`` (or None); *data* is a mapping of arrays sharing
@@ -34,11 +37,13 @@ Example:
 """
 
 from jdeq.train.batches import batch_indices, batches
+from jdeq.train.jacobian import JacReg
 from jdeq.train.loop import History, evaluate, fit, predict
 from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
 
 __all__ = [
     "History",
+    "JacReg",
     "batch_indices",
     "batches",
     "classification_loss",

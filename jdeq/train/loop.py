@@ -16,6 +16,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jdeq.train.batches import batch_indices, data_size
+from jdeq.train.jacobian import JacReg, find_deqs, penalty, start_recording
 from jdeq.train.losses import classification_loss, split_output
 
 __all__ = ["History", "evaluate", "fit", "predict"]
@@ -172,6 +173,7 @@ def fit(
     checkpoint_every: int | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], Any] | None = None,
+    jac_reg: JacReg | None = None,
 ) -> History:
     """Trains ``model``'s ``nnx.Param`` s in place for ``steps`` optimizer steps.
 
@@ -205,6 +207,10 @@ def fit(
       callback: ``callback(step, metrics)`` after every step (``step`` counts completed steps;
         ``metrics`` holds device scalars: reading them syncs). Raising from it stops the run
         (use it for early stopping; the checkpoint of the last completed period remains).
+      jac_reg: a :class:`JacReg` to add the Jacobian penalty of Bai et al. 2021 to the loss of
+        every step (or of a random fraction ``prob`` of the steps) for each ``jdeq.nnx.DEQ`` of
+        the model; logged as the metric ``"jac_reg"``. Its random key at step ``k`` is
+        ``jax.random.fold_in(jax.random.key(seed), k)``. None: no penalty.
 
     Returns:
       A :class:`History`.
@@ -213,6 +219,8 @@ def fit(
       >>> history = fit(model, optax.adam(1e-3), {"inputs": x, "labels": y},  # doctest: +SKIP
       ...               steps=1000, batch_size=64, eval_data={"test": test},
       ...               eval_every=200, checkpoint_dir="ckpt/run1")
+      >>> fit(model, optax.adam(1e-3), data, steps=1000, batch_size=64,  # doctest: +SKIP
+      ...     jac_reg=JacReg(gamma=2.0, prob=0.5))
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -229,6 +237,11 @@ def fit(
     eval_data = dict(eval_data or {})
     for name, arrays in eval_data.items():
         data_size(arrays, name=f"eval_data[{name!r}]")
+    if jac_reg is not None:
+        if not isinstance(jac_reg, JacReg):
+            raise TypeError(f"`jac_reg` must be None or a jdeq.train.JacReg, got {jac_reg!r}.")
+        if not find_deqs(model):
+            raise ValueError("`jac_reg` needs a jdeq.nnx.DEQ in the model; found none.")
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = optimizer.init(params)
@@ -247,10 +260,20 @@ def fit(
             history = History(train=list(meta["train"]), eval=list(meta["eval"]), resumed_from=int(latest))
             start, elapsed = int(latest), float(meta["elapsed"])
 
+    base_key = jax.random.key(seed)
+
     @jax.jit
-    def train_step(params, opt_state, batch):
+    def train_step(params, opt_state, batch, step):
         def loss(p):
-            return loss_fn(nnx.merge(graphdef, p, rest), batch)
+            net = nnx.merge(graphdef, p, rest)
+            if jac_reg is None:
+                return loss_fn(net, batch)
+            records = start_recording(net) if jac_reg.active else []
+            value, metrics = loss_fn(net, batch)
+            reg = jnp.zeros((), jnp.result_type(value))
+            if jac_reg.active:
+                reg = penalty(jac_reg, records, jax.random.fold_in(base_key, step)).astype(reg.dtype)
+            return value + reg, {**metrics, "jac_reg": reg}
 
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -276,7 +299,7 @@ def fit(
         while step < steps:
             idx = batch_indices(n, batch_size, step, seed=seed)
             batch = {k: v[idx] for k, v in data.items()}
-            params, opt_state, metrics = train_step(params, opt_state, batch)
+            params, opt_state, metrics = train_step(params, opt_state, batch, np.int32(step))
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == steps:

@@ -1,0 +1,106 @@
+"""Jacobian regularization for :func:`jdeq.train.fit`: the :class:`JacReg` option.
+
+Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization" (ICML 2021)
+add ``gamma * ||df/dz||_F^2`` at ``z*`` (a Hutchinson estimate) to the training loss, at every
+step or with probability ``p`` per step, which keeps the cell contractive and the number of
+solver iterations from growing as training goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdeq.nnx import DEQ
+
+__all__ = ["JacReg"]
+
+_NOISE = ("normal", "rademacher")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JacReg:
+    """The Jacobian penalty ``gamma * ||J||_F^2 / dim`` added to the loss by :func:`fit`.
+
+    With ``fit(..., jac_reg=JacReg(gamma=...))`` every ``jdeq.nnx.DEQ`` of the model records the
+    ``(x, z*)`` of each of its solves during the forward pass, and the step adds the sum over those
+    solves of ``gamma * mean_b ||J_b||_F^2 / dim`` (``jdeq.jacobian_penalty`` at
+    ``stop_gradient(z*)``, via ``DEQ.jacobian_penalty``) to the loss it differentiates. With
+    probability ``prob < 1`` one Bernoulli draw per step decides whether the term is computed
+    (a ``lax.cond``: skipped steps run no JVP). The random key of step ``k`` is
+    ``jax.random.fold_in(jax.random.key(seed), k)``, so the draws are deterministic given the
+    seed and a resumed run draws the same ones. ``gamma == 0`` or ``prob == 0`` is exactly no
+    regularization. The term is logged as the metric ``"jac_reg"`` (0 on skipped steps);
+    ``"loss"`` stays the task loss.
+
+    Args:
+      gamma: weight of the term (``>= 0``).
+      prob: probability in ``[0, 1]`` that a step computes the term.
+      num_samples: Hutchinson probes per example.
+      noise: ``"normal"`` or ``"rademacher"`` probes.
+
+    Example:
+      >>> import optax, jdeq  # doctest: +SKIP
+      >>> jdeq.train.fit(model, optax.adam(1e-3), data, steps=100, batch_size=32,
+      ...                jac_reg=jdeq.train.JacReg(gamma=1.0, prob=0.5))  # doctest: +SKIP
+
+    Reference: Bai, Koltun & Kolter, ICML 2021.
+    """
+
+    gamma: float
+    prob: float = 1.0
+    num_samples: int = 1
+    noise: str = "normal"
+
+    def __post_init__(self):
+        if not isinstance(self.gamma, numbers.Real) or isinstance(self.gamma, bool) or not self.gamma >= 0:
+            raise ValueError(f"`gamma` must be a number >= 0, got {self.gamma!r}.")
+        if not isinstance(self.prob, numbers.Real) or isinstance(self.prob, bool) or not 0 <= self.prob <= 1:
+            raise ValueError(f"`prob` must be in [0, 1], got {self.prob!r}.")
+        if not isinstance(self.num_samples, numbers.Integral) or isinstance(self.num_samples, bool) or self.num_samples < 1:
+            raise ValueError(f"`num_samples` must be an int >= 1, got {self.num_samples!r}.")
+        if self.noise not in _NOISE:
+            raise ValueError(f"`noise` must be one of {_NOISE}, got {self.noise!r}.")
+
+    @property
+    def active(self) -> bool:
+        """False when the term is identically 0 (``gamma == 0`` or ``prob == 0``)."""
+        return self.gamma > 0 and self.prob > 0
+
+
+def find_deqs(model: nnx.Module) -> list[DEQ]:
+    """The ``jdeq.nnx.DEQ`` modules of ``model`` (itself included), in graph order."""
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, DEQ)]
+
+
+def start_recording(model: nnx.Module) -> list:
+    """Makes every DEQ of ``model`` (a traced copy) append ``(deq, x, z*)`` to the returned list."""
+    records: list = []
+    for deq in find_deqs(model):
+        deq.recorder = lambda x, z, deq=deq: records.append((deq, x, z))
+    return records
+
+
+def penalty(jac_reg: JacReg, records: list, key: jax.Array) -> jax.Array:
+    """The step's penalty: one Bernoulli(``prob``) draw, then the sum over the recorded solves."""
+    if not records:
+        raise ValueError("`jac_reg` is set but the model's forward pass solved no jdeq.nnx.DEQ.")
+    coin, probes = jax.random.split(key)
+    dtype = jax.tree_util.tree_leaves(records[0][2])[0].dtype
+
+    def term(_):
+        total = jnp.zeros((), dtype)
+        for i, (deq, x, z) in enumerate(records):
+            total = total + deq.jacobian_penalty(
+                x, z, jax.random.fold_in(probes, i), gamma=jac_reg.gamma,
+                num_samples=jac_reg.num_samples, noise=jac_reg.noise,
+            )
+        return total
+
+    if jac_reg.prob == 1:
+        return term(None)
+    return jax.lax.cond(jax.random.bernoulli(coin, jac_reg.prob), term, lambda _: jnp.zeros((), dtype), None)
