@@ -6,6 +6,7 @@ from jdeq.models.hypersolver import HyperSolver
 from jdeq.models.mdeq import MDEQCell, MDEQClassifier
 from jdeq.models.mlp import MLPCell
 from jdeq.models.mondeq import MonDEQ, MonDEQClassifier, MonotoneConvCell, MonotoneDenseCell
+from jdeq.models.precision import MixedPrecision
 from jdeq.models.norm import SpectralNorm, WeightNorm, apply_norm, update_norm
 from jdeq.models.transformer import (
     LSTMClassifier,
@@ -21,6 +22,7 @@ __all__ = [
     "MDEQCell",
     "MDEQClassifier",
     "MLPCell",
+    "MixedPrecision",
     "MonDEQ",
     "MonDEQClassifier",
     "MonotoneConvCell",

@@ -16,6 +16,9 @@ The pieces, each usable on its own:
 - :class:`JacReg`: the ``fit(..., jac_reg=...)`` option adding the Jacobian penalty
   ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every step or with a
   probability per step.
+- :func:`data_mesh`, :func:`shard_batch`, :func:`replicate` (module :mod:`jdeq.train.sharding`):
+  data-parallel training on a ``jax.sharding.Mesh`` via ``fit(..., mesh=...)``, one host or
+  many (``jax.distributed.initialize()``).
 
 Conventions: a *model* is an ``nnx.Module`` whose call returns ``logits`` or ``(logits,
 stats)`` with ``stats`` a ``jdeq.SolverStats`` (or None); *data* is a mapping of arrays sharing
@@ -40,17 +43,23 @@ from jdeq.train.batches import batch_indices, batches
 from jdeq.train.jacobian import JacReg
 from jdeq.train.loop import History, evaluate, fit, predict
 from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
+from jdeq.train.sharding import batch_sharding, data_mesh, replicate, replicated, shard_batch
 
 __all__ = [
     "History",
     "JacReg",
     "batch_indices",
+    "batch_sharding",
     "batches",
     "classification_loss",
     "count_params",
+    "data_mesh",
     "evaluate",
     "fit",
     "predict",
+    "replicate",
+    "replicated",
+    "shard_batch",
     "solver_metrics",
     "split_output",
 ]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from jdeq.train.batches import batch_indices, data_size
 from jdeq.train.jacobian import JacReg, find_deqs, penalty, start_recording
 from jdeq.train.losses import classification_loss, split_output
+from jdeq.train.sharding import batch_sharding, check_mesh, replicate, replicated, shard_batch
 
 __all__ = ["History", "evaluate", "fit", "predict"]
 
@@ -174,6 +175,8 @@ def fit(
     progress: bool = True,
     callback: Callable[[int, dict], Any] | None = None,
     jac_reg: JacReg | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> History:
     """Trains ``model``'s ``nnx.Param`` s in place for ``steps`` optimizer steps.
 
@@ -211,6 +214,13 @@ def fit(
         every step (or of a random fraction ``prob`` of the steps) for each ``jdeq.nnx.DEQ`` of
         the model; logged as the metric ``"jac_reg"``. Its random key at step ``k`` is
         ``jax.random.fold_in(jax.random.key(seed), k)``. None: no penalty.
+      mesh: a ``jax.sharding.Mesh`` for data-parallel training (see
+        :mod:`jdeq.train.sharding`): each batch is sharded along ``data_axis``, the parameters
+        and optimizer state are replicated, and the step is jitted with those in/out shardings.
+        ``batch_size`` is global and must be a multiple of the axis size. With several
+        processes (``jax.distributed``), ``data`` is this process's disjoint shard and each
+        process draws ``batch_size // jax.process_count()`` rows of it per step. None: one device.
+      data_axis: the mesh axis the batch is split along.
 
     Returns:
       A :class:`History`.
@@ -231,7 +241,11 @@ def fit(
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"`optimizer` must be an optax GradientTransformation, got {optimizer!r}.")
     n = data_size(data)
-    if batch_size > n:
+    local_batch = batch_size
+    if mesh is not None:
+        check_mesh(mesh, data_axis, batch_size)
+        local_batch = batch_size // jax.process_count()
+    if local_batch > n:
         raise ValueError(f"`batch_size`={batch_size} exceeds the {n} training examples.")
     data = {k: np.asarray(v) for k, v in data.items()}
     eval_data = dict(eval_data or {})
@@ -261,8 +275,13 @@ def fit(
             start, elapsed = int(latest), float(meta["elapsed"])
 
     base_key = jax.random.key(seed)
+    shardings = {}
+    if mesh is not None:
+        params, opt_state, rest = replicate((params, opt_state, rest), mesh)
+        rep, data_sh = replicated(mesh), batch_sharding(mesh, data_axis)
+        shardings = {"in_shardings": (rep, rep, data_sh, rep), "out_shardings": rep}
 
-    @jax.jit
+    @functools.partial(jax.jit, **shardings)
     def train_step(params, opt_state, batch, step):
         def loss(p):
             net = nnx.merge(graphdef, p, rest)
@@ -297,8 +316,10 @@ def fit(
     t0 = time.perf_counter()
     try:
         while step < steps:
-            idx = batch_indices(n, batch_size, step, seed=seed)
+            idx = batch_indices(n, local_batch, step, seed=seed)
             batch = {k: v[idx] for k, v in data.items()}
+            if mesh is not None:
+                batch = shard_batch(batch, mesh, data_axis)
             params, opt_state, metrics = train_step(params, opt_state, batch, np.int32(step))
             step += 1
             bar.update(1)
