@@ -34,6 +34,14 @@ def check_maxiter(maxiter, *, name: str = "maxiter") -> None:
         raise ValueError(f"`{name}` must be >= 1, got {maxiter}.")
 
 
+# Checks of the options that only some solvers have: name -> (predicate, what is expected).
+_OPTION_CHECKS = {
+    "damping": (lambda v: _is_concrete_number(v) and 0 < v <= 1, "in (0, 1]"),
+    "memory": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "ridge": (lambda v: _is_concrete_number(v) and v >= 0, "a number >= 0"),
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Solver:
     """Options shared by every jdeq solver (see the subclasses)."""
@@ -53,14 +61,12 @@ class _Solver:
             raise ValueError(f"`stop_mode` must be one of {_STOP_MODES}, got {self.stop_mode!r}.")
         if not isinstance(self.trace, bool):
             raise TypeError(f"`trace` must be a bool, got {self.trace!r}.")
-        for name in ("damping",):
-            if hasattr(self, name):
-                value = getattr(self, name)
-                if not _is_concrete_number(value) or not 0 < value <= 1:
-                    raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
-        if hasattr(self, "memory"):
-            if not isinstance(self.memory, numbers.Integral) or self.memory < 1:
-                raise ValueError(f"`memory` must be an int >= 1, got {self.memory!r}.")
+        for field in dataclasses.fields(self):  # options that only some solvers have
+            if field.name in _OPTION_CHECKS:
+                ok, expected = _OPTION_CHECKS[field.name]
+                value = getattr(self, field.name)
+                if not ok(value):
+                    raise ValueError(f"`{field.name}` must be {expected}, got {value!r}.")
 
     def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
         """Runs the shared per-example loop; see :func:`jdeq._loop.run_loop`."""
@@ -206,11 +212,6 @@ class Anderson(_Solver):
     memory: int = 5
     ridge: float = 1e-5
     damping: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not _is_concrete_number(self.ridge) or self.ridge < 0:
-            raise ValueError(f"`ridge` must be a number >= 0, got {self.ridge!r}.")
 
     def init(self, z):
         n, d = z.shape
