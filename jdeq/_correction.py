@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jdeq._fixed_point import _check_f, _raise_on_failure
+from jdeq._fixed_point import _check_f, raise_on_failure
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
 from jdeq._solvers import Anderson, _Solver, check_maxiter
@@ -128,11 +128,14 @@ def fixed_point_states(
         snapshots=budgets,
     )
     values = tuple(
-        gradient.attach(f, layout.unflatten(s), args, forward_solver=solver, maxiter=effective)
+        gradient.attach(
+            f, layout.unflatten(s), args, forward_solver=solver, maxiter=effective,
+            nonfinite=stats.nonfinite,
+        )
         for s in snaps
     )
     if throw:
-        jax.debug.callback(_raise_on_failure, stats.converged, stats.abs_residual, stats.rel_residual)
+        raise_on_failure(stats)
     return Solution(value=values, stats=stats)
 
 

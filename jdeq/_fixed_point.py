@@ -21,11 +21,27 @@ __all__ = ["fixed_point", "unroll"]
 _GRADIENTS = (Implicit, Phantom, JacobianFree, Unrolled)
 
 
+def _shapes(tree, limit: int = 200) -> str:
+    """A short description of a pytree's array shapes and dtypes, for error messages."""
+    def leaf(x):
+        try:
+            return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
+        except Exception:  # noqa: BLE001 - not an array: name its type
+            return type(x).__name__
+
+    text = str(jax.tree_util.tree_map(leaf, tree))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_f(f, z0, args, *, name: str = "f") -> None:
     """Traces ``f`` once abstractly; raises if its output does not match ``z0``."""
     if not callable(f):
         raise TypeError(f"`{name}` must be callable as {name}(z, args), got {f!r}.")
-    out = jax.eval_shape(f, z0, args)
+    try:
+        out = jax.eval_shape(f, z0, args)
+    except (TypeError, ValueError) as e:  # say which call failed, with what (the message is f's)
+        e.add_note(f"(raised while tracing `{name}(z, args)` with z0 {_shapes(z0)} and args {_shapes(args)})")
+        raise
     want, got = jax.tree_util.tree_structure(z0), jax.tree_util.tree_structure(out)
     if want != got:
         raise TypeError(
@@ -43,21 +59,54 @@ def _check_f(f, z0, args, *, name: str = "f") -> None:
             )
 
 
-def _raise_on_failure(converged, abs_res, rel_res) -> None:
-    converged, abs_res, rel_res = map(np.asarray, (converged, abs_res, rel_res))
-    finite = np.isfinite(abs_res)
-    if not finite.all():
+def _raise_on_failure(converged, abs_res, rel_res, nonfinite) -> None:
+    """Host side of ``throw=True``: says which examples went non-finite, else which did not
+    converge (run through ``jax.debug.callback``, so it also fires under ``jit``)."""
+    converged, abs_res, rel_res, nonfinite = map(np.asarray, (converged, abs_res, rel_res, nonfinite))
+    if nonfinite.any():
         raise RuntimeError(
-            f"jdeq.fixed_point(throw=True): non-finite residual in {int((~finite).sum())} of "
-            f"{finite.size} examples (the solve diverged or f produced NaN/inf)."
+            f"jdeq.fixed_point(throw=True): non-finite residual in {int(nonfinite.sum())} of "
+            f"{nonfinite.size} examples (first: example {int(np.argmax(nonfinite))}): the solve "
+            "diverged or f produced NaN/inf (in f(z), an iterate or its residual). The returned "
+            "value is each example's lowest-residual finite iterate."
         )
     if not converged.all():
         bad = ~converged
         raise RuntimeError(
             f"jdeq.fixed_point(throw=True): {int(bad.sum())} of {converged.size} examples did not "
-            f"converge; worst abs residual {abs_res[bad].max():.3e}, rel {rel_res[bad].max():.3e}. "
-            "Raise `maxiter`, loosen `tol`, or make f more contractive."
+            f"converge (all values finite); worst abs residual {abs_res[bad].max():.3e}, rel "
+            f"{rel_res[bad].max():.3e}. Raise `maxiter`, loosen `tol`, or make f more contractive."
         )
+
+
+def raise_on_failure(stats: SolverStats) -> None:
+    """Adds the ``throw=True`` run-time check of ``stats`` (works under ``jit``)."""
+    jax.debug.callback(
+        _raise_on_failure, stats.converged, stats.abs_residual, stats.rel_residual, stats.nonfinite
+    )
+
+
+def check_options(solver, gradient, throw) -> None:
+    """Raises ``TypeError`` unless ``solver``, ``gradient`` and ``throw`` are of the right kinds
+    (shared by :func:`fixed_point` and the Flax adapters, which check at construction)."""
+    if not isinstance(solver, (_Solver, JaxoptSolver)):
+        raise TypeError(
+            "`solver` must be jdeq.FixedPointIteration, jdeq.Anderson, jdeq.Broyden or "
+            f"jdeq.JaxoptSolver, got {solver!r}."
+        )
+    if not isinstance(gradient, _GRADIENTS):
+        raise TypeError(
+            "`gradient` must be jdeq.Implicit, jdeq.Phantom, jdeq.JacobianFree or jdeq.Unrolled, "
+            f"got {gradient!r}."
+        )
+    if not isinstance(throw, bool):
+        raise TypeError(f"`throw` must be a bool, got {throw!r}.")
+
+
+def check_depth(depth) -> None:
+    """Raises ``ValueError`` unless ``depth`` is an int >= 1 (``unroll`` and the adapters)."""
+    if not isinstance(depth, numbers.Integral) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
 
 
 def fixed_point(
@@ -86,7 +135,8 @@ def fixed_point(
       maxiter: run-time override of ``solver.maxiter``. May be a traced integer (changing it
         does not recompile), except with ``Unrolled`` or ``trace=True``, which need it static.
       throw: raise a ``RuntimeError`` at run time (also under ``jit``, surfacing as a
-        ``JaxRuntimeError``) when any example did not converge or went non-finite.
+        ``JaxRuntimeError``) when any example went non-finite (the message says "non-finite")
+        or did not converge (it says "did not converge").
 
     Returns:
       A :class:`jdeq.Solution`: ``value`` (per example, the lowest-residual iterate seen) and
@@ -102,16 +152,7 @@ def fixed_point(
 
     Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
-    if not isinstance(solver, (_Solver, JaxoptSolver)):
-        raise TypeError(
-            "`solver` must be jdeq.FixedPointIteration, jdeq.Anderson, jdeq.Broyden or "
-            f"jdeq.JaxoptSolver, got {solver!r}."
-        )
-    if not isinstance(gradient, _GRADIENTS):
-        raise TypeError(
-            "`gradient` must be jdeq.Implicit, jdeq.Phantom, jdeq.JacobianFree or jdeq.Unrolled, "
-            f"got {gradient!r}."
-        )
+    check_options(solver, gradient, throw)
     layout = batch_layout(z0)
     _check_f(f, z0, args)
     if maxiter is not None:
@@ -124,7 +165,10 @@ def fixed_point(
         zm, stats = solver.solve(
             layout.wrap(f, args), layout.flatten(jax.lax.stop_gradient(z0)), static, unrolled=True
         )
-        value, stats = layout.unflatten(zm), jax.lax.stop_gradient(stats)
+        stats = jax.lax.stop_gradient(stats)
+        # Non-finite policy, as for the other modes: such an example gets a zero cotangent.
+        zm = jnp.where(stats.nonfinite[:, None], jax.lax.stop_gradient(zm), zm)
+        value = layout.unflatten(zm)
     else:
         args_ng = jax.lax.stop_gradient(args)
         zm, stats = solver.solve(
@@ -132,9 +176,11 @@ def fixed_point(
         )
         z_star = layout.unflatten(zm)
         effective = solver.maxiter if maxiter is None else maxiter
-        value = gradient.attach(f, z_star, args, forward_solver=solver, maxiter=effective)
+        value = gradient.attach(
+            f, z_star, args, forward_solver=solver, maxiter=effective, nonfinite=stats.nonfinite
+        )
     if throw:
-        jax.debug.callback(_raise_on_failure, stats.converged, stats.abs_residual, stats.rel_residual)
+        raise_on_failure(stats)
     return Solution(value=value, stats=stats)
 
 
@@ -153,8 +199,9 @@ def unroll(
 
     Returns the same :class:`jdeq.Solution` as :func:`fixed_point`, so a benchmark can swap one
     for the other: ``nsteps = depth`` and the residuals are those of the last-but-one state,
-    ``||z_L - z_{L-1}|| = ||f(z_{L-1}) - z_{L-1}||`` (free: no extra evaluation), and
-    ``converged`` compares that residual (of kind ``stop_mode``) with ``tol``.
+    ``||z_L - z_{L-1}|| = ||f(z_{L-1}) - z_{L-1}||`` (free: no extra evaluation),
+    ``converged`` compares that residual (of kind ``stop_mode``) with ``tol``, and
+    ``nonfinite`` flags a non-finite residual (the value is the last layer's, not guarded).
 
     Args:
       f, z0, args: as in :func:`fixed_point`.
@@ -167,8 +214,7 @@ def unroll(
       >>> sol = jdeq.unroll(lambda z, a: jnp.tanh(0.5 * z + a), jnp.zeros((2, 3)),
       ...                   jnp.ones((2, 3)), depth=8)
     """
-    if not isinstance(depth, numbers.Integral) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
+    check_depth(depth)
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"`stop_mode` must be 'abs' or 'rel', got {stop_mode!r}.")
     layout = batch_layout(z0)
@@ -188,5 +234,6 @@ def unroll(
         abs_residual=abs_res,
         rel_residual=rel_res,
         converged=(abs_res if stop_mode == "abs" else rel_res) < tol,
+        nonfinite=~(jnp.isfinite(abs_res) & jnp.isfinite(rel_res)),
     )
     return Solution(value=z, stats=stats)

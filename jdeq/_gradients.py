@@ -36,6 +36,25 @@ def _tree_sub(a, b):
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
+def _ok_mask(z_star, nonfinite) -> jax.Array:
+    """Per-example ``(batch,)`` bool: the forward solve of the example stayed finite."""
+    if nonfinite is None:
+        return jnp.ones((batch_layout(z_star).batch,), bool)
+    return ~jnp.asarray(nonfinite, bool)
+
+
+def _zero_rows(ok, tree):
+    """``tree`` with the examples (leading-axis rows) where ``ok`` is False set to zero.
+
+    A select, not a product: NaN/inf rows become exact zeros, and the map stays linear in
+    ``tree`` (``ok`` is a constant of it), so it transposes to the same select in reverse mode.
+    """
+    def leaf(x):
+        return jnp.where(jnp.reshape(ok, (-1,) + (1,) * (jnp.ndim(x) - 1)), x, jnp.zeros_like(x))
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
 # ----------------------------------------------------------------------------- implicit
 
 
@@ -62,9 +81,23 @@ class Implicit:
         width-256 MLP cell; ``Implicit(stop_mode="rel", tol=1e-3)`` gave 7e-4 for one more
         iteration). The default ``stop_mode="rel"`` is scale-free and has no such trap.
       callback: called on the host, once per backward (or tangent) solve, with the solve's
-        ``SolverStats`` (``nsteps``, residuals of the linear system, ``converged``), so that a
-        failing backward pass is visible. Runs through ``jax.debug.callback`` after the solve
-        (never inside its loop); leave ``None`` for no host traffic at all.
+        ``SolverStats`` (``nsteps``, residuals of the linear system, ``converged``,
+        ``nonfinite``), so that a failing backward pass is visible. Runs through
+        ``jax.debug.callback`` after the solve (never inside its loop); leave ``None`` for no
+        host traffic at all.
+
+    Non-finite policy (never silent NaN gradients): per example, the cotangent (tangent) of
+    ``z*`` is set to exactly zero when the example's forward solve met a non-finite value
+    (``SolverStats.nonfinite``) or when its adjoint (tangent) solve did, so that example adds
+    nothing to the gradient of ``args`` while the other examples of the batch get their exact
+    implicit gradient. The backward stats given to ``callback`` then have ``nonfinite=True``
+    for that example (its cotangent was zeroed). This is a select after the solve, nothing
+    per iteration. Two limits: the returned ``z*`` is the lowest-residual finite iterate, so
+    ``f`` and its derivatives are finite there unless no iterate was finite (``f(z0)``
+    non-finite), where a zero cotangent can still meet an infinite partial derivative
+    (``0 * inf``); and jaxopt's linear solvers (``"gmres"``, ...) treat the batch as one
+    system, so a non-finite adjoint there zeroes every example. Training: ``jdeq.train.fit``
+    skips any step whose gradients are still non-finite.
 
     Example:
       >>> import jax, jax.numpy as jnp, jdeq
@@ -99,22 +132,35 @@ class Implicit:
             raise TypeError(f"`callback` must be callable, got {self.callback!r}.")
 
     def _linear_solver(self, forward_solver, static_maxiter=None) -> Callable:
-        """``solve(matvec, b, maxiter) -> x`` for ``matvec(x) = b`` (batched like ``z``)."""
+        """``solve(matvec, b, maxiter, ok) -> x`` for ``matvec(x) = b`` (batched like ``z``).
+
+        Examples where ``ok`` is False (forward solve non-finite) get ``b = 0`` and ``x = 0``;
+        so do examples whose own solve met a non-finite value (see the class docstring).
+        """
         callback = self.callback
         if isinstance(self.solver, str):
             name, tol = self.solver, self.tol if self.tol is not None else forward_solver.tol
 
-            def solve(matvec, b, maxiter):
+            def solve(matvec, b, maxiter, ok):
+                layout = batch_layout(b, name="cotangent")
+                b = _zero_rows(ok, b)
                 x = linear_solve(name, matvec, b, tol=tol, maxiter=maxiter)
+                finite = jnp.all(jnp.isfinite(layout.flatten(x)), axis=1)
+                x = _zero_rows(finite, x)
                 if callback is not None:
-                    layout = batch_layout(b, name="cotangent")
                     bm, rm = layout.flatten(b), layout.flatten(matvec(x))
                     abs_res, _ = residuals(rm, bm)
                     rel_res = abs_res / (jnp.linalg.norm(bm, axis=1) + 1e-30)
                     n = bm.shape[0]
                     jax.debug.callback(
                         callback,
-                        SolverStats(jnp.full((n,), -1, jnp.int32), abs_res, rel_res, rel_res <= tol),
+                        SolverStats(
+                            nsteps=jnp.full((n,), -1, jnp.int32),
+                            abs_residual=abs_res,
+                            rel_residual=rel_res,
+                            converged=(rel_res <= tol) & finite & ok,
+                            nonfinite=~(finite & ok),
+                        ),
                     )
                 return x
 
@@ -130,51 +176,65 @@ class Implicit:
         else:
             solver = dataclasses.replace(base, trace=False, **overrides)
 
-        def solve(matvec, b, maxiter):
+        def solve(matvec, b, maxiter, ok):
             layout = batch_layout(b, name="cotangent")
-            bm = layout.flatten(b)
+            bm = jnp.where(ok[:, None], layout.flatten(b), 0)
 
             def fixed_point_form(um):  # u = u - (A u - b): fixed point at A u = b
                 return bm + um - layout.flatten(matvec(layout.unflatten(um)))
 
             run_maxiter = None if isinstance(solver, JaxoptSolver) else maxiter  # static: in options
             um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), run_maxiter)
+            bad = stats.nonfinite | ~ok  # the loop already flags non-finite: no extra pass
+            um = jnp.where(bad[:, None], 0, um)
             if callback is not None:
-                jax.debug.callback(callback, stats)
+                jax.debug.callback(
+                    callback,
+                    dataclasses.replace(stats, converged=stats.converged & ~bad, nonfinite=bad),
+                )
             return layout.unflatten(um)
 
         return solve
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter):
+    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
+        """Returns ``z_star`` carrying this gradient rule (``nonfinite``: the forward stats'
+        per-example flag; those examples get a zero tangent/cotangent)."""
         fn, params = _convert(f, z_star, args)
         if self.maxiter is not None:
             maxiter = self.maxiter
         elif isinstance(self.solver, (_Solver, JaxoptSolver)):
             maxiter = self.solver.maxiter
         return _implicit_identity(
-            fn, self._linear_solver(forward_solver, maxiter), z_star, params, jnp.asarray(maxiter, jnp.int32)
+            fn,
+            self._linear_solver(forward_solver, maxiter),
+            z_star,
+            params,
+            jnp.asarray(maxiter, jnp.int32),
+            _ok_mask(z_star, nonfinite),
         )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _implicit_identity(fn, solve, z_star, params, maxiter):
-    del fn, solve, params, maxiter
+def _implicit_identity(fn, solve, z_star, params, maxiter, ok):
+    del fn, solve, params, maxiter, ok
     return z_star
 
 
 @_implicit_identity.defjvp
 def _implicit_jvp(fn, solve, primals, tangents):
-    z_star, params, maxiter = primals
-    _, dparams, _ = tangents
+    z_star, params, maxiter, ok = primals
+    _, dparams, _, _ = tangents
     # Re-enter the rule so that z* is itself differentiable when this rule is (2nd order).
-    z_star = _implicit_identity(fn, solve, z_star, params, maxiter)
+    z_star = _implicit_identity(fn, solve, z_star, params, maxiter, ok)
     _, rhs = jax.jvp(lambda p: fn(z_star, p), (params,), (dparams,))
     _, jz = jax.linearize(lambda z: fn(z, params), z_star)
+    # ``solve`` zeroes the examples that are not ``ok`` (or whose own solve went non-finite)
+    # on the way in and out: in reverse mode, on the cotangent before the adjoint solve.
     dz = jax.lax.custom_linear_solve(
         lambda v: _tree_sub(v, jz(v)),
         rhs,
-        solve=lambda mv, b: solve(mv, b, maxiter),
-        transpose_solve=lambda mv, b: solve(mv, b, maxiter),
+        solve=lambda mv, b: solve(mv, b, maxiter, ok),
+        transpose_solve=lambda mv, b: solve(mv, b, maxiter, ok),
     )
     return z_star, dz
 
@@ -183,25 +243,42 @@ def _implicit_jvp(fn, solve, primals, tangents):
 
 
 def _damped_steps(fn, steps: int, damping: float, z, params):
+    """``steps`` damped steps from ``z``; returns ``(z_k, finite)``.
+
+    An example whose ``f`` goes non-finite stays at its last finite iterate (``finite`` turns
+    False for it), so that no later step is evaluated, nor differentiated, at NaN/inf.
+    """
+    layout = batch_layout(z)
+    finite = jnp.ones((layout.batch,), bool)
     for _ in range(steps):
         fz = fn(z, params)
-        z = jax.tree_util.tree_map(lambda a, b: (1.0 - damping) * a + damping * b, z, fz)
-    return z
+        finite = finite & jnp.all(jnp.isfinite(layout.flatten(jax.lax.stop_gradient(fz))), axis=1)
+        step = jax.tree_util.tree_map(lambda a, b: (1.0 - damping) * a + damping * b, z, fz)
+        z = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(jnp.reshape(finite, (-1,) + (1,) * (new.ndim - 1)), new, old),
+            step,
+            z,
+        )
+    return z, finite
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _phantom_identity(fn, steps, damping, z_star, params):
-    del fn, steps, damping, params
+def _phantom_identity(fn, steps, damping, z_star, params, ok):
+    del fn, steps, damping, params, ok
     return z_star
 
 
 @_phantom_identity.defjvp
 def _phantom_jvp(fn, steps, damping, primals, tangents):
-    z_star, params = primals
-    _, dparams = tangents
-    z_star = _phantom_identity(fn, steps, damping, z_star, params)  # differentiable (2nd order)
-    _, dz = jax.jvp(lambda p: _damped_steps(fn, steps, damping, z_star, p), (params,), (dparams,))
-    return z_star, dz
+    z_star, params, ok = primals
+    _, dparams, _ = tangents
+    z_star = _phantom_identity(fn, steps, damping, z_star, params, ok)  # differentiable (2nd order)
+    _, dz, finite = jax.jvp(
+        lambda p: _damped_steps(fn, steps, damping, z_star, p), (params,), (dparams,), has_aux=True
+    )
+    # Zero the examples whose forward solve or whose k phantom steps went non-finite. The mask
+    # depends on primals only, so the select stays linear in the tangent (transposable).
+    return z_star, _zero_rows(ok & finite, dz)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,6 +294,11 @@ class Phantom:
       steps: ``k >= 1``, the number of differentiated steps.
       damping: ``l`` in (0, 1].
 
+    Non-finite policy: per example, the tangent/cotangent of ``z*`` is zeroed (a select, never
+    NaN for that example) when its forward solve met a non-finite value
+    (``SolverStats.nonfinite``) or when the ``k`` phantom steps from ``z*`` did; the other
+    examples keep their exact phantom gradient (see ``jdeq.Implicit`` for the limits).
+
     Example:
       >>> import jax, jax.numpy as jnp, jdeq
       >>> f = lambda z, a: 0.5 * jnp.tanh(z) + a
@@ -230,15 +312,17 @@ class Phantom:
     damping: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+        if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"`steps` must be an int >= 1, got {self.steps!r}.")
         if not isinstance(self.damping, numbers.Number) or not 0 < self.damping <= 1:
             raise ValueError(f"`damping` must be in (0, 1], got {self.damping!r}.")
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter):
+    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
         del forward_solver, maxiter
         fn, params = _convert(f, z_star, args)
-        return _phantom_identity(fn, self.steps, float(self.damping), z_star, params)
+        return _phantom_identity(
+            fn, self.steps, float(self.damping), z_star, params, _ok_mask(z_star, nonfinite)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +338,14 @@ class JacobianFree:
       >>> g = jax.grad(lambda a: jdeq.fixed_point(f, jnp.zeros((2, 3)), a,
       ...              gradient=jdeq.JacobianFree()).value.sum())(jnp.ones((2, 3)))
 
+    Non-finite policy: as :class:`Phantom` (zero cotangent for non-finite examples).
+
     Reference: Fung et al., "JFB: Jacobian-Free Backpropagation for Implicit Networks", AAAI 2022.
     """
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter):
+    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
         return Phantom(steps=1, damping=1.0).attach(
-            f, z_star, args, forward_solver=forward_solver, maxiter=maxiter
+            f, z_star, args, forward_solver=forward_solver, maxiter=maxiter, nonfinite=nonfinite
         )
 
 
@@ -269,7 +355,9 @@ class Unrolled:
 
     The loop runs as a ``lax.scan`` of exactly ``maxiter - 1`` steps after the first evaluation
     (examples that converged stay frozen, their steps masked), so ``maxiter`` must be static and
-    memory grows as O(maxiter).
+    memory grows as O(maxiter). Non-finite policy: an example that meets a non-finite value is
+    frozen at its last finite iterate inside the scan (so its masked steps differentiate to
+    exact zeros, not ``0 * inf``) and its cotangent is zeroed, as with :class:`Implicit`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jdeq

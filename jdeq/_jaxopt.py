@@ -50,8 +50,12 @@ class JaxoptSolver:
     error definition), one iteration count. jdeq then fills ``SolverStats`` per example from
     the final iterate (one extra evaluation of ``f``): ``abs_residual``/``rel_residual`` per
     example, ``nsteps`` = jaxopt's ``iter_num`` for every example, ``converged`` = jaxopt's own
-    global test ``error <= tol`` for every example. jaxopt's implicit differentiation is turned
-    off: the jdeq gradient mode (``Implicit``, ``Phantom``, ``JacobianFree``) applies.
+    global test ``error <= tol`` for every example (False where non-finite). jaxopt returns its
+    last iterate, not the best one; an example whose last iterate or residual is non-finite gets
+    ``z0`` back instead, with ``nonfinite=True`` and the residuals measured at ``z0`` (jaxopt's
+    global error is then NaN, which ends its loop at once for the whole batch). jaxopt's
+    implicit differentiation is turned off: the jdeq gradient mode (``Implicit``, ``Phantom``,
+    ``JacobianFree``) applies.
     ``Unrolled`` is not supported (use jdeq's solvers); ``maxiter`` must be static.
 
     Args:
@@ -125,18 +129,40 @@ class JaxoptSolver:
         options = dict(self.options, implicit_diff=False)
         if maxiter is not None:
             options["maxiter"] = maxiter
+        # jaxopt's AndersonAcceleration builds its Gram matrix in the default float dtype
+        # (float64 under x64), and a float32 state then fails its lax.cond dtype check: it
+        # iterates in the promoted dtype, evaluating F in the state's own dtype.
+        run_dtype = z0.dtype
+        if self._cls is jaxopt.AndersonAcceleration:
+            run_dtype = jnp.promote_types(z0.dtype, jnp.result_type(float))
+        G = F if run_dtype == z0.dtype else (lambda z: F(z.astype(z0.dtype)).astype(run_dtype))
         if self._cls in _ROOT_CLASSES:
-            solver = self._cls(fun=lambda z: F(z) - z, **options)
+            solver = self._cls(fun=lambda z: G(z) - z, **options)
         else:
-            solver = self._cls(fixed_point_fun=F, **options)
-        z, state = solver.run(z0)
+            solver = self._cls(fixed_point_fun=G, **options)
+        z, state = solver.run(z0.astype(run_dtype))
+        z = z.astype(z0.dtype)
         abs_res, rel_res = residuals(z, F(z))
+        # jaxopt keeps no best iterate: an example whose final iterate (or its residual) is
+        # non-finite falls back to z0, and its residuals are re-measured there (one more
+        # evaluation of F, only when some example went non-finite).
+        nonfinite = ~(jnp.isfinite(abs_res) & jnp.isfinite(rel_res))
+
+        def fall_back(_):
+            z_back = jnp.where(nonfinite[:, None], z0, z)
+            back = residuals(z_back, F(z_back))
+            return z_back, jnp.where(nonfinite, back[0], abs_res), jnp.where(nonfinite, back[1], rel_res)
+
+        z, abs_res, rel_res = jax.lax.cond(
+            jnp.any(nonfinite), fall_back, lambda _: (z, abs_res, rel_res), None
+        )
         n = z0.shape[0]
         stats = SolverStats(
             nsteps=jnp.full((n,), state.iter_num, jnp.int32),
             abs_residual=abs_res,
             rel_residual=rel_res,
-            converged=jnp.full((n,), state.error <= self.tol),
+            converged=jnp.full((n,), state.error <= self.tol) & ~nonfinite,
+            nonfinite=nonfinite,
             trace=None,
         )
         return z, stats

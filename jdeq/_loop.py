@@ -2,8 +2,9 @@
 
 A solver supplies ``init(z) -> state`` and ``update(state, k, z, fz) -> (z_next, state)`` on a
 ``(batch, dim)`` matrix; this loop evaluates ``F`` once per iteration on the whole batch, measures
-each example's residual, freezes examples that converged (or went non-finite), keeps each
-example's lowest-residual iterate and stops when none is left active or the budget is spent.
+each example's residual, freezes examples that converged (or went non-finite, flagged in
+``SolverStats.nonfinite``), keeps each example's lowest-residual finite iterate and stops when
+none is left active or the budget is spent.
 Everything stays inside XLA: a ``lax.while_loop`` (run-time ``maxiter``) or, for
 differentiating through the iterations, a ``lax.scan`` of static length.
 """
@@ -25,7 +26,10 @@ REL_EPS = 1e-8  # eps in rel_residual = ||f(z) - z|| / (||f(z)|| + eps)
 def residuals(z: jax.Array, fz: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example absolute and relative residuals of ``(batch, dim)`` matrices."""
     abs_res = jnp.linalg.norm(fz - z, axis=1)
-    rel_res = abs_res / (jnp.linalg.norm(fz, axis=1) + REL_EPS)
+    norm_fz = jnp.linalg.norm(fz, axis=1)
+    # A norm that overflows (entries past ~sqrt(max float)) would give a false rel residual of
+    # 0 ("converged"): it counts as non-finite instead. (batch,)-sized, so free in the loop.
+    rel_res = jnp.where(jnp.isfinite(norm_fz), abs_res / (norm_fz + REL_EPS), jnp.nan)
     return abs_res, rel_res
 
 
@@ -107,6 +111,10 @@ def run_loop(
         if trace is not None:
             trace = trace.at[:, c.k].set(jnp.where(c.active, metric, jnp.nan), mode="drop")
         best_z = jnp.where(better[:, None], z_next, c.best_z)
+        if unrolled:  # differentiated: an example that went non-finite is frozen at its last
+            # finite (z, f(z)), so no later step (nor its derivative) sees NaN/inf.
+            finite = jnp.isfinite(metric)[:, None]
+            z_next, fz_next = jnp.where(finite, z_next, c.z), jnp.where(finite, fz_next, c.fz)
         snaps = c.snaps
         if snaps is not None:  # budgets not yet reached follow the best iterate
             snaps = jnp.where((snapshots > c.k)[:, None, None], best_z[None], snaps)
@@ -130,11 +138,17 @@ def run_loop(
         carry = jax.lax.while_loop(lambda c: (c.k < maxiter) & jnp.any(c.active), step, carry)
 
     best_metric = carry.best_rel if pick else carry.best_abs
+    converged = best_metric < tol
     stats = SolverStats(
         nsteps=carry.nsteps,
         abs_residual=carry.best_abs,
         rel_residual=carry.best_rel,
-        converged=best_metric < tol,
+        converged=converged,
+        # An example leaves the loop early only by converging or by a non-finite residual (the
+        # isfinite test above); one still active at the end ran out of budget. So the flag
+        # costs nothing per iteration. A non-finite iterate is never "better", so ``best_z``
+        # is the lowest-residual finite iterate (``z0`` if none was finite).
+        nonfinite=~carry.active & ~converged,
         trace=carry.trace,
     )
     if snapshots is not None:

@@ -23,6 +23,11 @@ class SolverStats:
       abs_residual: ``||f(z) - z||`` (2-norm over all state entries of the example).
       rel_residual: ``||f(z) - z|| / (||f(z)|| + eps)``.
       converged: bool, whether the residual chosen by ``stop_mode`` is below ``tol``.
+      nonfinite: bool, whether the solve met a non-finite value (NaN/inf in ``f(z)``, in an
+        iterate or in its residual) for this example. The example was frozen there; ``value``
+        is still its lowest-residual *finite* iterate (``z0`` if there was none) and
+        ``converged`` is False. Gradients: see ``jdeq.Implicit`` (such an example's cotangent
+        is zeroed, never NaN).
       trace: ``(batch, maxiter)`` residual (of the ``stop_mode`` kind) of the current iterate
         at each iteration, when the solver was built with ``trace=True``; entries after the
         last iteration are NaN. ``None`` otherwise.
@@ -32,6 +37,7 @@ class SolverStats:
     abs_residual: Any
     rel_residual: Any
     converged: Any
+    nonfinite: Any
     trace: Any = None
 
 
@@ -50,7 +56,7 @@ class Solution:
 
 jax.tree_util.register_dataclass(
     SolverStats,
-    data_fields=["nsteps", "abs_residual", "rel_residual", "converged", "trace"],
+    data_fields=["nsteps", "abs_residual", "rel_residual", "converged", "nonfinite", "trace"],
     meta_fields=[],
 )
 jax.tree_util.register_dataclass(Solution, data_fields=["value", "stats"], meta_fields=[])
