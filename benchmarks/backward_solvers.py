@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks import _common as C
 
 FORWARD = jdeq.Anderson(memory=5, tol=1e-4, maxiter=50, stop_mode="abs")
@@ -116,15 +117,20 @@ def step_call(setting, implicit_kwargs):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.backward_solvers", description=__doc__.split("\n")[0])
-    p.add_argument("--target", type=float, default=1e-3, help="gradient relative error to reach")
-    p.add_argument("--tols", type=float, nargs="+", default=list(TOLS), help="backward tolerances swept")
+    p.add_argument("--target", type=T.positive_float, default=1e-3, help="gradient relative error to reach")
+    p.add_argument("--tols", type=T.positive_float, nargs="+", default=list(TOLS), help="backward tolerances swept")
     p.add_argument("--solvers", nargs="+", help="subset of the backward solvers (names as printed)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per solver (in rounds of 5, alternating)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=T.positive_int, default=40, help="timed steps per solver (in rounds of 5, alternating)")
+    p.add_argument("--warmup", type=T.nonneg_int, default=2)
+    p.add_argument("--batch", type=T.positive_int, default=64)
+    p.add_argument("--width", type=T.positive_int, default=256)
     C.out_dir_arg(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    names = {k for key in backward_options() for k in (key, key.split(" ")[0])}
+    unknown = sorted(set(args.solvers or ()) - names)
+    if unknown:
+        p.error(f"--solvers: unknown {unknown}; choose from {sorted(names)}")
+    return args
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks import _common as C
 
 METHODS = ("unrolled", "unrolled+remat", "deq-implicit", "deq-phantom5", "deq-jfb", "deq-unrolled")
@@ -255,17 +256,17 @@ def parse_args(argv):
     p.add_argument("--full", action="store_true", help="MLP and conv, L up to 1024, every depth timed")
     p.add_argument("--conv", action="store_true", help="add the conv setting (16x16x32 maps)")
     p.add_argument("--settings", nargs="+", choices=["mlp", "conv"], help="explicit settings (overrides --conv)")
-    p.add_argument("--depths", type=int, nargs="+", help="depths / solver budgets (default 1 2 4 ... 256)")
-    p.add_argument("--time-depths", type=int, nargs="+",
+    p.add_argument("--depths", type=T.positive_int, nargs="+", help="depths / solver budgets (default 1 2 4 ... 256)")
+    p.add_argument("--time-depths", type=T.positive_int, nargs="+",
                    help="depths whose step time is measured (default on CPU: 1 4 16 64 256 for mlp, 1 4 16 for "
                         "conv; all on GPU/TPU and with --full)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=256, help="MLP width")
-    p.add_argument("--channels", type=int, default=32, help="conv channels")
-    p.add_argument("--size", type=int, default=16, help="conv map size")
+    p.add_argument("--steps", type=T.positive_int, default=20, help="timed steps after warm-up (median reported)")
+    p.add_argument("--warmup", type=T.nonneg_int, default=2)
+    p.add_argument("--batch", type=T.positive_int, default=64)
+    p.add_argument("--width", type=T.positive_int, default=256, help="MLP width")
+    p.add_argument("--channels", type=T.positive_int, default=32, help="conv channels")
+    p.add_argument("--size", type=T.positive_int, default=16, help="conv map size")
     p.add_argument("--no-isolate", action="store_true",
                    help="on GPU/TPU, do not run each method in its own process (peak bytes become cumulative)")
     p.add_argument("--_only", help=argparse.SUPPRESS)

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks import _common as C
 
 TOL, MAXITER, STOP = 1e-4, 50, "rel"
@@ -181,12 +182,12 @@ def parse_args(argv):
     p.add_argument("--gradients", nargs="+", choices=list(GRADIENTS),
                    help="default: all; on CPU the conv setting skips Unrolled unless --full")
     p.add_argument("--full", action="store_true", help="every pair, also conv x Unrolled on CPU (slow)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported), MLP")
-    p.add_argument("--conv-steps", type=int, default=None, help="timed steps for conv (default 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--conv-batch", type=int, default=None, help="conv batch (default 16 on CPU, else --batch)")
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=T.positive_int, default=20, help="timed steps (median reported), MLP")
+    p.add_argument("--conv-steps", type=T.positive_int, default=None, help="timed steps for conv (default 5 on CPU)")
+    p.add_argument("--warmup", type=T.nonneg_int, default=2)
+    p.add_argument("--batch", type=T.positive_int, default=64)
+    p.add_argument("--conv-batch", type=T.positive_int, default=None, help="conv batch (default 16 on CPU, else --batch)")
+    p.add_argument("--width", type=T.positive_int, default=256)
     C.out_dir_arg(p)
     return p.parse_args(argv)
 

@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks._common import flush_print, format_table, header, machine, out_dir_arg, write_json
 from jdeq.data import digits
 
@@ -328,31 +329,31 @@ def plot(path, results, hyper):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=8)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stabilization", description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=T.positive_int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--w-scale", type=float, default=1.1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--tol", type=float, default=1e-3, help="forward tolerance in training")
-    p.add_argument("--maxiter", type=int, default=40)
-    p.add_argument("--gamma", type=float, default=1.0, help="Jacobian regularization weight")
-    p.add_argument("--prob", type=float, default=1.0, help="probability of the Jacobian term")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--width", type=T.positive_int, default=64)
+    p.add_argument("--w-scale", type=T.positive_float, default=1.1)
+    p.add_argument("--lr", type=T.positive_float, default=3e-3)
+    p.add_argument("--batch", type=T.positive_int, default=128)
+    p.add_argument("--tol", type=T.positive_float, default=1e-3, help="forward tolerance in training")
+    p.add_argument("--maxiter", type=T.positive_int, default=40)
+    p.add_argument("--gamma", type=T.nonneg_float, default=1.0, help="Jacobian regularization weight")
+    p.add_argument("--prob", type=T.probability, default=1.0, help="probability of the Jacobian term")
+    p.add_argument("--dropout", type=T.rate, default=0.1)
     p.add_argument("--hyper-on", default="jac_reg",
                    help="the trained variant whose frozen DEQ gets a hypersolver (default jac_reg: "
                         "every test example converges, so time-to-residual is defined; falls back "
                         "to baseline when jac_reg is not run)")
-    p.add_argument("--hyper-steps", type=int, default=1000)
-    p.add_argument("--hyper-unroll", type=int, default=10)
-    p.add_argument("--hyper-hidden", type=int, default=256)
-    p.add_argument("--hyper-init-weight", type=float, default=1.0)
-    p.add_argument("--hyper-tol", type=float, default=1e-3)
-    p.add_argument("--maxiter-eval", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--eval-batch", type=int, default=40, help="batch size of the timed solves")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hyper-steps", type=T.positive_int, default=1000)
+    p.add_argument("--hyper-unroll", type=T.positive_int, default=10)
+    p.add_argument("--hyper-hidden", type=T.positive_int, default=256)
+    p.add_argument("--hyper-init-weight", type=T.nonneg_float, default=1.0)
+    p.add_argument("--hyper-tol", type=T.positive_float, default=1e-3)
+    p.add_argument("--maxiter-eval", type=T.positive_int, default=60)
+    p.add_argument("--repeats", type=T.positive_int, default=15)
+    p.add_argument("--eval-batch", type=T.positive_int, default=40, help="batch size of the timed solves")
+    p.add_argument("--seed", type=T.nonneg_int, default=0)
     p.add_argument("--no-hyper", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 epochs, 2 variants, short hypersolver")
     out_dir_arg(p)

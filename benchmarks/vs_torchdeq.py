@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks import _common as C
 
 HOW_TO_GET = (
@@ -171,15 +172,15 @@ def _backward_iters_jdeq(ts: C.TrainStep, x, y) -> float | None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_torchdeq", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (one ratio each)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per library per round")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--torch-threads", type=int, default=1,
+    p.add_argument("--rounds", type=T.positive_int, default=10, help="alternating rounds (one ratio each)")
+    p.add_argument("--steps", type=T.positive_int, default=10, help="timed training steps per library per round")
+    p.add_argument("--warmup", type=T.nonneg_int, default=3)
+    p.add_argument("--torch-threads", type=T.nonneg_int, default=1,
                    help="torch.set_num_threads (default 1: at this model size PyTorch is no faster with more, "
                         "and its OpenMP threads collapse on a busy machine; 0 = torch's own choice)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--in-features", type=int, default=64)
+    p.add_argument("--batch", type=T.positive_int, default=64)
+    p.add_argument("--width", type=T.positive_int, default=256)
+    p.add_argument("--in-features", type=T.positive_int, default=64)
     C.out_dir_arg(p)
     return p.parse_args(argv)
 

@@ -56,7 +56,8 @@ def batch_layout(tree, *, name: str = "z0") -> BatchLayout:
 
     Raises:
       TypeError: a leaf is not floating point.
-      ValueError: no leaves, a leaf without a leading axis, or leading axes that differ.
+      ValueError: no leaves, a leaf without a leading axis, leading axes that differ, a batch of
+        size 0, or examples with no entries.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if not leaves:
@@ -64,7 +65,12 @@ def batch_layout(tree, *, name: str = "z0") -> BatchLayout:
     shapes, dtypes = [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         where = jax.tree_util.keystr(path) or "<root>"
-        dtype = jnp.result_type(leaf)
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:
+            raise TypeError(
+                f"`{name}` must be a pytree of arrays; leaf {where} is a {type(leaf).__name__}: {leaf!r}."
+            ) from None
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"`{name}` must be floating point; leaf {where} has dtype {dtype}. "
@@ -83,5 +89,12 @@ def batch_layout(tree, *, name: str = "z0") -> BatchLayout:
         raise ValueError(
             f"every leaf of `{name}` needs the same leading batch axis; got leading sizes "
             f"{[s[0] for s in shapes]}."
+        )
+    if shapes[0][0] == 0:
+        raise ValueError(f"`{name}` has batch size 0 (leading axis of shape {shapes[0]}): nothing to solve.")
+    if all(math.prod(s[1:]) == 0 for s in shapes):
+        raise ValueError(
+            f"`{name}` has no entries per example (leaf shapes {shapes}): the state of an example "
+            "must hold at least one number."
         )
     return BatchLayout(treedef, tuple(shapes), tuple(dtypes), shapes[0][0], jnp.result_type(*dtypes))

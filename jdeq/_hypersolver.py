@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jdeq._loop import REL_EPS
+from jdeq._regularizers import _check_key
 from jdeq._solvers import _Solver, anderson_mix, anderson_record, anderson_weights
 
 __all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
@@ -85,6 +86,7 @@ def init_mixer(key, memory: int = 5, hidden: int = 32, dtype=jnp.float32) -> dic
       >>> params["w1"].shape
       (40, 32)
     """
+    _check_key(key)
     if not isinstance(memory, numbers.Integral) or memory < 1:
         raise ValueError(f"`memory` must be an int >= 1, got {memory!r}.")
     if not isinstance(hidden, numbers.Integral) or hidden < 1:

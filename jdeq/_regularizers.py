@@ -152,7 +152,7 @@ def jacobian_penalty(
     Reference: Bai, Koltun & Kolter, ICML 2021 (they apply the term with a probability per step).
     """
     if not isinstance(gamma, (numbers.Real, jax.Array)) or (
-        isinstance(gamma, numbers.Real) and gamma < 0
+        isinstance(gamma, numbers.Real) and not gamma >= 0  # NaN too
     ):
         raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
     if not isinstance(prob, numbers.Real) or not 0 < prob <= 1:

@@ -27,10 +27,20 @@ def _is_concrete_number(x) -> bool:
 
 
 def check_maxiter(maxiter, *, name: str = "maxiter") -> None:
-    """Raises ``ValueError`` if a concrete ``maxiter`` is below 1 (traced values pass)."""
+    """Raises unless ``maxiter`` is an integer >= 1: a Python int (or whole float), or an integer
+    scalar array; a traced value is checked for its dtype and shape only (its value is unknown)."""
     if isinstance(maxiter, bool) or (isinstance(maxiter, float) and not maxiter.is_integer()):
         raise TypeError(f"`{name}` must be an integer, got {maxiter!r}.")
-    if _is_concrete_number(maxiter) and maxiter < 1:
+    if not _is_concrete_number(maxiter):
+        dtype = getattr(maxiter, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(maxiter) != 0:
+            what = f"dtype {dtype} and shape {jnp.shape(maxiter)}" if dtype is not None else repr(maxiter)
+            raise TypeError(f"`{name}` must be an integer (a Python int or an int scalar array), got {what}.")
+        try:
+            maxiter = int(maxiter)
+        except jax.errors.ConcretizationTypeError:
+            return  # traced: the run-time budget of a compiled function
+    if maxiter < 1:
         raise ValueError(f"`{name}` must be >= 1, got {maxiter}.")
 
 

@@ -20,6 +20,8 @@ __all__ = ["DEQ", "Unrolled"]
 
 def _pure(module: nn.Module, x, z0):
     """``(z0, f, variables)`` for the bound submodule ``module`` (a ``cell(z, x)``)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`cell` must be a flax.linen.Module called as cell(z, x), got {module!r}.")
     z0 = initial_state(module, x, z0)
     if module.is_initializing():
         module(z0, x)  # create the cell's variables in its own scope

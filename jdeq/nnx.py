@@ -12,12 +12,17 @@ import jax
 from flax import nnx
 
 from jdeq._cells import initial_state
-from jdeq._fixed_point import fixed_point, unroll
+from jdeq._fixed_point import check_depth, check_options, fixed_point, unroll
 from jdeq._gradients import Implicit
 from jdeq._regularizers import jacobian_penalty
 from jdeq._solvers import Anderson
 
 __all__ = ["DEQ", "Unrolled"]
+
+
+def _check_cell(cell) -> None:
+    if not isinstance(cell, nnx.Module):
+        raise TypeError(f"`cell` must be an nnx.Module called as cell(z, x), got {cell!r}.")
 
 
 def _pure(cell: nnx.Module):
@@ -61,6 +66,8 @@ class DEQ(nnx.Module):
     """
 
     def __init__(self, cell: nnx.Module, *, solver=Anderson(), gradient=Implicit(), throw: bool = False):
+        _check_cell(cell)
+        check_options(solver, gradient, throw)
         self.cell = cell
         self.solver = solver
         self.gradient = gradient
@@ -129,6 +136,8 @@ class Unrolled(nnx.Module):
     """
 
     def __init__(self, cell: nnx.Module, *, depth: int, remat: bool = False):
+        _check_cell(cell)
+        check_depth(depth)
         self.cell = cell
         self.depth = depth
         self.remat = remat

@@ -123,7 +123,13 @@ def default_max_depth(length: int) -> int:
 
 def decode(tokens) -> str:
     """The text of one row of token ids (padding dropped)."""
-    return "".join(VOCAB[int(t)] for t in np.asarray(tokens) if int(t) != PAD)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"`tokens` must be one row of int token ids, got dtype {tokens.dtype} and shape {tokens.shape}.")
+    bad = tokens[(tokens < 0) | (tokens >= len(VOCAB))]
+    if bad.size:
+        raise ValueError(f"`tokens` holds ids outside the vocabulary [0, {len(VOCAB)}): {bad.tolist()}.")
+    return "".join(VOCAB[int(t)] for t in tokens if int(t) != PAD)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -45,6 +45,7 @@ from flax import nnx
 import jdeq
 from jdeq import train as T
 from jdeq.data import arithmetic as A
+from jdeq.experiments import argtypes
 from jdeq.models.transformer import LSTMClassifier, TiedTransformerClassifier, TransformerClassifier
 
 __all__ = ["Config", "EXPERIMENTS", "FULL", "GRADIENTS", "QUICK", "build_model", "main", "run"]
@@ -622,15 +623,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="CPU-sized settings (a few minutes on 2 cores)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {EXPERIMENTS}")
     p.add_argument("--out", default=os.path.join("results", "arithmetic"), help="output folder")
-    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    p.add_argument("--steps", type=int, help="training steps per model")
-    p.add_argument("--length", type=int, help="tokens per expression")
-    p.add_argument("--max-depth", type=int, help="deepest nesting generated")
-    p.add_argument("--n-train", type=int, help="training examples")
-    p.add_argument("--features", type=int, help="width of the tied cell")
+    p.add_argument("--seeds", type=argtypes.positive_int, help="number of seeds (0..N-1)")
+    p.add_argument("--steps", type=argtypes.positive_int, help="training steps per model")
+    p.add_argument("--length", type=argtypes.positive_int, help="tokens per expression")
+    p.add_argument("--max-depth", type=argtypes.nonneg_int, help="deepest nesting generated")
+    p.add_argument("--n-train", type=argtypes.positive_int, help="training examples")
+    p.add_argument("--features", type=argtypes.positive_int, help="width of the tied cell")
     p.add_argument("--deq-gradient", choices=sorted(GRADIENTS), help="gradient of the model `deq`")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
+    unknown = sorted({e.strip() for e in args.experiments.split(",") if e.strip()} - set(EXPERIMENTS))
+    if unknown:
+        p.error(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")
     cfg = QUICK if args.quick else FULL
     overrides = {k: v for k, v in dict(steps=args.steps, length=args.length, max_depth=args.max_depth,
                                         n_train=args.n_train, features=args.features,

@@ -106,7 +106,7 @@ class VariationalDropout(nnx.Module):
         _check_rate(rate)
         try:
             shape = tuple(int(s) for s in shape)
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(f"`shape` must be a sequence of ints, got {shape!r}.") from None
         self.shape = shape
         self.rate = float(rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import jax
@@ -9,6 +10,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["MLPCell"]
+
+
+def check_dense_cell(in_features, features, activation, dtype) -> None:
+    """Constructor checks shared by the nnx and Linen MLP cells (``in_features=None``: inferred)."""
+    for name, value in (("in_features", in_features), ("features", features)):
+        if value is None and name == "in_features":
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    if not callable(activation):
+        raise TypeError(f"`activation` must be callable (e.g. jnp.tanh), got {activation!r}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating dtype, got {jnp.dtype(dtype)}.")
+
+
+def check_dense_input(name: str, x, features) -> None:
+    """Trace-time check that ``x`` is a real ``(batch, features)`` array (``features=None``: any)."""
+    shape = jnp.shape(x)
+    want = features if features is not None else "features"
+    if len(shape) != 2:
+        raise ValueError(f"`{name}` must be (batch, {want}), got shape {shape}.")
+    if features is not None and shape[-1] != features:
+        raise ValueError(f"`{name}` must have {features} features (last axis), got shape {shape}.")
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"`{name}` must be real, got dtype {jnp.result_type(x)}.")
 
 
 class MLPCell(nnx.Module):
@@ -42,6 +68,8 @@ class MLPCell(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_dense_cell(in_features, features, activation, dtype)
+        self.in_features = in_features
         self.features = features
         self.activation = activation
         self.dtype = dtype
@@ -50,8 +78,11 @@ class MLPCell(nnx.Module):
         self.u = nnx.Linear(in_features, features, param_dtype=dtype, dtype=dtype, rngs=rngs)
 
     def __call__(self, z, x):
+        check_dense_input("x", x, self.in_features)
+        check_dense_input("z", z, self.features)
         return self.activation(self.w(z) + self.u(x))
 
     def init_z(self, x):
         """Zeros of the state shape ``(batch, features)``."""
+        check_dense_input("x", x, self.in_features)
         return jnp.zeros((x.shape[0], self.features), self.dtype)
