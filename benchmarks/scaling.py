@@ -16,11 +16,20 @@ jax is imported): they all share the machine's cores, so on a 2-core machine no 
 meaningful: per-device activations shrink with ``1/n``. On real multi-device hardware run the
 same command; the mesh uses ``jax.devices()``.
 
-A second table compares the cell computed in float32 and through
+A second table puts the weights of a wide cell (``--widths``, default 1024 and 2048) on the
+devices two ways, at the same global batch (``--model-batch``): replicated on a data mesh of
+``n`` devices (``fit(mesh=data_mesh(...))``), or split along a model axis of ``n`` devices
+(``jdeq.train.model_mesh(n)``, ``fit(..., model_axis="model")``: every parameter of at least
+``jdeq.train.MIN_SHARD_SIZE`` elements split, Adam's moments following). It reports XLA's
+compiled memory per device (arguments + temporaries) and the parameter + optimizer bytes each
+device holds. Compile-time numbers only: nothing is timed there.
+
+A third table compares the cell computed in float32 and through
 ``jdeq.models.MixedPrecision`` (bfloat16) on one device: the relative residual reached with
 ``tol=1e-9`` (the precision floor) and the inference time at ``tol=1e-2``.
 
 Writes ``results/scaling.json`` and ``results/scaling.png``; prints the scaling table last.
+``--widths`` with no value skips the model-axis table; ``--batches`` with none skips the timing.
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import optax  # noqa: E402
+
 import jdeq  # noqa: E402
+from jdeq.experiments import argtypes as T  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 
 COLUMNS = [
@@ -81,6 +93,55 @@ def scaling(batches, devices, rounds, steps):
     return rows
 
 
+MODEL_COLUMNS = [
+    ("width", "width", "d"),
+    ("devices", "devices", "d"),
+    ("layout", "weights", ""),
+    ("state_mib", "params+opt MiB/dev", ".2f"),
+    ("mem_mib", "compiled MiB/dev", ".2f"),
+    ("vs_replicated", "vs replicated", ".2f"),
+]
+
+
+def _state_bytes_per_device(tree, shardings) -> int:
+    """Bytes of ``tree`` one device holds under ``shardings`` (its shard of every leaf)."""
+    leaves, sh = jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, sh))
+
+
+def model_axis_memory(widths, devices, batch):
+    """Memory per device of one training step, weights replicated vs split along a model axis."""
+    rows = []
+    for width in widths:
+        setting = C.make_setting("mlp", batch=batch, width=width)
+        model = setting.model(lambda cell: jdeq.nnx.DEQ(cell, solver=jdeq.Anderson(tol=1e-4, maxiter=50)))
+        ts = C.make_train_step(model)
+        for n in devices:
+            layouts = {"replicated": (jdeq.train.data_mesh(jax.devices()[:n]), None),
+                       f"split {n}-way": (jdeq.train.model_mesh(n, jax.devices()[:n]), "model")}
+            base = None
+            for layout, (mesh, axis) in layouts.items():
+                if n == 1 and axis is not None:
+                    continue  # a model axis of one device is the replicated layout
+                psh = jdeq.train.param_shardings(ts.params, mesh, model_axis=axis)
+                osh = jdeq.train.optimizer_shardings(optax.adam(1e-3), ts.opt_state, psh, mesh)
+                dat = jdeq.train.batch_sharding(mesh)
+                params, opt_state = jax.device_put((ts.params, ts.opt_state), (psh, osh))
+                x, y = jax.device_put(setting.x, dat), jax.device_put(setting.y, dat)
+                _, mem, _ = C.compile_with_memory(
+                    ts.step, params, opt_state, x, y, in_shardings=(psh, osh, dat, dat),
+                    out_shardings=(psh, osh, jdeq.train.replicated(mesh)),
+                )
+                total = ((mem["argument"] or 0) + (mem["temp"] or 0)) / C.MiB
+                base = total if base is None else base
+                rows.append({"width": width, "devices": n, "layout": layout, "mem_mib": total,
+                             "state_mib": (_state_bytes_per_device(ts.params, psh)
+                                           + _state_bytes_per_device(ts.opt_state, osh)) / C.MiB,
+                             "vs_replicated": total / base, "memory": mem})
+                C.flush_print(f"  width {width}, {n} device(s), {layout}: {total:.2f} MiB/device")
+    return rows
+
+
 def precision(rounds, steps):
     setting = C.make_setting("mlp", batch=64)
     out = []
@@ -106,10 +167,13 @@ def precision(rounds, steps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batches", type=T.positive_int, nargs="*", default=[64, 256])
+    p.add_argument("--widths", type=T.positive_int, nargs="*", default=[1024, 2048],
+                   help="cell widths of the model-axis memory table")
+    p.add_argument("--model-batch", type=T.positive_int, default=64, help="global batch of the model-axis table")
+    p.add_argument("--devices", type=T.positive_int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rounds", type=T.positive_int, default=3)
+    p.add_argument("--steps", type=T.positive_int, default=5)
     C.out_dir_arg(p)
     args = p.parse_args(argv)
     if max(args.devices) > jax.device_count():
@@ -121,6 +185,7 @@ def main(argv=None):
     if simulated:
         C.flush_print(f"note: {jax.device_count()} simulated CPU devices sharing {info['cpu_cores']} cores")
     rows = scaling(args.batches, args.devices, args.rounds, args.steps)
+    model_rows = model_axis_memory(args.widths, args.devices, args.model_batch)
     prec = precision(args.rounds, args.steps)
 
     series = {f"batch {b}": ([r["devices"] for r in rows if r["batch"] == b],
@@ -129,13 +194,20 @@ def main(argv=None):
                        ylabel="examples / s", title="DEQ (MLP, Anderson, Implicit) training throughput"
                        + (" - simulated CPU devices" if simulated else ""))
     path = C.write_json(args.out, "scaling", {"machine": info, "simulated_devices": simulated,
-                                              "scaling": rows, "precision": prec})
+                                              "scaling": rows, "model_axis": model_rows, "precision": prec})
     C.flush_print(f"wrote {path} and {png}\n")
     C.flush_print(C.format_table(prec, [("policy", "cell precision", ""), ("floor_median", "rel res floor (median)", ".1e"),
                                         ("floor_max", "(max)", ".1e"), ("z_rel_diff", "|z-z32|/|z32| @1e-2", ".1e"),
                                         ("iters_at_1e-2", "iters @1e-2", ".1f"), ("infer_ms", "infer ms @1e-2", ".2f")]))
     C.flush_print("")
-    C.flush_print(C.format_table(rows, COLUMNS))
+    if model_rows:
+        C.flush_print(f"model axis: MLP DEQ training step (Adam), global batch {args.model_batch}; weights "
+                      "replicated (data mesh) vs split along a model axis "
+                      f"(>= {jdeq.train.MIN_SHARD_SIZE} elements)")
+        C.flush_print(C.format_table(model_rows, MODEL_COLUMNS))
+        C.flush_print("")
+    if rows:
+        C.flush_print(C.format_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

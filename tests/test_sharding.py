@@ -1,4 +1,16 @@
-"""Data-parallel DEQs on a Mesh (jdeq.train.sharding, fit(mesh=...)) and the bf16 cell policy.
+"""DEQs on a Mesh (jdeq.train.sharding): data parallel and model-axis weight sharding in fit,
+evaluate and predict, jaxopt's linear backward solvers sharded, per-host data (host_shard), and
+the bf16 cell policy.
+
+Collectives per solver iteration counted in the compiled HLO (``pytest -s`` prints them):
+data parallel, jdeq's solvers forward and backward: one all-reduce of a ``pred[]`` (the stop
+test). Weights split along a model axis (``z @ W`` with ``W`` column-split): forward, one
+all-gather of the local state's features + the stop test (+ Anderson: one all-reduce of the
+per-example Gram row, ``f32[batch, memory]``); backward, the all-reduce of the row-split
+product ``u @ W^T`` (``f32[batch, features]``) + the stop test (+ Anderson's Gram row).
+jaxopt's linear solvers on a data mesh solve the whole batch as one system, so their inner
+products are global: BiCGSTAB 3 scalar all-reduces per iteration, normal-CG 2, GMRES one
+``f32[restart+1]`` (Gram-Schmidt) + one or more scalar norms per Arnoldi step.
 
 The multi-device checks need 8 devices, which XLA only gives the CPU backend when
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set before jax is imported, so they
@@ -13,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import traceback
 
 NDEV = 8
@@ -69,6 +82,29 @@ def loop_report(hlo: str) -> list[dict]:
     return out
 
 
+def loop_collectives(hlo: str) -> list[dict[str, list[str]]]:
+    """Per ``while`` of a compiled HLO module: ``{collective kind: [operand shapes]}`` per iteration."""
+    comps = _computations(hlo)
+    out = []
+    for lines in comps.values():
+        for line in lines:
+            m = re.search(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
+            if not m:
+                continue
+            kinds: dict[str, list[str]] = {}
+            for ln in (ln for c in _reachable(comps, m.groups()) for ln in comps[c]):
+                mm = re.search(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                               r"(?:-start)?\(", ln)
+                if mm:
+                    kinds.setdefault(mm.group(2), []).append(mm.group(1).split("{")[0])
+            out.append({k: sorted(v) for k, v in sorted(kinds.items())})
+    return out
+
+
+def _count(loop: dict) -> dict[str, int]:
+    return {k: len(v) for k, v in loop.items()}
+
+
 # ----------------------------------------------------------------------------- subprocess checks
 
 
@@ -79,6 +115,8 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
     import optax
     from flax import nnx
 
+    from jax.sharding import PartitionSpec as P
+
     import jdeq
     from jdeq import train as T
 
@@ -88,11 +126,13 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
     results = {}
 
     def check(fn):
+        t0 = time.perf_counter()
         try:
             fn()
             results[fn.__name__] = "ok"
         except Exception:
             results[fn.__name__] = traceback.format_exc()
+        print(f"{fn.__name__}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     f = lambda z, p: jnp.tanh(z @ p["W"] + p["x"])  # noqa: E731
     p = {"W": 0.6 * jax.random.normal(jax.random.key(0), (8, 8)) / np.sqrt(8),
@@ -177,8 +217,207 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
         else:
             raise AssertionError("no error for batch_size=12 on 8 devices")
 
+    # ------------------------------------------------------------- model axis (weights split)
+    collectives = results.setdefault("collectives", {})
+    meshes = {"2x4": T.model_mesh(4), "4x2": T.model_mesh(2)}
+
+    def param_shardings_rule():
+        m4 = meshes["2x4"]
+        tree = {"big": jnp.zeros((16, 12)), "col": jnp.zeros((8, 16)), "small": jnp.zeros((4, 4)),
+                "odd": jnp.zeros((15, 7)), "vec": jnp.zeros(64), "key": jax.random.key(0)}
+        specs = {k: s.spec for k, s in T.param_shardings(tree, m4, min_size=64).items()}
+        assert specs == {"big": P("model"), "col": P(None, "model"), "small": P(), "odd": P(), "vec": P("model"),
+                         "key": P()}, specs
+        assert all(s.spec == P() for s in jax.tree.leaves(T.param_shardings(tree, m4, model_axis=None)))
+        assert all(s.spec == P() for s in jax.tree.leaves(T.param_shardings(tree, m4, min_size=10**6)))
+        # optax moments follow the parameters, the step count is replicated
+        opt = optax.adam(1e-3)
+        sh = T.param_shardings(tree, m4, min_size=64)
+        osh = T.optimizer_shardings(opt, opt.init({k: v for k, v in tree.items() if k != "key"}),
+                                    {k: v for k, v in sh.items() if k != "key"}, m4)
+        assert osh[0].mu["big"].spec == P("model") and osh[0].nu["col"].spec == P(None, "model")
+        assert osh[0].count.spec == P()
+        # a weight annotated by its model keeps its annotation (nnx.with_partitioning)
+        with jax.set_mesh(m4):
+            lin = nnx.Linear(8, 8, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("model", None)),
+                             rngs=nnx.Rngs(0))
+        assert T.param_shardings(nnx.state(lin), m4, min_size=0)["kernel"].get_value().spec == P("model", None)
+
+    W = 16
+    pw = {"W": 0.6 * jax.random.normal(jax.random.key(0), (W, W)) / np.sqrt(W),
+          "x": jax.random.normal(jax.random.key(1), (16, W))}
+    zw = jnp.zeros((16, W))
+
+    def model_sharded_solve_matches_single_device():
+        for name, solver in (("4x2", jdeq.FixedPointIteration(tol=1e-6, maxiter=60)),
+                             ("2x4", jdeq.Anderson(tol=1e-6, maxiter=40))):
+            def solve_and_grad(p, z0, solver=solver):
+                def loss(p):
+                    sol = jdeq.fixed_point(f, z0, p, solver=solver)
+                    return jnp.sum(sol.value**2), sol
+                (_, sol), g = jax.value_and_grad(loss, has_aux=True)(p)
+                return sol.value, sol.stats, g
+
+            single = jax.jit(solve_and_grad)(pw, zw)
+            for m in (meshes[name],):
+                sh = {"W": T.param_shardings(pw["W"], m, min_size=W * W), "x": T.batch_sharding(m)}
+                assert sh["W"].spec == P(None, "model")
+                fn = jax.jit(solve_and_grad, in_shardings=(sh, T.batch_sharding(m))).lower(pw, zw).compile()
+                value, stats, g = fn(jax.device_put(pw, sh), jax.device_put(zw, T.batch_sharding(m)))
+                # partial sums over the split feature axis round differently: an example whose
+                # residual sits at the tolerance may take one more step
+                np.testing.assert_allclose(np.asarray(value), np.asarray(single[0]), rtol=1e-5, atol=1e-5)
+                for k in ("W", "x"):
+                    np.testing.assert_allclose(np.asarray(g[k]), np.asarray(single[2][k]), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(np.asarray(stats.abs_residual), np.asarray(single[1].abs_residual), atol=1e-5)
+                assert np.abs(np.asarray(stats.nsteps) - np.asarray(single[1].nsteps)).max() <= 1
+                assert bool(stats.converged.all()) and int(stats.nsteps.max()) > 3
+                assert g["W"].sharding.is_equivalent_to(sh["W"], 2), g["W"].sharding
+                assert stats.nsteps.sharding.spec[0] == "data", stats.nsteps.sharding
+                hlo = fn.as_text()
+                assert all(r["callbacks"] == 0 for r in loop_report(hlo))
+                loops = loop_collectives(hlo)
+                collectives[f"solve {type(solver).__name__} {name}"] = loops
+                assert len(loops) == 2, loops
+                fwd, bwd = sorted(loops, key=lambda r: "all-gather" not in r)
+                # forward: the stop test, one all-gather of the state's features for z @ W, and
+                # (Anderson) one all-reduce of the per-example Gram row; backward: the stop test,
+                # the reduction of the row-split product u @ W^T (+ Anderson's Gram row)
+                anderson = isinstance(solver, jdeq.Anderson)
+                assert _count(fwd) == {"all-gather": 1, "all-reduce": 1 + anderson}, fwd
+                assert _count(bwd) == {"all-reduce": 2 + anderson}, bwd
+
+    class WideNet(nnx.Module):
+        def __init__(self, solver=None):
+            rngs = nnx.Rngs(0)
+            self.deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(4, 16, w_scale=0.6, rngs=rngs),
+                                    solver=solver or jdeq.FixedPointIteration(tol=1e-4, maxiter=30))
+            self.head = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x, maxiter=None):
+            z, stats = self.deq(x, maxiter=maxiter)
+            return self.head(z), stats
+
+    wide_data = {"inputs": rng.normal(size=(64, 4)).astype(np.float32), "labels": rng.integers(0, 4, 64)}
+    eval_set = {"inputs": rng.normal(size=(21, 4)).astype(np.float32), "labels": rng.integers(0, 4, 21)}
+
+    def model_sharded_fit_matches_single_device():
+        runs = {}
+        for name, mesh_arg in (("single", None), *meshes.items()):
+            model = WideNet()
+            hist = T.fit(model, optax.adam(1e-2), wide_data, steps=3, batch_size=16, log_every=1, progress=False,
+                         mesh=mesh_arg, model_axis=None if mesh_arg is None else "model", min_shard_size=64,
+                         eval_data={"test": eval_set} if name != "4x2" else None, eval_batch_size=8)
+            runs[name] = (hist, nnx.state(model, nnx.Param))
+        h1, p1 = runs.pop("single")
+        for name, (h, params) in runs.items():
+            ref_rows, rows = h1.train, h.train
+            if h.eval:  # the evaluation inside fit ran on the mesh
+                ref_rows, rows = ref_rows + [h1.eval[-1]["test"]], rows + [h.eval[-1]["test"]]
+            assert len(rows) == len(ref_rows)
+            for r1, r in zip(ref_rows, rows):
+                for k in ("loss", "accuracy", "nsteps", "abs_residual", "rel_residual", "converged"):
+                    np.testing.assert_allclose(r[k], r1[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
+            for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(params)):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+            # the parameters keep their layout after the steps: W (16x16), U (4x16) column-split,
+            # the head's kernel (16x4) row-split, biases replicated
+            spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+            cell = params["deq"]["cell"]
+            assert spec(cell["w"]["kernel"]) == spec(cell["u"]["kernel"]) == P(None, "model"), name
+            assert spec(params["head"]["kernel"]) == P("model"), name
+            assert spec(cell["u"]["bias"]) == spec(params["head"]["bias"]) == P(), name
+
+    def model_sharded_train_step_collectives():
+        model = WideNet()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        opt = optax.adam(1e-3)
+        for name, m in meshes.items():
+            psh = T.param_shardings(params, m, min_size=64)
+            osh = T.optimizer_shardings(opt, opt.init(params), psh, m)
+
+            def step(params, opt_state, batch):
+                loss = lambda q: T.classification_loss(nnx.merge(graphdef, q, rest), batch)  # noqa: E731
+                (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, metrics
+
+            batch = T.shard_batch({k: v[:16] for k, v in wide_data.items()}, m)
+            fn = jax.jit(step, in_shardings=(psh, osh, T.batch_sharding(m)),
+                         out_shardings=(psh, osh, T.replicated(m)))
+            compiled = fn.lower(params, opt.init(params), batch).compile()
+            hlo = compiled.as_text()
+            assert all(r["callbacks"] == 0 for r in loop_report(hlo))
+            loops = loop_collectives(hlo)
+            collectives[f"train step FixedPointIteration {name}"] = loops
+            assert len(loops) == 2 and all(sum(_count(r).values()) <= 3 for r in loops), loops
+            # the compiled step holds the intended layout of its outputs
+            out_params = compiled.output_shardings[0]
+            assert out_params["deq"]["cell"]["w"]["kernel"].get_value().spec == P(None, "model")
+
+    def evaluate_and_predict_on_mesh():
+        model = WideNet()
+        seen = []
+        original = T.loop._apply
+
+        def spy(graphdef, state, inputs, kwargs, out_sharding=None):
+            seen.append(inputs.sharding)
+            return original(graphdef, state, inputs, kwargs, out_sharding)
+
+        ref_eval = T.evaluate(model, eval_set, batch_size=8, maxiter=5)
+        ref_pred = T.predict(model, eval_set["inputs"], batch_size=8, maxiter=5)
+        T.loop._apply = spy
+        try:
+            for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model")):
+                seen.clear()
+                kw = dict(mesh=mesh_arg, model_axis=axis, min_shard_size=64, maxiter=5)
+                got = T.evaluate(model, eval_set, batch_size=8, **kw)  # 21 = 8 + 8 + 5: a partial batch
+                for k, v in ref_eval.items():
+                    np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+                logits, stats = T.predict(model, eval_set["inputs"], batch_size=8, **kw)
+                assert logits.shape == (21, 4) and stats.nsteps.shape == (21,)
+                np.testing.assert_allclose(logits, ref_pred[0], rtol=1e-5, atol=1e-5)
+                np.testing.assert_array_equal(stats.nsteps, ref_pred[1].nsteps)
+                assert int(stats.nsteps.max()) == 5  # the run-time budget reached the solver
+                # every batch went in split along the data axis (the last one padded)
+                assert seen and all(s.spec == P("data") and s.mesh == mesh_arg for s in seen), seen
+            # a batch size that is no multiple of the data axis is rounded up (8 devices: 3 -> 8)
+            seen.clear()
+            logits, _ = T.predict(model, eval_set["inputs"], batch_size=3, mesh=mesh, maxiter=5)
+            np.testing.assert_allclose(logits, ref_pred[0], rtol=1e-5, atol=1e-5)
+            assert len(seen) == 3
+        finally:
+            T.loop._apply = original
+
+    def jaxopt_backward_on_data_mesh():
+        for name in ("gmres", "bicgstab", "normal_cg"):
+            def grads(p, z0, name=name):
+                def loss(p):
+                    sol = jdeq.fixed_point(f, z0, p, solver=jdeq.Anderson(tol=1e-6, maxiter=40),
+                                           gradient=jdeq.Implicit(solver=name, tol=1e-7, maxiter=60))
+                    return jnp.sum(sol.value**2)
+                return jax.grad(loss)(p)
+
+            single = jax.jit(grads)(p, z0)
+            fn = jax.jit(grads, in_shardings=({"W": rep, "x": dat}, dat)).lower(p, z0).compile()
+            g = fn(jax.device_put(p, {"W": rep, "x": dat}), jax.device_put(z0, dat))
+            for k in ("W", "x"):
+                np.testing.assert_allclose(np.asarray(g[k]), np.asarray(single[k]), rtol=1e-4, atol=1e-5, err_msg=name)
+            assert g["x"].sharding.is_equivalent_to(dat, 2)
+            hlo = fn.as_text()
+            assert all(r["callbacks"] == 0 for r in loop_report(hlo))
+            loops = loop_collectives(hlo)
+            collectives[f"backward {name} (data mesh 8)"] = loops
+            # the forward loop keeps its one stop-test all-reduce; jaxopt's loop treats the whole
+            # batch as one linear system: its inner products and norms are global sums
+            assert {"all-reduce": ["pred[]"]} in loops, loops
+            assert any(len(r.get("all-reduce", [])) >= 2 for r in loops), loops
+            assert all(set(r) <= {"all-reduce"} for r in loops), loops
+
     for fn in (sharded_solve_matches_single_device, sharded_fit_matches_single_device,
-               train_step_hlo_has_no_callback_in_loops, bad_batch_size_raises):
+               train_step_hlo_has_no_callback_in_loops, bad_batch_size_raises, param_shardings_rule,
+               model_sharded_solve_matches_single_device, model_sharded_fit_matches_single_device,
+               model_sharded_train_step_collectives, evaluate_and_predict_on_mesh, jaxopt_backward_on_data_mesh):
         check(fn)
     return results
 
@@ -215,9 +454,22 @@ def sharded():
     "sharded_fit_matches_single_device",
     "train_step_hlo_has_no_callback_in_loops",
     "bad_batch_size_raises",
+    "param_shardings_rule",
+    "model_sharded_solve_matches_single_device",
+    "model_sharded_fit_matches_single_device",
+    "model_sharded_train_step_collectives",
+    "evaluate_and_predict_on_mesh",
+    "jaxopt_backward_on_data_mesh",
 ])
 def test_on_8_devices(sharded, name):
     assert sharded[name] == "ok", sharded[name]
+
+
+def test_collectives_per_solver_iteration(sharded):
+    """Prints the collectives counted per loop iteration (pytest -s) for the report."""
+    assert sharded["collectives"]
+    for name, loops in sharded["collectives"].items():
+        print(f"{name}: {loops}")
 
 
 def test_loop_report_finds_callbacks_and_collectives():
@@ -237,6 +489,64 @@ def test_mesh_argument_errors():
     with pytest.raises(ValueError, match="`data_axis`='batch' is not an axis"):
         T.fit(model, optax.sgd(0.1), data, steps=1, batch_size=2, progress=False,
               mesh=T.data_mesh(), data_axis="batch")
+
+
+def test_model_axis_errors():
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    data = {"inputs": np.ones((4, 2), np.float32), "labels": np.zeros(4, np.int32)}
+    kw = dict(steps=1, batch_size=2, progress=False, mesh=T.model_mesh(1))
+    with pytest.raises(ValueError, match="`model_axis`='tensor' is not an axis"):
+        T.fit(model, optax.sgd(0.1), data, model_axis="tensor", **kw)
+    with pytest.raises(ValueError, match="`model_axis` must differ from `data_axis`"):
+        T.fit(model, optax.sgd(0.1), data, model_axis="data", **kw)
+    with pytest.raises(ValueError, match="`model_axis`='tensor' is not an axis"):
+        T.predict(model, data["inputs"], mesh=T.model_mesh(1), model_axis="tensor")
+    with pytest.raises(ValueError, match="`model` must be an int >= 1 dividing"):
+        T.model_mesh(0)
+    with pytest.raises(ValueError, match="`min_size` must be an int >= 0"):
+        T.param_shardings({"w": jnp.ones(3)}, T.model_mesh(1), min_size=-1)
+
+
+def test_model_mesh_of_one_device_runs_fit_evaluate_predict():
+    # on one device a ("data", "model") mesh of shape (1, 1): the same code path as on a pod
+    rng = np.random.default_rng(0)
+    data = {"inputs": rng.normal(size=(12, 3)).astype(np.float32), "labels": rng.integers(0, 2, 12)}
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    ref = T.evaluate(model, data, batch_size=5)
+    got = T.evaluate(model, data, batch_size=5, mesh=T.model_mesh(1), model_axis="model", min_shard_size=0)
+    assert got == pytest.approx(ref, rel=1e-6)
+    np.testing.assert_allclose(T.predict(model, data["inputs"], batch_size=5, mesh=T.model_mesh(1))[0],
+                               T.predict(model, data["inputs"], batch_size=5)[0], rtol=1e-6)
+    T.fit(model, optax.sgd(0.1), data, steps=2, batch_size=4, progress=False, mesh=T.model_mesh(1),
+          model_axis="model", min_shard_size=0)
+    assert model.kernel.get_value().sharding.mesh.axis_names == ("data", "model")
+
+
+def test_host_shard_disjoint_blocks(monkeypatch):
+    data = {"inputs": np.arange(22).reshape(11, 2), "labels": np.arange(11)}
+    blocks = [T.host_shard(data, process_index=i, process_count=3) for i in range(3)]
+    assert [len(b["labels"]) for b in blocks] == [3, 4, 4]
+    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in blocks]), data["labels"])
+    for b in blocks:  # rows stay aligned across the arrays
+        np.testing.assert_array_equal(b["inputs"][:, 0], 2 * b["labels"])
+    # by default: this process's block, from jax.process_index() / jax.process_count()
+    monkeypatch.setattr(jax, "process_index", lambda: 2)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    np.testing.assert_array_equal(T.host_shard(data)["labels"], blocks[2]["labels"])
+    np.testing.assert_array_equal(T.host_shard(np.arange(11)), [7, 8, 9, 10])
+    # fit's global batch must split over the processes too
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        T.fit(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), optax.sgd(0.1), data, steps=1, batch_size=4,
+              progress=False, mesh=T.data_mesh())
+
+
+def test_host_shard_errors():
+    with pytest.raises(ValueError, match="`process_index`=3 must be in"):
+        T.host_shard(np.arange(8), process_index=3, process_count=3)
+    with pytest.raises(ValueError, match="fewer than the 4 processes"):
+        T.host_shard(np.arange(3), process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="share their leading"):
+        T.host_shard({"a": np.arange(4), "b": np.arange(5)}, process_index=0, process_count=2)
 
 
 # ----------------------------------------------------------------------------- bf16 policy

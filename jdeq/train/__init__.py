@@ -16,9 +16,11 @@ The pieces, each usable on its own:
 - :class:`JacReg`: the ``fit(..., jac_reg=...)`` option adding the Jacobian penalty
   ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every step or with a
   probability per step.
-- :func:`data_mesh`, :func:`shard_batch`, :func:`replicate` (module :mod:`jdeq.train.sharding`):
-  data-parallel training on a ``jax.sharding.Mesh`` via ``fit(..., mesh=...)``, one host or
-  many (``jax.distributed.initialize()``).
+- :func:`data_mesh`, :func:`model_mesh`, :func:`shard_batch`, :func:`replicate`,
+  :func:`param_shardings`, :func:`host_shard` (module :mod:`jdeq.train.sharding`):
+  data-parallel training on a ``jax.sharding.Mesh`` via ``fit(..., mesh=...)``, optionally
+  with large weights split along a model axis (``model_axis=``), one host or many
+  (``jax.distributed.initialize()``); ``evaluate`` and ``predict`` take the same options.
 
 Conventions: a *model* is an ``nnx.Module`` whose call returns ``logits`` or ``(logits,
 stats)`` with ``stats`` a ``jdeq.SolverStats`` (or None); *data* is a mapping of arrays sharing
@@ -43,9 +45,22 @@ from jdeq.train.batches import batch_indices, batches
 from jdeq.train.jacobian import JacReg
 from jdeq.train.loop import History, evaluate, fit, predict
 from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
-from jdeq.train.sharding import batch_sharding, data_mesh, replicate, replicated, shard_batch
+from jdeq.train.sharding import (
+    MIN_SHARD_SIZE,
+    batch_sharding,
+    data_mesh,
+    global_array,
+    host_shard,
+    model_mesh,
+    optimizer_shardings,
+    param_shardings,
+    replicate,
+    replicated,
+    shard_batch,
+)
 
 __all__ = [
+    "MIN_SHARD_SIZE",
     "History",
     "JacReg",
     "batch_indices",
@@ -56,6 +71,11 @@ __all__ = [
     "data_mesh",
     "evaluate",
     "fit",
+    "global_array",
+    "host_shard",
+    "model_mesh",
+    "optimizer_shardings",
+    "param_shardings",
     "predict",
     "replicate",
     "replicated",

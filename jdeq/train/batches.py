@@ -2,21 +2,73 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, Mapping
 
+import jax
 import numpy as np
 
-__all__ = ["batch_indices", "batches", "data_size"]
+__all__ = ["batch_indices", "batches", "check_run_options", "data_size", "inputs_size"]
 
 
 def data_size(data: Mapping[str, np.ndarray], *, name: str = "data") -> int:
-    """The shared leading size of a mapping of arrays; a clear error when they disagree."""
+    """The shared leading size of a mapping of host arrays, checked once on the host.
+
+    Raises:
+      TypeError: ``data`` is not a non-empty mapping, or an array is not made of real numbers
+        (strings, objects, complex).
+      ValueError: the arrays do not share a leading axis, it has size 0, or a float array holds
+        NaN/inf (which would silently turn the loss, the gradients and the parameters into NaN).
+    """
     if not isinstance(data, Mapping) or not data:
         raise TypeError(f"`{name}` must be a non-empty mapping of arrays, got {type(data).__name__}.")
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise ValueError(f"the arrays of `{name}` must share a leading axis, got sizes {sizes}.")
-    return next(iter(sizes.values()))
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"`{name}` has no examples (leading size 0).")
+    for k, v in data.items():
+        v, where = np.asarray(v), name if k is None else f"{name}[{k!r}]"
+        if v.dtype.kind not in "biuf":
+            raise TypeError(f"`{where}` must be real numbers (bool, int or float), got dtype {v.dtype}.")
+        if v.dtype.kind == "f":
+            bad = v.size - int(np.count_nonzero(np.isfinite(v)))
+            if bad:
+                raise ValueError(
+                    f"`{where}` has {bad} non-finite value{'s' if bad > 1 else ''} (NaN/inf); "
+                    "clean or drop those examples."
+                )
+    return n
+
+
+def inputs_size(inputs, *, name: str = "inputs") -> int:
+    """:func:`data_size` for an array or any pytree of arrays (the ``inputs`` of ``predict``)."""
+    if isinstance(inputs, Mapping):
+        named = dict(inputs)
+    elif jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(inputs)) and inputs is not None:
+        named = {None: inputs}
+    else:
+        named = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(inputs)[0]}
+    if not named:
+        raise TypeError(f"`{name}` must be an array or a non-empty mapping of arrays, got {inputs!r}.")
+    return data_size(named, name=name)
+
+
+def check_run_options(batch_size, call_kwargs: Mapping, *, loss_fn=...) -> None:
+    """Host-side checks of the options of ``fit``/``evaluate``/``predict`` (``loss_fn`` left out:
+    not checked).
+
+    ``call_kwargs["maxiter"]`` is checked here because inside the jitted call it is traced.
+    """
+    from jdeq._solvers import check_maxiter
+
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+    if loss_fn is not ... and not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    if call_kwargs.get("maxiter") is not None:
+        check_maxiter(call_kwargs["maxiter"])
 
 
 def batch_indices(n: int, batch_size: int, step: int, *, seed: int = 0) -> np.ndarray:
@@ -32,6 +84,11 @@ def batch_indices(n: int, batch_size: int, step: int, *, seed: int = 0) -> np.nd
     Returns:
       int array ``(batch_size,)``.
     """
+    for name, value in (("n", n), ("batch_size", batch_size), ("step", step), ("seed", seed)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    if step < 0 or seed < 0:
+        raise ValueError(f"`{'step' if step < 0 else 'seed'}` must be an int >= 0, got {min(step, seed)}.")
     if not 1 <= batch_size <= n:
         raise ValueError(f"`batch_size` must be in [1, {n}] (the number of examples), got {batch_size}.")
     per_epoch = n // batch_size

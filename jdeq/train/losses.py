@@ -25,14 +25,23 @@ def split_output(out) -> tuple[Any, SolverStats | None]:
 
 def solver_metrics(stats: SolverStats | None) -> dict[str, jax.Array]:
     """Batch means of a ``jdeq.SolverStats``: ``nsteps`` (forward evaluations of the cell),
-    ``abs_residual``, ``rel_residual`` and ``converged`` (fraction); empty for None."""
+    ``abs_residual``, ``rel_residual``, ``converged`` and ``nonfinite`` (fractions of the
+    batch); empty for None. The residual means are taken over the finite examples only (a
+    non-finite example is counted by ``nonfinite`` instead; its reported residual is that of
+    its best finite iterate, or NaN/inf if it had none)."""
     if stats is None:
         return {}
+    finite = jnp.isfinite(stats.abs_residual) & jnp.isfinite(stats.rel_residual)
+
+    def finite_mean(x):  # a NaN metric of one example must not hide the others'
+        return jnp.sum(jnp.where(finite, x, 0)) / jnp.maximum(jnp.sum(finite), 1)
+
     return {
         "nsteps": jnp.mean(stats.nsteps.astype(jnp.float32)),
-        "abs_residual": jnp.mean(stats.abs_residual),
-        "rel_residual": jnp.mean(stats.rel_residual),
+        "abs_residual": finite_mean(stats.abs_residual),
+        "rel_residual": finite_mean(stats.rel_residual),
         "converged": jnp.mean(stats.converged.astype(jnp.float32)),
+        "nonfinite": jnp.mean(stats.nonfinite.astype(jnp.float32)),
     }
 
 
@@ -48,10 +57,21 @@ def classification_loss(model, batch, **call_kwargs) -> tuple[jax.Array, dict[st
 
     Returns:
       ``(loss, {"loss", "accuracy", and, for a DEQ/unrolled model, "nsteps", "abs_residual",
-      "rel_residual", "converged"})``.
+      "rel_residual", "converged", "nonfinite"})``.
     """
-    logits, stats = split_output(model(batch["inputs"], **call_kwargs))
+    if not all(k in batch for k in ("inputs", "labels")):
+        raise ValueError(
+            f"classification_loss needs the keys 'inputs' and 'labels' in each batch, got {sorted(batch)}."
+        )
     labels = batch["labels"]
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(f"`labels` must be integers (class ids), got dtype {jnp.result_type(labels)}.")
+    logits, stats = split_output(model(batch["inputs"], **call_kwargs))
+    if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+        raise ValueError(
+            f"`labels` must have shape {jnp.shape(logits)[:-1]} (one class id per row of the logits "
+            f"{jnp.shape(logits)}), got {jnp.shape(labels)}."
+        )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     metrics.update(solver_metrics(stats))
