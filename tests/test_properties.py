@@ -384,7 +384,7 @@ def _composed(f, solver, z0, readout, p, stacked, ps, z0_perm, p_perm):
     return sol, g, vmapped, looped, permuted
 
 
-@_settings(6)
+@_settings(4)
 @given(
     problems(),
     st.sampled_from(["fpi", "anderson", "broyden"]),
