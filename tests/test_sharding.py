@@ -60,44 +60,45 @@ def _reachable(comps, roots) -> set[str]:
     return seen
 
 
-def loop_report(hlo: str) -> list[dict]:
-    """Per ``while`` of a compiled HLO module: its collectives and host callbacks per iteration
-    (body and condition, with everything they call)."""
+def _loop_bodies(hlo: str) -> list[list[str]]:
+    """Per ``while`` of a compiled HLO module: the lines of its body and condition, with
+    everything they call (what runs once per iteration)."""
     comps = _computations(hlo)
     out = []
     for lines in comps.values():
         for line in lines:
             m = re.search(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
-            if not m:
-                continue
-            body = [ln for c in _reachable(comps, m.groups()) for ln in comps[c]]
-            out.append({
-                "all_reduce": sum(bool(re.search(r" all-reduce(-start)?\(", ln)) for ln in body),
-                "other_collectives": sum(
-                    bool(re.search(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(", ln))
-                    for ln in body
-                ),
-                "callbacks": sum("callback" in ln and "custom-call" in ln for ln in body),
-            })
+            if m:
+                out.append([ln for c in _reachable(comps, m.groups()) for ln in comps[c]])
     return out
+
+
+def loop_report(hlo: str) -> list[dict]:
+    """Per ``while`` of a compiled HLO module: its collectives and host callbacks per iteration."""
+    return [
+        {
+            "all_reduce": sum(bool(re.search(r" all-reduce(-start)?\(", ln)) for ln in body),
+            "other_collectives": sum(
+                bool(re.search(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(", ln))
+                for ln in body
+            ),
+            "callbacks": sum("callback" in ln and "custom-call" in ln for ln in body),
+        }
+        for body in _loop_bodies(hlo)
+    ]
 
 
 def loop_collectives(hlo: str) -> list[dict[str, list[str]]]:
     """Per ``while`` of a compiled HLO module: ``{collective kind: [operand shapes]}`` per iteration."""
-    comps = _computations(hlo)
     out = []
-    for lines in comps.values():
-        for line in lines:
-            m = re.search(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
-            if not m:
-                continue
-            kinds: dict[str, list[str]] = {}
-            for ln in (ln for c in _reachable(comps, m.groups()) for ln in comps[c]):
-                mm = re.search(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-                               r"(?:-start)?\(", ln)
-                if mm:
-                    kinds.setdefault(mm.group(2), []).append(mm.group(1).split("{")[0])
-            out.append({k: sorted(v) for k, v in sorted(kinds.items())})
+    for body in _loop_bodies(hlo):
+        kinds: dict[str, list[str]] = {}
+        for ln in body:
+            mm = re.search(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                           r"(?:-start)?\(", ln)
+            if mm:
+                kinds.setdefault(mm.group(2), []).append(mm.group(1).split("{")[0])
+        out.append({k: sorted(v) for k, v in sorted(kinds.items())})
     return out
 
 
