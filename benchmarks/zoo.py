@@ -1,19 +1,26 @@
 """The model zoo on real data: MDEQ, monDEQ and a transformer-cell sequence DEQ against explicit
 baselines of similar size, on scikit-learn's digits and on MNIST-1D (generated offline).
 
-Run: ``python -m benchmarks.zoo`` (default: ~5 minutes on 2 free CPU cores, short training),
-``--full`` (longer training, 5 seeds), ``--only NAME[,NAME]`` to run some models.
+Run: ``python -m benchmarks.zoo`` (default: digits and MNIST-1D, 3 seeds x 150 steps, batch
+64; ~5 minutes on 2 free CPU cores); ``--full``: MNIST-1D at Greydanus 2020's setting (batch 100,
+6000 steps; the slow DEQs fewer: MDEQ, the sequence DEQ and the conv monDEQ 2000), plus the conv
+monDEQ, 3 seeds, written to ``results/zoo_full.json`` / ``.png``. Options:
+``--only NAME[,NAME]``, ``--tasks``, ``--seeds``, ``--steps``, ``--steps-scale``, ``--lr`` (default 3e-3,
+AdamW with cosine decay, for every model).
 
 For every model: test accuracy (mean +- std over seeds; each seed re-draws the initialization
 and the batch order; the data split is fixed), trainable parameters, XLA's compiled memory of
-one training step (``memory_analysis``: temp + argument + output bytes), the median step time
-(after warm-up, measured in this run), and for DEQs the mean forward solver steps (NFE) on the
-test set. Baselines: a ResNet-style CNN (untied residual blocks with GroupNorm) against MDEQ,
-an MLP against the dense monDEQ, a GRU against the sequence DEQ. On MNIST-1D the published
-accuracies of Greydanus 2020 (logistic regression 32%, MLP 68%, CNN 94%, GRU 91%) are printed
-beside ours (they were trained much longer than the default run here).
+one training step (``memory_analysis``: temp + argument + output bytes), the step time (median
+and minimum of 20 calls of the compiled step, and the mean over the training run; on a shared
+machine the median can sit far above the minimum: the 1-minute load average is recorded), and
+for DEQs the mean forward solver steps (NFE) on the test set and the fraction converged.
+Baselines: a ResNet-style CNN (untied residual blocks with GroupNorm) against MDEQ, an MLP
+against the dense monDEQ, a GRU (linear head on all 40 states, as Greydanus's) against the
+sequence DEQ. On MNIST-1D the published accuracies of Greydanus 2020 (logistic regression 32%,
+MLP 68%, CNN 94%, GRU 91%) are printed beside ours.
 
-Writes ``results/zoo.json`` and ``results/zoo.png``; the table comes last.
+Writes ``results/zoo.json`` and ``results/zoo.png`` (``zoo_full.*`` with ``--full``); the
+table comes last.
 
 References: Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2020; Winston &
 Kolter, "Monotone operator equilibrium networks", NeurIPS 2020; Bai, Kolter & Koltun, "Deep
@@ -25,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 import time
-from typing import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +44,7 @@ import optax
 from flax import nnx
 
 import jdeq
+from jdeq.experiments import argtypes as T
 from benchmarks import _common as C
 from jdeq.data import digits, mnist1d
 from jdeq.train import batch_indices, count_params
@@ -95,28 +105,31 @@ class MLP(nnx.Module):
 
 
 class GRU(nnx.Module):
-    """A GRU reading the signal left to right; its last state feeds a linear head."""
+    """A GRU reading the signal left to right; a linear head reads its states at every position
+    (flattened), as Greydanus 2020's GRU baseline does (his is bidirectional, hidden 6). Reading
+    only the last state trains far slower: it sat at chance (10.5%) after 150 steps at lr 3e-3."""
 
-    def __init__(self, din, hidden, classes, *, rngs):
+    def __init__(self, din, hidden, classes, *, length, rngs):
         self.hidden = hidden
-        self.rnn = nnx.RNN(nnx.GRUCell(din, hidden, rngs=rngs), return_carry=True)
-        self.head = nnx.Linear(hidden, classes, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.GRUCell(din, hidden, rngs=rngs))
+        self.head = nnx.Linear(hidden * length, classes, rngs=rngs)
 
     def __call__(self, x):
         h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype)
-        h, _ = self.rnn(x, initial_carry=h0)
-        return self.head(h)
+        hs = self.rnn(x, initial_carry=h0)
+        return self.head(hs.reshape(x.shape[0], -1))
 
 
 class SignalTransformerDEQ(nnx.Module):
-    """Sequence DEQ on real-valued signals: a linear embedding of each position (+ learned
-    positions) injected into ``jdeq.models.transformer.TransformerCell`` (the cell of the
-    arithmetic study, reused), mean pool, linear head. Returns ``(logits, stats)``."""
+    """Sequence DEQ on real-valued signals: a patch embedding of each position (a width-5
+    convolution, so a token sees its neighbourhood, not one scalar) + learned positions,
+    injected into ``jdeq.models.transformer.TransformerCell`` (the cell of the arithmetic study,
+    reused), mean pool, linear head. Returns ``(logits, stats)``."""
 
-    def __init__(self, length, din, features, heads, classes, *, solver, rngs):
+    def __init__(self, length, din, features, heads, classes, *, solver, patch=5, rngs):
         from jdeq.models.transformer import TransformerCell
 
-        self.embed = nnx.Linear(din, features, rngs=rngs)
+        self.embed = nnx.Conv(din, features, (patch,), padding="SAME", rngs=rngs)
         self.pos = nnx.Param(0.1 * jax.random.normal(rngs.params(), (length, features)))
         self.core = jdeq.nnx.DEQ(TransformerCell(features, heads, rngs=rngs), solver=solver)
         self.head = nnx.Linear(features, classes, rngs=rngs)
@@ -149,7 +162,7 @@ def zoo(full: bool) -> list[dict]:
         dict(task="digits", name="mlp", kind="explicit", family="MLP 64-96-96-10",
              build=lambda s: MLP(64, 96, 10, rngs=nnx.Rngs(s))),
         # MNIST-1D: 40-point signals
-        dict(task="mnist1d", name="mdeq", kind="deq", family="MDEQ-1D (3 scales, 8/16/16)",
+        dict(task="mnist1d", name="mdeq", kind="deq", full_steps=2000, family="MDEQ-1D (3 scales, 8/16/16)",
              build=lambda s: jdeq.models.MDEQClassifier(1, 10, widths=(8, 16, 16), spatial_dims=1, solver=FWD,
                                                         rngs=nnx.Rngs(s))),
         dict(task="mnist1d", name="resnet", kind="explicit", family="ResNet-1D CNN (3x2 blocks, 8/16/16)",
@@ -160,14 +173,16 @@ def zoo(full: bool) -> list[dict]:
                  solver=mon_solver, rngs=nnx.Rngs(s + 100))),
         dict(task="mnist1d", name="mlp", kind="explicit", family="MLP 40-128-128-10",
              build=lambda s: MLP(40, 128, 10, rngs=nnx.Rngs(s))),
-        dict(task="mnist1d", name="seq-deq", kind="deq", family="transformer-cell DEQ (D=16, 2 heads)",
+        dict(task="mnist1d", name="seq-deq", kind="deq", full_steps=2000, family="transformer-cell DEQ (D=16, 2 heads)",
              build=lambda s: SignalTransformerDEQ(40, 1, 16, 2, 10, solver=FWD, rngs=nnx.Rngs(s))),
-        dict(task="mnist1d", name="gru", kind="explicit", family="GRU (hidden 48)",
-             build=lambda s: GRU(1, 48, 10, rngs=nnx.Rngs(s))),
+        dict(task="mnist1d", name="gru", kind="explicit",
+             family="GRU (hidden 16, head on all 40 states)",
+             build=lambda s: GRU(1, 16, 10, length=40, rngs=nnx.Rngs(s))),
     ]
     if full:
         entries.append(dict(
-            task="mnist1d", name="mondeq-conv", kind="deq", family="monDEQ conv-1D (16 ch), FB + Anderson",
+            task="mnist1d", name="mondeq-conv", kind="deq", full_steps=2000,
+            family="monDEQ conv-1D (16 ch), FB + Anderson",
             build=lambda s: jdeq.models.MonDEQClassifier(
                 jdeq.models.MonotoneConvCell(1, 16, spatial_dims=1, rngs=nnx.Rngs(s)), 10, input_shape=(40, 1),
                 pool=4, solver=jdeq.Anderson(tol=1e-3, maxiter=60), rngs=nnx.Rngs(s + 100))))
@@ -213,6 +228,7 @@ def run_model(entry, data, *, seeds, steps, batch, lr, measure: bool) -> dict:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         opt_state = tx.init(params)
         if seed == seeds[0]:
+            step = functools.partial(_train_step, graphdef, tx)
             row["params"] = count_params(model)
             if measure:
                 x0, y0 = jnp.asarray(xtr[:batch]), jnp.asarray(ytr[:batch])
@@ -221,16 +237,22 @@ def run_model(entry, data, *, seeds, steps, batch, lr, measure: bool) -> dict:
                 row["memory_MiB"] = sum(v for k, v in mem.items() if k in ("temp", "argument", "output") and v) / MiB
                 row["temp_MiB"] = (mem["temp"] or 0) / MiB
                 row["compile_s"] = compile_s
-                times = C.time_calls(lambda: compiled(params, rest, opt_state, x0, y0), steps=8, warmup=2)
+                times = C.time_calls(lambda: compiled(params, rest, opt_state, x0, y0), steps=20, warmup=3)
                 row["step_ms"] = 1e3 * C.median(times)
+                row["step_ms_min"] = 1e3 * min(times)
+                step = compiled  # train with the step just compiled and measured (no second compile)
         t0 = time.perf_counter()
         loss = jnp.nan
         for k in range(steps):
             idx = batch_indices(len(ytr), batch, k, seed=seed)
-            params, opt_state, loss = _train_step(graphdef, tx, params, rest, opt_state,
-                                                  jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))
+            params, opt_state, loss = step(params, rest, opt_state, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))
+            if k == 0:  # the first step may compile: not timed
+                jax.block_until_ready(loss)
+                t0 = time.perf_counter()
         losses.append(float(loss))
         train_s.append(time.perf_counter() - t0)
+        if seed == seeds[0]:
+            row["load_avg"] = os.getloadavg()[0]
         acc, nfe, conv = map(float, _eval(graphdef, params, rest, xte, yte))
         accs.append(acc)
         nfes.append(nfe)
@@ -274,52 +296,95 @@ def plot(rows, path):
     return path
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="longer training, 5 seeds, conv monDEQ")
-    parser.add_argument("--only", default="", help="comma-separated model names (e.g. mdeq,resnet)")
-    parser.add_argument("--tasks", default="digits,mnist1d")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget")
-    C.out_dir_arg(parser)
-    args = parser.parse_args(argv)
+def _one_blas_thread():
+    """One OpenBLAS thread for the LAPACK calls of XLA:CPU (the dense monDEQ's SVD and inverse).
 
-    info = C.machine()
-    C.flush_print(C.header(info, "zoo: DEQ models vs explicit baselines on digits and MNIST-1D"))
-    n_seeds = args.seeds or (5 if args.full else 3)
-    seeds = list(range(n_seeds))
-    budget = {  # (steps, batch, lr)
-        "digits": (1500 if args.full else 150, 64, 3e-3),
-        "mnist1d": (6000 if args.full else 150, 64, 3e-3),
-    }
-    datasets = {"digits": digits.load(seed=0), "mnist1d": mnist1d.load()}
-    only = {s for s in args.only.split(",") if s}
-    tasks = [t for t in args.tasks.split(",") if t]
-    rows = []
-    t_all = time.perf_counter()
+    jaxlib runs LAPACK through scipy's OpenBLAS, whose worker threads spin while waiting: on a
+    shared machine (load 8-12 on 2 cores here) the dense monDEQ's training step took 56-640 ms
+    instead of 1.3 ms. ``threadpoolctl`` (a scikit-learn dependency) limits them at run time;
+    ``OPENBLAS_NUM_THREADS=1`` in the environment does the same."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - depends on the environment
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _run_all(args, tasks, only, budget, datasets, seeds, rows, save):
+    """Trains and measures every selected model, appending one row per model to ``rows``."""
     for entry in zoo(args.full):
         if entry["task"] not in tasks or (only and entry["name"] not in only):
             continue
-        steps, batch, lr = budget[entry["task"]]
+        steps, batch = budget[entry["task"]]
+        lr = args.lr
+        if args.full:
+            steps = entry.get("full_steps", steps)
+        if args.steps is not None:
+            steps = args.steps
         steps = max(1, int(steps * args.steps_scale))
         rows.append(run_model(entry, datasets[entry["task"]], seeds=seeds, steps=steps, batch=batch, lr=lr,
                               measure=True))
         rows[-1].update(steps=steps, batch=batch, lr=lr)
-    total = time.perf_counter() - t_all
+        save(partial=True)  # after each model, so that a cut-off long run keeps what it finished
 
-    from pathlib import Path
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="MNIST-1D at Greydanus 2020's setting (batch 100, up to 6000 steps), conv monDEQ")
+    parser.add_argument("--only", default="", help="comma-separated model names (e.g. mdeq,resnet)")
+    parser.add_argument("--tasks", default=None, help="default: digits,mnist1d (--full: mnist1d)")
+    parser.add_argument("--seeds", type=T.positive_int, default=None, help="default 3")
+    parser.add_argument("--steps-scale", type=T.positive_float, default=1.0, help="multiply every step budget")
+    parser.add_argument("--steps", type=T.positive_int, default=None,
+                        help="one step budget for every model (before --steps-scale)")
+    parser.add_argument("--lr", type=T.positive_float, default=3e-3)
+    C.out_dir_arg(parser)
+    args = parser.parse_args(argv)
+    for option, given, known in (("--only", args.only, {e["name"] for e in zoo(True)}),
+                                 ("--tasks", args.tasks or "", {e["task"] for e in zoo(True)})):
+        unknown = sorted({s for s in given.split(",") if s} - known)
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose from {sorted(known)}")
+
+    info = C.machine()
+    C.flush_print(C.header(info, "zoo: DEQ models vs explicit baselines on digits and MNIST-1D"))
+    seeds = list(range(args.seeds or 3))
+    # (steps, batch): --full follows Greydanus 2020 on MNIST-1D (batch 100, 6000 steps); the slow
+    # DEQs (MDEQ, sequence DEQ, conv monDEQ) get their entry's smaller ``full_steps``.
+    budget = {"digits": (1500, 64) if args.full else (150, 64), "mnist1d": (6000, 100) if args.full else (150, 64)}
+    tasks = [t for t in (args.tasks or ("mnist1d" if args.full else "digits,mnist1d")).split(",") if t]
+    name = "zoo_full" if args.full else "zoo"
+    loaders = {"digits": lambda: digits.load(seed=0), "mnist1d": mnist1d.load}
+    datasets = {t: loaders[t]() for t in tasks}
+    only = {s for s in args.only.split(",") if s}
+    rows = []
+    t_all = time.perf_counter()
     out = Path(args.out)
-    C.write_json(out, "zoo", {"machine": info, "seeds": seeds, "total_s": total, "published_mnist1d": mnist1d.PUBLISHED,
-                              "forward_solver": repr(FWD), "rows": rows})
-    png = plot(rows, out / "zoo.png") if rows else None
-    C.flush_print(f"\nwrote {out / 'zoo.json'}" + (f" and {png}" if png else "") + f"; total {total:.0f} s")
+    command = "python -m benchmarks.zoo " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def save(partial):
+        for r in rows:
+            r["train_ms"] = 1e3 * r["train_s"] / max(1, r["steps"] - 1)
+        C.write_json(out, name, {"command": command, "machine": info, "seeds": seeds, "partial": partial,
+                                 "total_s": time.perf_counter() - t_all, "blas_threads": 1,
+                                 "published_mnist1d": mnist1d.PUBLISHED, "forward_solver": repr(FWD), "rows": rows})
+
+    with _one_blas_thread():
+        _run_all(args, tasks, only, budget, datasets, seeds, rows, save)
+    total = time.perf_counter() - t_all
+    save(partial=False)
+    png = plot(rows, out / f"{name}.png") if rows else None
+    C.flush_print(f"\nwrote {out / (name + '.json')}" + (f" and {png}" if png else "") + f"; total {total:.0f} s")
     C.flush_print("published MNIST-1D test accuracy (Greydanus 2020, trained ~6000 steps): "
                   + ", ".join(f"{k} {v:.0%}" for k, v in mnist1d.PUBLISHED.items()))
     for r in rows:
         r["acc"] = f"{100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f}"
     columns = [("task", "task", ""), ("name", "model", ""), ("family", "what", ""), ("acc", "test acc %", ""),
                ("params", "params", "d"), ("memory_MiB", "train mem MiB", ".2f"), ("step_ms", "step ms", ".1f"),
+               ("train_ms", "train ms/step", ".1f"),
                ("nfe", "fwd NFE", ".1f"), ("converged", "conv.", ".2f"), ("steps", "steps", "d")]
     C.flush_print("")
     C.flush_print(C.format_table(rows, columns))

@@ -1,6 +1,7 @@
 """Cells and ready models for jdeq (Flax NNX first; Linen twins in ``jdeq.models.linen``)."""
 
 from jdeq.models import linen
+from jdeq.models._conv import conv_general_dilated
 from jdeq.models.dropout import VariationalDropout, dropout_mask, reset_dropout
 from jdeq.models.hypersolver import HyperSolver
 from jdeq.models.mdeq import MDEQCell, MDEQClassifier
@@ -35,6 +36,7 @@ __all__ = [
     "VariationalDropout",
     "WeightNorm",
     "apply_norm",
+    "conv_general_dilated",
     "dropout_mask",
     "linen",
     "reset_dropout",

@@ -5,18 +5,32 @@ The state holds several resolutions at once, a tuple of maps ``(z_0, z_1, ...)``
 jointly as one equilibrium (a pytree state of :func:`jdeq.fixed_point`). One application of
 the cell:
 
-1. a residual block per scale whose skip path carries the input injection ``x_i``:
-   ``b_i = relu(x_i + conv2(relu(GN(conv1(z_i)))))``. Unlike the paper (injection at the finest
-   scale only, identity skip on ``z``), every scale gets an injection (the classifier makes them
-   once, outside the solve, by strided convolutions of the stem's output) and the state enters
-   only through ``conv2``, whose scale (``w_scale``) sets the cell's contraction: with the
-   paper's block the cell did not converge at initialization here (relative residual ~0.1
-   after 60 Anderson steps);
-2. multiscale fusion: ``s_j = sum_i T_ij(b_i)`` with ``T_jj`` the identity, finer-to-coarser
-   ``T_ij`` (``i < j``) a chain of ``j - i`` stride-2 3x3 convolutions (GroupNorm, ReLU between),
-   and coarser-to-finer (``i > j``) a 1x1 convolution + GroupNorm, then a resize (bilinear) to
-   the finer grid;
-3. ``z_j' = GN(relu(s_j))``.
+1. a residual block per scale, ``block="contractive"`` (default) or ``"paper"``:
+
+   - ``"paper"``, the paper's block: ``b_i = GN3(relu(z_i + GN2(conv2(relu(GN1(conv1(z_i)))) + x_i)))``
+     with the injection ``x`` at the finest scale only (zeros elsewhere);
+   - ``"contractive"``: ``b_i = relu(x_i + conv2(relu(GN1(conv1(z_i)))))``: the skip path
+     carries the injection instead of ``z_i``, every scale gets an injection (the classifier
+     makes them once, outside the solve, by strided convolutions of the stem's output), and the
+     state enters only through ``conv2``, whose scale (``w_scale``) sets the cell's contraction.
+     Measured on MNIST-1D (widths 8/16/16, injections at every scale for both): after 150
+     training steps the paper's block solved 0.3% of the test examples to tolerance 1e-3 within
+     20 Anderson steps (its identity path keeps the cell's Jacobian near 1), the contractive
+     block 95%;
+
+2. multiscale fusion, as in the paper: ``s_j = sum_i T_ij(b_i)`` with ``T_jj`` the identity,
+   finer-to-coarser ``T_ij`` (``i < j``) a chain of ``j - i`` stride-2 3x3 convolutions
+   (GroupNorm, ReLU between), and coarser-to-finer (``i > j``) a 1x1 convolution + GroupNorm,
+   then nearest upsampling to the finer grid;
+3. post-fusion, as in the paper: ``z_j' = GN(conv1x1(relu(s_j)))``.
+
+Still unlike the paper: no weight normalization or variational dropout inside the cell (both
+exist in :mod:`jdeq.models` and can wrap it), no per-scale downsampling stem before the
+equilibrium (the stem keeps full resolution), and a small head (1x1 conv, pool, linear) in
+place of the paper's HRNet-style classification head.
+
+Every convolution uses :func:`jdeq.models._conv.conv_general_dilated`, whose transpose runs
+~100x faster than ``jax.lax``'s inside XLA:CPU loops (the implicit backward solve).
 
 Normalization is GroupNorm only (stateless), as a DEQ cell needs. Convolutions work on
 signals (``spatial_dims=1``, ``(batch, length, C)``) and images (``spatial_dims=2``).
@@ -40,10 +54,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdeq._gradients import Implicit
+from jdeq.models._conv import conv_general_dilated
 from jdeq._solvers import Anderson
 from jdeq.nnx import DEQ, Unrolled
 
 __all__ = ["MDEQCell", "MDEQClassifier", "scale_shapes"]
+
+
+_BLOCKS = ("contractive", "paper")
 
 
 def _check_widths(widths) -> tuple[int, ...]:
@@ -68,20 +86,29 @@ def scale_shapes(spatial: Sequence[int], num_scales: int) -> list[tuple[int, ...
 
 
 class _Block(nnx.Module):
-    """``relu(x + conv2(relu(GN(conv1(z)))))`` at one scale: a residual block whose skip path
-    carries the injection ``x`` (GroupNorm makes ``conv1``'s scale irrelevant, so ``conv2``'s
-    scale sets how strongly the state feeds back)."""
+    """The residual block at one scale. ``residual=True`` (the paper's):
+    ``GN3(relu(z + GN2(conv2(relu(GN1(conv1(z)))) + x)))``; ``residual=False`` (contractive):
+    ``relu(x + conv2(relu(GN1(conv1(z)))))``, the state entering only through ``conv2``, whose
+    scale (``kernel_init``) sets how strongly it feeds back."""
 
-    def __init__(self, width, *, k, nd, groups, kernel_init, dtype, rngs):
+    def __init__(self, width, *, k, nd, groups, kernel_init, residual, dtype, rngs):
+        self.residual = residual
         conv = lambda init: nnx.Conv(width, width, (k,) * nd, padding="SAME", use_bias=False,  # noqa: E731
-                                     kernel_init=init, dtype=dtype, param_dtype=dtype, rngs=rngs)
+                                     kernel_init=init, conv_general_dilated=conv_general_dilated,
+                                     dtype=dtype, param_dtype=dtype, rngs=rngs)
+        gn = lambda: nnx.GroupNorm(width, _groups(width, groups), dtype=dtype, param_dtype=dtype,  # noqa: E731
+                                   rngs=rngs)
         self.conv1 = conv(nnx.initializers.variance_scaling(1.0, "fan_in", "normal"))
         self.conv2 = conv(kernel_init)
-        self.gn1 = nnx.GroupNorm(width, _groups(width, groups), dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.gn1 = gn()
+        if residual:
+            self.gn2, self.gn3 = gn(), gn()
 
     def __call__(self, z, x):
         h = self.conv2(jax.nn.relu(self.gn1(self.conv1(z))))
-        return jax.nn.relu(h + x)
+        if not self.residual:
+            return jax.nn.relu(h + x)
+        return self.gn3(jax.nn.relu(z + self.gn2(h + x)))
 
 
 class _Down(nnx.Module):
@@ -92,7 +119,8 @@ class _Down(nnx.Module):
         for s in range(steps):
             c_out = cout if s == steps - 1 else cin
             layers.append(nnx.Conv(cin, c_out, (3,) * nd, strides=(2,) * nd, padding="SAME", use_bias=False,
-                                   kernel_init=kernel_init, dtype=dtype, param_dtype=dtype, rngs=rngs))
+                                   kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
+                                   dtype=dtype, param_dtype=dtype, rngs=rngs))
             layers.append(nnx.GroupNorm(c_out, _groups(c_out, groups), dtype=dtype, param_dtype=dtype, rngs=rngs))
         self.layers = nnx.List(layers)
 
@@ -106,16 +134,16 @@ class _Down(nnx.Module):
 
 
 class _Up(nnx.Module):
-    """Scale ``i`` -> finer ``j < i``: 1x1 convolution + GroupNorm, then a bilinear resize."""
+    """Scale ``i`` -> finer ``j < i``: 1x1 convolution + GroupNorm, then nearest upsampling."""
 
     def __init__(self, cin, cout, *, nd, groups, kernel_init, dtype, rngs):
         self.conv = nnx.Conv(cin, cout, (1,) * nd, use_bias=False, kernel_init=kernel_init,
-                             dtype=dtype, param_dtype=dtype, rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.gn = nnx.GroupNorm(cout, _groups(cout, groups), dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, h, shape):
         h = self.gn(self.conv(h))
-        return jax.image.resize(h, shape, method="linear")
+        return jax.image.resize(h, shape, method="nearest")
 
 
 class MDEQCell(nnx.Module):
@@ -128,6 +156,8 @@ class MDEQCell(nnx.Module):
       num_groups: GroupNorm groups (reduced to ``gcd(width, num_groups)`` per layer).
       w_scale: ``conv2`` and the fusion kernels start with variance ``w_scale^2 / fan_in``
         (small: the cell starts closer to a contraction).
+      block: ``"contractive"`` (default) or ``"paper"``, the per-scale residual block (see the
+        module docstring).
       dtype: parameter dtype.
       rngs: ``nnx.Rngs``.
 
@@ -144,8 +174,11 @@ class MDEQCell(nnx.Module):
     """
 
     def __init__(self, widths: Sequence[int] = (16, 32), *, spatial_dims: int = 2, kernel_size: int = 3,
-                 num_groups: int = 4, w_scale: float = 0.5, dtype=jnp.float32, rngs: nnx.Rngs):
+                 num_groups: int = 4, w_scale: float = 0.5, block: str = "contractive", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.widths = _check_widths(widths)
+        if block not in _BLOCKS:
+            raise ValueError(f"`block` must be one of {_BLOCKS}, got {block!r}.")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"`spatial_dims` must be 1, 2 or 3, got {spatial_dims!r}.")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -155,8 +188,9 @@ class MDEQCell(nnx.Module):
         self.spatial_dims = spatial_dims
         self.dtype = dtype
         init = nnx.initializers.variance_scaling(w_scale**2, "fan_in", "normal")
+        post_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
         kw = dict(nd=spatial_dims, groups=num_groups, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([_Block(w, k=kernel_size, **kw) for w in self.widths])
+        self.blocks = nnx.List([_Block(w, k=kernel_size, residual=block == "paper", **kw) for w in self.widths])
         n = len(self.widths)
         fuse = []
         for j in range(n):
@@ -170,6 +204,11 @@ class MDEQCell(nnx.Module):
                     row.append(None)
             fuse.append(nnx.List(row))
         self.fuse = nnx.List(fuse)
+        self.post_convs = nnx.List([
+            nnx.Conv(w, w, (1,) * spatial_dims, use_bias=False, kernel_init=post_init,
+                     conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            for w in self.widths
+        ])
         self.post = nnx.List(
             [nnx.GroupNorm(w, _groups(w, num_groups), dtype=dtype, param_dtype=dtype, rngs=rngs) for w in self.widths]
         )
@@ -190,7 +229,7 @@ class MDEQCell(nnx.Module):
                     s = s + self.fuse[j][i](b[i])
                 elif i > j:
                     s = s + self.fuse[j][i](b[i], z[j].shape)
-            out.append(self.post[j](jax.nn.relu(s)))
+            out.append(self.post[j](self.post_convs[j](jax.nn.relu(s))))
         return tuple(out)
 
     def init_z(self, x):
@@ -208,7 +247,7 @@ class MDEQClassifier(nnx.Module):
     Args:
       in_channels: input channels (inputs ``(batch, *spatial, in_channels)``).
       num_classes: number of classes.
-      widths, spatial_dims, kernel_size, num_groups, w_scale: as in :class:`MDEQCell`.
+      widths, spatial_dims, kernel_size, num_groups, w_scale, block: as in :class:`MDEQCell`.
       depth: ``None`` for a DEQ (``jdeq.nnx.DEQ``); an int ``L`` for the explicit weight-tied
         baseline ``jdeq.nnx.Unrolled(cell, depth=L)`` with the same parameters.
       solver, gradient: the DEQ's solver (default ``Anderson(tol=1e-3, maxiter=20)``) and gradient.
@@ -228,7 +267,8 @@ class MDEQClassifier(nnx.Module):
 
     def __init__(self, in_channels: int, num_classes: int, *, widths: Sequence[int] = (16, 32),
                  spatial_dims: int = 2, kernel_size: int = 3, num_groups: int = 4, w_scale: float = 0.5,
-                 depth: int | None = None, solver=Anderson(tol=1e-3, maxiter=20), gradient=Implicit(),
+                 block: str = "contractive", depth: int | None = None, solver=Anderson(tol=1e-3, maxiter=20),
+                 gradient=Implicit(),
                  dtype=jnp.float32, rngs: nnx.Rngs):
         widths = _check_widths(widths)
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -246,8 +286,9 @@ class MDEQClassifier(nnx.Module):
             nnx.GroupNorm(w, _groups(w, num_groups), dtype=dtype, param_dtype=dtype, rngs=rngs) for w in widths[1:]
         ])
         cell = MDEQCell(widths, spatial_dims=spatial_dims, kernel_size=kernel_size, num_groups=num_groups,
-                        w_scale=w_scale, dtype=dtype, rngs=rngs)
+                        w_scale=w_scale, block=block, dtype=dtype, rngs=rngs)
         self.depth = depth
+        self.inject_all = block == "contractive"
         self.core = DEQ(cell, solver=solver, gradient=gradient) if depth is None else Unrolled(cell, depth=depth)
         # Pooling a GroupNorm'd map directly would average away its content (with one channel per
         # group every channel mean is the GN bias): a 1x1 conv + ReLU per scale comes first.
@@ -261,6 +302,8 @@ class MDEQClassifier(nnx.Module):
         inj = [jax.nn.relu(self.stem_gn(self.stem(x)))]
         for conv, gn in zip(self.inject, self.inject_gn):  # the injection pyramid, once per call
             inj.append(jax.nn.relu(gn(conv(inj[-1]))))
+        if not self.inject_all:  # the paper's: the input enters at the finest scale only
+            inj = inj[:1] + [jnp.zeros_like(a) for a in inj[1:]]
         inj = tuple(inj)
         if self.depth is None:
             return self.core(inj, maxiter=maxiter)

@@ -10,7 +10,7 @@ and is found from any start by operator splitting (:func:`jdeq.monotone_fixed_po
 
 - :class:`MonotoneDenseCell`: ``A, B`` dense ``(n, n)`` matrices.
 - :class:`MonotoneConvCell`: ``A, B`` stride-1 "SAME" convolutions on ``(batch, *spatial, C)``
-  maps, with the exact adjoints ``A^T, B^T`` from ``jax.linear_transpose``, so the strong
+  maps, with the exact adjoints ``A^T, B^T`` (flipped, channel-transposed kernels), so the strong
   monotonicity holds for the convolution operator itself (zero padding included).
 - :class:`MonDEQ`: the layer that solves a monotone cell by splitting, through jdeq (any jdeq
   solver iterates the splitting operator, any jdeq gradient mode applies); called like
@@ -35,6 +35,7 @@ from flax import nnx
 
 from jdeq._cells import initial_state
 from jdeq._gradients import Implicit
+from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
 from jdeq._solvers import FixedPointIteration
 from jdeq._splitting import (
     ForwardBackward,
@@ -129,7 +130,13 @@ class MonotoneDenseCell(nnx.Module):
 
     def problem(self, bias) -> MonotoneProblem:
         """The :class:`jdeq.MonotoneProblem` of this cell (exact ``||I - W||_2``, and a dense
-        resolvent for Peaceman-Rachford)."""
+        resolvent for Peaceman-Rachford).
+
+        Both are computed once per solve, outside the splitting loop: one SVD for ``L`` and one
+        LU inverse of ``(1 + alpha) I - alpha W`` (the loop then only multiplies by it). On CPU
+        these LAPACK calls run through scipy's OpenBLAS, whose threads spin while waiting: on a
+        busy machine limit them (``OPENBLAS_NUM_THREADS=1`` or ``threadpoolctl``), which took a
+        training step from 56 ms (median, load ~10 on 2 cores) back to 1.3 ms."""
         del bias
         return MonotoneProblem(
             linear=_dense_linear, monotonicity=self.m, lipschitz=_dense_lipschitz,
@@ -147,22 +154,16 @@ class MonotoneDenseCell(nnx.Module):
 # ----------------------------------------------------------------------------- conv
 
 
-def _dim_numbers(nd: int):
-    sp = "HWD"[:nd]
-    return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
-
-
 def _conv(z, kernel):
-    nd = kernel.ndim - 2
-    return jax.lax.conv_general_dilated(
-        z, kernel, (1,) * nd, "SAME", dimension_numbers=_dim_numbers(nd), precision=_HI
-    )
+    return conv_same(z, kernel, precision=_HI)
 
 
 def _conv_adjoint(v, kernel):
-    """``K^T v``: the exact adjoint of the zero-padded 'SAME' convolution."""
-    (out,) = jax.linear_transpose(lambda z: _conv(z, kernel), jax.ShapeDtypeStruct(v.shape, v.dtype))(v)
-    return out
+    """``K^T v``: the exact adjoint of the zero-padded 'SAME' convolution (odd window), as a
+    convolution with the flipped, channel-transposed kernel. (``jax.linear_transpose`` gives the
+    same map but as a convolution with a swapped kernel spec, which XLA:CPU runs ~100x slower
+    inside the solver's loop; see :mod:`jdeq.models._conv`.)"""
+    return conv_same(v, flip_transpose(kernel), precision=_HI)
 
 
 def _conv_linear(m, z, op):
@@ -205,7 +206,7 @@ class MonotoneConvCell(nnx.Module):
 
     ``f(z, x) = relu(W z + U * x + b)`` with ``W z = (1-m) z - A^T(A z) + B z - B^T z``, where
     ``A, B`` are stride-1 zero-padded ("SAME") convolutions and ``A^T, B^T`` their exact adjoints
-    (``jax.linear_transpose``); ``U`` is a convolution of the input. ``I - W`` is ``m``-strongly
+    (flipped, channel-transposed kernels); ``U`` is a convolution of the input. ``I - W`` is ``m``-strongly
     monotone as an operator on the maps, for every kernel.
 
     Args:
@@ -243,7 +244,7 @@ class MonotoneConvCell(nnx.Module):
         self.A = nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
         self.B = nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
         self.U = nnx.Conv(in_channels, channels, (kernel_size,) * spatial_dims, padding="SAME",
-                          dtype=dtype, param_dtype=dtype, rngs=rngs)
+                          conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def operator(self):
         """The kernels of ``A`` and ``B`` (the linear part's parameters)."""
