@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -64,25 +63,13 @@ def test_errors():
 
 
 @pytest.mark.parametrize("depth", [None, 4])
-def test_trains_and_reduces_loss(depth):
+def test_trains_and_reduces_loss(depth, adam_losses):
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (16, 6, 6, 1))
     y = jax.random.randint(k2, (16,), 0, 3)
     model = MDEQClassifier(1, 3, widths=(4, 4), depth=depth, solver=jdeq.Anderson(tol=1e-3, maxiter=15),
                            rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt):
-        def loss_fn(model):
-            logits, _ = model(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = [float(step(model, opt)) for _ in range(10)]
+    losses = adam_losses(model, x, y, 10)
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.8 * losses[0]
 
