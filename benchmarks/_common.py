@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 import jdeq
+from jdeq.models import conv_general_dilated
 
 __all__ = [
     "Classifier",
@@ -134,6 +135,7 @@ class ConvCell(nnx.Module):
         self.conv = nnx.Conv(
             channels, channels, (3, 3), padding="SAME", use_bias=False, kernel_init=init,
             dtype=dtype, param_dtype=dtype, rngs=rngs,
+            conv_general_dilated=conv_general_dilated,  # jdeq's: a VJP XLA:CPU runs fast in loops
         )
         self.dtype = dtype
 
