@@ -280,3 +280,25 @@ def test_fit_raises_after_consecutive_skips_and_keeps_finite_params():
         np.testing.assert_array_equal(p, q)
     with pytest.raises(ValueError, match="`max_skipped_steps` must be None or an int >= 1"):
         T.fit(model, optax.sgd(0.1), data, steps=1, batch_size=8, loss_fn=_mse_loss, max_skipped_steps=0)
+
+
+def test_skip_counts_survive_a_resume(tmp_path):
+    """Stopped at step 7 (checkpoint at 7, last log at 4) and resumed: the skip count of the
+    finished run equals the uninterrupted one's (the checkpoint carries the counter)."""
+    data, steps, bs = _data(), 12, 8
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_7(k, _):
+        if k == 7:
+            raise Stop
+
+    run = dict(steps=steps, batch_size=bs, loss_fn=_mse_loss, log_every=4, progress=False)
+    full = T.fit(nnx.Linear(4, 1, rngs=nnx.Rngs(0)), optax.sgd(0.05), data, **run)
+    with pytest.raises(Stop):
+        T.fit(nnx.Linear(4, 1, rngs=nnx.Rngs(0)), optax.sgd(0.05), data, checkpoint_dir=tmp_path,
+              checkpoint_every=7, callback=stop_at_7, **run)
+    resumed = T.fit(nnx.Linear(4, 1, rngs=nnx.Rngs(0)), optax.sgd(0.05), data, checkpoint_dir=tmp_path, **run)
+    assert resumed.resumed_from == 7
+    assert [r["skipped"] for r in resumed.train] == [r["skipped"] for r in full.train]

@@ -259,11 +259,11 @@ def _fingerprint(leaves) -> list[dict]:
     return out
 
 
-def _save(ocp, manager, step: int, leaves, history: History, elapsed: float) -> None:
+def _save(ocp, manager, step: int, leaves, history: History, elapsed: float, skips: dict) -> None:
     if step in manager.all_steps():  # already saved (e.g. interrupted just after a periodic save)
         return
     meta = {"train": history.train, "eval": history.eval, "elapsed": elapsed, "step": step,
-            "leaves": _fingerprint(leaves)}
+            "skips": skips, "leaves": _fingerprint(leaves)}
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -312,7 +312,7 @@ def _restore(ocp, manager, step: int, leaves):
     for i, (got, want) in enumerate(zip(_fingerprint(restored), expected)):
         if (tuple(got["shape"]), got["dtype"]) != want[:2] or (want[2] is not None and got["crc32"] != want[2]):
             raise _Bad(f"checksum mismatch in array {i} of {len(expected)}")
-    return restored, {"train": history[0], "eval": history[1], "elapsed": history[2]}
+    return restored, {"train": history[0], "eval": history[1], "elapsed": history[2], "skips": meta.get("skips")}
 
 
 def _restore_latest(ocp, manager, leaves):
@@ -368,9 +368,16 @@ class _SkipCounter:
     ``FloatingPointError`` once ``limit`` consecutive steps were skipped.
     """
 
-    def __init__(self, limit: int | None, total: int = 0):
-        self.limit, self.total, self.consecutive, self.first = limit, int(total), 0, None
+    def __init__(self, limit: int | None, state: dict | None = None):
+        state = state or {}
+        self.limit, self.total = limit, int(state.get("total", 0))
+        self.consecutive, self.first = int(state.get("consecutive", 0)), state.get("first")
         self.pending = None
+
+    def state(self) -> dict:
+        """The counts after every step so far (what a checkpoint stores)."""
+        self.flush()
+        return {"total": self.total, "consecutive": self.consecutive, "first": self.first}
 
     def push(self, step: int, flag) -> None:
         self.flush()
@@ -465,8 +472,8 @@ def fit(
       max_skipped_steps: a step whose loss, gradients, updated parameters or updated optimizer
         state hold a NaN/inf is skipped: parameters and optimizer state stay as they were (so
         they are never non-finite) and the step is counted, as ``"skipped"`` in every
-        ``History.train`` record (steps skipped so far; across a resume, counted from the last
-        record before the checkpoint) and as the per-step flag ``metrics["skipped"]`` (1.0 or
+        ``History.train`` record (steps skipped so far, carried across a resume by the
+        checkpoint) and as the per-step flag ``metrics["skipped"]`` (1.0 or
         0.0) given to ``callback``. After ``max_skipped_steps`` consecutive skipped steps,
         ``fit`` raises ``FloatingPointError`` (the model keeps its last finite parameters)
         rather than spin. None: never raise. The skip is a ``jnp.where`` select on the
@@ -540,7 +547,7 @@ def fit(
         raise ValueError(f"`model` has non-finite (NaN/inf) parameters at {bad}; re-initialize them.")
     opt_state = optimizer.init(params)
     history = History()
-    start, elapsed = 0, 0.0
+    start, elapsed, skip_state = 0, 0.0, None
 
     ckpt = None
     if checkpoint_dir is not None:
@@ -552,6 +559,7 @@ def fit(
             latest, restored, meta = found
             params, opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in restored])
             history = History(train=list(meta["train"]), eval=list(meta["eval"]), resumed_from=int(latest))
+            skip_state = meta.get("skips")
             start, elapsed = int(latest), float(meta["elapsed"])
 
     base_key = jax.random.key(seed)
@@ -597,9 +605,9 @@ def fit(
     def save(step):
         if ckpt is not None:
             leaves = jax.tree_util.tree_leaves((params, opt_state))
-            _save(*ckpt, step, leaves, history, elapsed)
+            _save(*ckpt, step, leaves, history, elapsed, skips.state())
 
-    skips = _SkipCounter(max_skipped_steps, history.train[-1].get("skipped", 0) if history.train else 0)
+    skips = _SkipCounter(max_skipped_steps, skip_state)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     step = start
     t0 = time.perf_counter()
