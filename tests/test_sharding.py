@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import traceback
 
 NDEV = 8
@@ -127,13 +126,11 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
     results = {}
 
     def check(fn):
-        t0 = time.perf_counter()
         try:
             fn()
             results[fn.__name__] = "ok"
         except Exception:
             results[fn.__name__] = traceback.format_exc()
-        print(f"{fn.__name__}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     f = lambda z, p: jnp.tanh(z @ p["W"] + p["x"])  # noqa: E731
     p = {"W": 0.6 * jax.random.normal(jax.random.key(0), (8, 8)) / np.sqrt(8),
