@@ -23,7 +23,23 @@ from jdeq._splitting import (
 )
 from jdeq._stats import Solution, SolverStats
 from jdeq import linen, models, nnx  # noqa: E402  (subpackages)
-from jdeq import data, train  # noqa: E402  (cheap: numpy, optax, tqdm; orbax loads lazily)
+
+# Loaded on first attribute access (``jdeq.train``, ...), so ``import jdeq`` stays the core and
+# the Flax adapters; ``from jdeq import train`` and ``import jdeq.train`` work as usual.
+_LAZY_SUBPACKAGES = ("data", "experiments", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"jdeq.{name}")  # the import binds it on jdeq too
+    raise AttributeError(f"module 'jdeq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
@@ -45,6 +61,7 @@ __all__ = [
     "correction_loss",
     "correction_weights",
     "data",
+    "experiments",
     "fixed_point",
     "fixed_point_states",
     "hyper_loss",
