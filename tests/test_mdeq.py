@@ -8,7 +8,7 @@ from flax import nnx
 
 import jdeq
 from jdeq.models import MDEQCell, MDEQClassifier
-from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
+from jdeq.models import conv_general_dilated, conv_same, flip_transpose
 from jdeq.models.mdeq import scale_shapes
 
 

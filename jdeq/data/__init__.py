@@ -1,7 +1,7 @@
 """Data that jdeq generates itself (nothing is downloaded at run time).
 
 - :mod:`jdeq.data.arithmetic`: random symbolic arithmetic expressions mod 10 with a controllable
-  distribution of nesting depth (the depth study of issue 4).
+  distribution of nesting depth (the data of the depth study, :mod:`jdeq.experiments.arithmetic`).
 - :mod:`jdeq.data.digits`: scikit-learn's 8x8 handwritten digits, fixed stratified split.
 - :mod:`jdeq.data.mnist1d`: MNIST-1D generated offline from the ``mnist1d`` package's templates.
 """

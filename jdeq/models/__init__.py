@@ -1,7 +1,7 @@
 """Cells and ready models for jdeq (Flax NNX first; Linen twins in ``jdeq.models.linen``)."""
 
 from jdeq.models import linen
-from jdeq.models._conv import conv_general_dilated
+from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
 from jdeq.models.dropout import VariationalDropout, dropout_mask, reset_dropout
 from jdeq.models.hypersolver import HyperSolver
 from jdeq.models.mdeq import MDEQCell, MDEQClassifier
@@ -37,7 +37,9 @@ __all__ = [
     "WeightNorm",
     "apply_norm",
     "conv_general_dilated",
+    "conv_same",
     "dropout_mask",
+    "flip_transpose",
     "linen",
     "reset_dropout",
     "update_norm",

@@ -3,10 +3,10 @@
 ``jax.lax.conv_general_dilated``'s transpose with respect to its input (what a VJP, and so every
 iteration of an implicit backward solve, computes) is a convolution with the kernel's input and
 output axes swapped *in the dimension numbers*. Inside a ``while`` loop XLA:CPU runs such a
-convolution (kernel spec ``...OI``) about 70x slower than the same convolution on a kernel that
-is physically transposed (measured here: 236 ms vs 1.5 ms per iteration on 64x16x16x32 maps; a
-forward convolution with an ``...OI`` spec is just as slow, so the slowness is the spec, not the
-transpose). Outside loops the layout pass hides it.
+convolution (kernel spec ``...OI``) many times slower than the same convolution on a kernel that
+is physically transposed (a forward convolution with an ``...OI`` spec is just as slow, so the
+slowness is the spec, not the transpose; the measurements are in ``benchmarks/README.md``,
+section "speed", "Conv x Implicit on CPU"). Outside loops the layout pass hides it.
 
 :func:`conv_general_dilated` has the signature of ``jax.lax.conv_general_dilated`` (pass it to
 ``flax.nnx.Conv(conv_general_dilated=...)``) and the same values and derivatives; only its JVP
@@ -18,7 +18,7 @@ work as for the plain convolution.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
-  >>> from jdeq.models._conv import conv_general_dilated
+  >>> from jdeq.models import conv_general_dilated
   >>> conv = nnx.Conv(2, 3, (3, 3), conv_general_dilated=conv_general_dilated, rngs=nnx.Rngs(0))
   >>> conv(jnp.ones((1, 5, 5, 2))).shape
   (1, 5, 5, 3)
@@ -66,11 +66,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          preferred_element_type=None, out_sharding=None):
     """``jax.lax.conv_general_dilated`` with a JVP whose transpose is fast in XLA:CPU loops.
 
-    Args:
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        precision: as in ``jax.lax.conv_general_dilated``.
-      feature_group_count, batch_group_count, preferred_element_type, out_sharding: only their
-        defaults take the fast path; other values call ``jax.lax.conv_general_dilated`` as is.
+    Every argument means what it means in ``jax.lax.conv_general_dilated``. Only the defaults
+    of ``feature_group_count``, ``batch_group_count``, ``preferred_element_type`` and
+    ``out_sharding`` take the fast path; other values call ``jax.lax.conv_general_dilated`` as is.
 
     Returns:
       The convolution, equal to ``jax.lax.conv_general_dilated``'s.

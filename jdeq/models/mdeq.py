@@ -29,8 +29,9 @@ exist in :mod:`jdeq.models` and can wrap it), no per-scale downsampling stem bef
 equilibrium (the stem keeps full resolution), and a small head (1x1 conv, pool, linear) in
 place of the paper's HRNet-style classification head.
 
-Every convolution uses :func:`jdeq.models._conv.conv_general_dilated`, whose transpose runs
-~100x faster than ``jax.lax``'s inside XLA:CPU loops (the implicit backward solve).
+Every convolution uses :func:`jdeq.models.conv_general_dilated`, whose transpose runs much
+faster than ``jax.lax``'s inside XLA:CPU loops (the implicit backward solve; measured in
+``benchmarks/README.md``, section "speed").
 
 Normalization is GroupNorm only (stateless), as a DEQ cell needs. Convolutions work on
 signals (``spatial_dims=1``, ``(batch, length, C)``) and images (``spatial_dims=2``).

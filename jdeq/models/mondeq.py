@@ -161,8 +161,8 @@ def _conv(z, kernel):
 def _conv_adjoint(v, kernel):
     """``K^T v``: the exact adjoint of the zero-padded 'SAME' convolution (odd window), as a
     convolution with the flipped, channel-transposed kernel. (``jax.linear_transpose`` gives the
-    same map but as a convolution with a swapped kernel spec, which XLA:CPU runs ~100x slower
-    inside the solver's loop; see :mod:`jdeq.models._conv`.)"""
+    same map but as a convolution with a swapped kernel spec, which XLA:CPU runs much slower
+    inside the solver's loop; see :func:`jdeq.models.conv_general_dilated`.)"""
     return conv_same(v, flip_transpose(kernel), precision=_HI)
 
 
