@@ -31,7 +31,6 @@ from flax import nnx
 
 import jdeq
 from jdeq import train
-from jdeq.train import loop
 
 
 class Net(nnx.Module):
@@ -88,9 +87,8 @@ def main(argv=None) -> None:
                      callback=report)
     print(f"done resumed_from={hist.resumed_from}", flush=True)
 
-    ocp, manager = loop._manager(a.ckpt_dir)
-    last = manager.latest_step()
-    ckpt, _ = loop._restore(ocp, manager, last, template)
+    last = train.checkpoint_steps(a.ckpt_dir)[-1]
+    ckpt = train.restore_checkpoint(a.ckpt_dir, template, step=last).tree
     arrays = {f"model_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(nnx.state(net, nnx.Param)))}
     arrays |= {f"ckpt_{i}": np.asarray(x) for i, x in enumerate(ckpt)}
     arrays["losses"] = np.array([r["loss"] for r in hist.train], np.float64)

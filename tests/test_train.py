@@ -85,9 +85,9 @@ def test_predict_and_evaluate_agree_and_maxiter_is_runtime(data):
     np.testing.assert_allclose(m["accuracy"], (logits.argmax(-1) == data["labels"]).mean(), atol=1e-6)
     np.testing.assert_allclose(m["nsteps"], stats.nsteps.mean(), rtol=1e-6)
     # another budget reuses the compiled function (maxiter is traced)
-    size = T.loop._apply._cache_size()
+    size = T.evaluation._apply._cache_size()
     T.predict(model, data["inputs"], batch_size=50, maxiter=5)
-    assert T.loop._apply._cache_size() == size
+    assert T.evaluation._apply._cache_size() == size
 
 
 class _Stop(Exception):

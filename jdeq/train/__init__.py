@@ -2,10 +2,17 @@
 
 The pieces, each usable on its own:
 
-- :func:`fit`: trains a model in place with an optax optimizer: one jit-compiled step, a
-  tqdm progress bar, periodic evaluation, metrics including the solver's stats, and
-  checkpoint/resume with orbax (an interrupted run resumes at the step it stopped at and ends
-  with the same parameters as an uninterrupted run).
+- :func:`make_train_step` and :class:`TrainState` (module :mod:`jdeq.train.step`): the pure
+  training step (``jax.value_and_grad``, optax update, the non-finite skip rule) to jit and
+  drive in a loop of your own; :func:`all_finite`.
+- :func:`fit`: a short driver over these pieces that trains a model in place: a tqdm progress
+  bar, periodic evaluation, metrics including the solver's stats, skipped-step counting, and
+  checkpoint/resume (an interrupted run resumes at the step it stopped at and ends with the same
+  parameters as an uninterrupted run).
+- :func:`save_checkpoint`, :func:`restore_checkpoint`, :func:`checkpoint_steps` (module
+  :mod:`jdeq.train.checkpoint`): atomic orbax checkpoints of any pytree with a checksum per
+  array, falling back to the previous good checkpoint (the bad one moved to ``corrupt/``);
+  orbax is imported on first use.
 - :func:`evaluate`: mean metrics of a loss function over a dataset (jit-compiled, batched).
 - :func:`predict`: per-example outputs (logits and ``jdeq.SolverStats``) over a dataset; call
   options such as ``maxiter=`` are run-time values (no recompile between budgets).
@@ -13,9 +20,9 @@ The pieces, each usable on its own:
   at step ``k`` depends only on ``(seed, k)``, which is what makes resuming exact).
 - :func:`classification_loss`, :func:`solver_metrics`, :func:`split_output`: the default
   loss and its metrics; :func:`count_params`.
-- :class:`JacReg`: the ``fit(..., jac_reg=...)`` option adding the Jacobian penalty
-  ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every step or with a
-  probability per step.
+- :class:`JacReg`: the ``fit(..., jac_reg=...)`` (and ``make_train_step``) option adding the
+  Jacobian penalty ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every
+  step or with a probability per step.
 - :func:`data_mesh`, :func:`model_mesh`, :func:`shard_batch`, :func:`replicate`,
   :func:`param_shardings`, :func:`host_shard` (module :mod:`jdeq.train.sharding`):
   data-parallel training on a ``jax.sharding.Mesh`` via ``fit(..., mesh=...)``, optionally
@@ -42,8 +49,10 @@ Example:
 """
 
 from jdeq.train.batches import batch_indices, batches
+from jdeq.train.checkpoint import Checkpoint, CheckpointError, checkpoint_steps, restore_checkpoint, save_checkpoint
+from jdeq.train.evaluation import evaluate, predict
 from jdeq.train.jacobian import JacReg
-from jdeq.train.loop import History, evaluate, fit, predict
+from jdeq.train.loop import History, fit
 from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
 from jdeq.train.sharding import (
     MIN_SHARD_SIZE,
@@ -51,6 +60,7 @@ from jdeq.train.sharding import (
     data_mesh,
     global_array,
     host_shard,
+    host_value,
     model_mesh,
     optimizer_shardings,
     param_shardings,
@@ -58,14 +68,20 @@ from jdeq.train.sharding import (
     replicated,
     shard_batch,
 )
+from jdeq.train.step import TrainState, all_finite, make_train_step
 
 __all__ = [
     "MIN_SHARD_SIZE",
+    "Checkpoint",
+    "CheckpointError",
     "History",
     "JacReg",
+    "TrainState",
+    "all_finite",
     "batch_indices",
     "batch_sharding",
     "batches",
+    "checkpoint_steps",
     "classification_loss",
     "count_params",
     "data_mesh",
@@ -73,12 +89,16 @@ __all__ = [
     "fit",
     "global_array",
     "host_shard",
+    "host_value",
+    "make_train_step",
     "model_mesh",
     "optimizer_shardings",
     "param_shardings",
     "predict",
     "replicate",
     "replicated",
+    "restore_checkpoint",
+    "save_checkpoint",
     "shard_batch",
     "solver_metrics",
     "split_output",

@@ -75,6 +75,7 @@ __all__ = [
     "data_mesh",
     "global_array",
     "host_shard",
+    "host_value",
     "model_mesh",
     "optimizer_shardings",
     "param_shardings",
@@ -295,6 +296,33 @@ def host_shard(data, *, process_index: int | None = None, process_count: int | N
         raise ValueError(f"`data` has {n} rows, fewer than the {count} processes.")
     lo, hi = index * n // count, (index + 1) * n // count
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[lo:hi], data)
+
+
+def host_value(x) -> np.ndarray:
+    """A numpy copy of ``x`` readable on this process.
+
+    A replicated array spread over several processes is not fully addressable, but any of
+    this process's shards holds all of it, so that shard is read (no communication).
+
+    Args:
+      x: a ``jax.Array`` (fully addressable, or replicated over the processes) or any
+        array-like.
+
+    Returns:
+      A ``numpy.ndarray``.
+
+    Example:
+      >>> host_value(jax.numpy.arange(3))
+      array([0, 1, 2], dtype=int32)
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            raise ValueError(
+                "`x` is split over several processes: no process holds all of it "
+                "(gather it first, e.g. jax.experimental.multihost_utils.process_allgather)."
+            )
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
 
 
 def global_array(value, sharding: NamedSharding) -> jax.Array:

@@ -1,0 +1,419 @@
+"""Verified checkpoints of a pytree of arrays: orbax writes, checksummed reads, fallback.
+
+:func:`save_checkpoint` writes a pytree (parameters, optimizer state, ...) and a JSON-able
+``meta`` dict as step ``k`` of a directory; :func:`restore_checkpoint` reads the newest one that
+passes its checks back into the structure, shapes, dtypes and shardings of a template;
+:func:`checkpoint_steps` lists the steps on disk. ``jdeq.train.fit`` checkpoints through these.
+
+Atomic writes: orbax's ``CheckpointManager`` writes step ``k`` into a temporary directory
+``k.orbax-checkpoint-tmp-<timestamp>``, writes ``commit_success.txt`` into it once every item
+is on disk, and only then renames it to ``k`` (orbax's ``AtomicRenameTemporaryPath``, the
+default on local file systems; where renames are not atomic, e.g. object stores, the commit
+file is the marker). A process killed mid-save leaves only the temporary directory, which is
+never listed as a step and is removed (with a ``RuntimeWarning``) the next time the directory
+is opened. The last ``keep`` (default 3) steps are kept.
+
+Verified reads: orbax can restore a garbled array file without error, so each checkpoint's
+JSON meta also holds every leaf's shape, dtype and a checksum of its values: the CRC-32 of its
+bytes (C order) when this process can read the whole array, otherwise (an array split over
+several processes) ``hash32``, a position-mixed 32-bit sum that XLA computes over the
+distributed array, so that every process gets the same value without gathering the array.
+Both are independent of how the array is laid out on devices. A read checks the commit
+marker, that orbax reads the meta and the arrays, and the checksums; with several processes
+the verdict is agreed (a checkpoint is good only if it is good on every process). With
+``step=None`` a bad checkpoint is moved to ``<directory>/corrupt/`` (with a
+``RuntimeWarning`` naming its step and the reason) and the previous one is tried.
+
+orbax is imported on the first call (it is slow to import), never at ``import jdeq.train``.
+
+Example:
+  >>> import tempfile, jax.numpy as jnp
+  >>> d = tempfile.mkdtemp()
+  >>> tree = {"w": jnp.arange(3.0), "count": jnp.int32(7)}
+  >>> save_checkpoint(d, 10, tree, meta={"note": "after 10 steps"})
+  True
+  >>> ckpt = restore_checkpoint(d, tree)
+  >>> ckpt.step, ckpt.meta["note"], ckpt.tree["w"].tolist()
+  (10, 'after 10 steps', [0.0, 1.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jdeq.train.sharding import host_value
+
+__all__ = ["Checkpoint", "CheckpointError", "checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
+
+KEEP = 3
+"""Default number of checkpoints kept, so that a bad latest one has good predecessors."""
+_COMMIT = "commit_success.txt"  # orbax's commit marker (atomicity_types.COMMIT_SUCCESS_FILE)
+_BAD = "corrupt"  # subfolder the bad checkpoints are moved to
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read back by :func:`restore_checkpoint`.
+
+    Attributes:
+      step: its step.
+      tree: the arrays, in the structure (and shardings) of the template ``like``.
+      meta: the ``meta`` dict it was saved with (``{}`` if none).
+    """
+
+    step: int
+    tree: Any
+    meta: dict
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: unfinished, unreadable or failing its checksums."""
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The values of ``x`` as uint32 words (64-bit types: two words per entry)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    size = np.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_ or size == 1:
+        return x.astype(jnp.uint8).astype(jnp.uint32)
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 4 bytes: same shape; 8: (..., 2)
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: every input bit affects every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of ``x``'s values and their positions, the same for any layout.
+
+    Each word is mixed with its flat (C-order) position and summed modulo 2**32: integer
+    addition is associative, so XLA may reduce the shards in any order and across processes
+    (one all-reduce) and every process gets the same value.
+    """
+    w = _words(x)
+    pos = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    return jnp.sum(_fmix(w ^ _fmix(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(1))), dtype=jnp.uint32)
+
+
+def _readable(x) -> bool:
+    """Whether this process can read all of ``x`` without communication."""
+    return not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated
+
+
+def _crc32(x) -> int:
+    a = np.require(host_value(x), requirements="C")  # (ascontiguousarray makes 0-d 1-d)
+    return zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def _device_hash(x: jax.Array) -> int:
+    out = None
+    if isinstance(x.sharding, NamedSharding):  # the scalar result replicated: every process reads it
+        out = NamedSharding(x.sharding.mesh, PartitionSpec())
+    h = jax.jit(_hash32, out_shardings=out)(x)
+    if not _readable(h):
+        from jax.experimental import multihost_utils
+
+        h = multihost_utils.process_allgather(h)[0]
+    return int(host_value(h))
+
+
+def _fingerprint(leaves) -> list[dict]:
+    """Shape, dtype and checksum (``crc32`` or, for arrays split over processes, ``hash32``)."""
+    out = []
+    for x in leaves:
+        entry = {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
+        if _readable(x):
+            entry["crc32"] = _crc32(x)
+        else:
+            entry["hash32"] = _device_hash(x)
+        out.append(entry)
+    return out
+
+
+def _check_leaf(x, entry: dict) -> bool:
+    """Whether ``x`` matches a saved fingerprint entry (whatever its layout now)."""
+    if (list(np.shape(x)), str(np.dtype(x.dtype))) != (list(entry["shape"]), str(entry["dtype"])):
+        return False
+    if entry.get("hash32") is not None:
+        return _device_hash(jnp.asarray(x)) == int(entry["hash32"])
+    if entry.get("crc32") is not None:
+        if not _readable(x):  # saved whole, restored split: gather it (all processes do)
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return _crc32(x) == int(entry["crc32"])
+    return True  # written by an older jdeq without a checksum for this array
+
+
+# ----------------------------------------------------------------------------- orbax
+
+
+def _manager(directory, keep: int = KEEP):
+    """``(ocp, orbax CheckpointManager)`` for ``directory``; warns about unfinished writes."""
+    import orbax.checkpoint as ocp  # imported lazily: orbax is slow to import
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(directory):
+        for tmp in ocp.step.all_temporary_paths(directory):
+            name = tmp.get().name
+            warnings.warn(
+                f"checkpoint directory {directory!r}: ignoring the unfinished checkpoint of step "
+                f"{ocp.step.step_from_checkpoint_name(name)} ({name}; the run was stopped while "
+                "saving it); it is removed and the previous checkpoint is used.",
+                RuntimeWarning, stacklevel=4,
+            )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
+    return ocp, ocp.CheckpointManager(directory, options=options)
+
+
+def _check_directory(directory) -> None:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}.")
+
+
+def _check_step(step, name: str = "step") -> None:
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {step!r}.")
+
+
+def _leaves(tree, name: str) -> list:
+    leaves = jax.tree_util.tree_leaves(tree)
+    for x in leaves:
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"`{name}` must be a pytree of arrays, got a leaf of type {type(x).__name__}.")
+    return leaves
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the finished checkpoints in ``directory``, oldest first (``[]`` if none).
+
+    Args:
+      directory: the checkpoint directory (need not exist).
+
+    Returns:
+      A sorted list of ints.
+    """
+    _check_directory(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(_manager(directory)[1].all_steps())
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, step: int, tree: Any, *, meta: dict | None = None, keep: int = KEEP
+) -> bool:
+    """Writes ``tree`` as checkpoint ``step`` of ``directory`` (atomically), with checksums.
+
+    With several processes (``jax.distributed``), every process calls it with its part of the
+    same global arrays; the directory must be shared.
+
+    Args:
+      directory: the checkpoint directory (created if missing).
+      step: the step number (an int >= 0).
+      tree: a pytree of arrays (``jax.Array``, possibly sharded, or numpy).
+      meta: a JSON-serializable dict stored with it (e.g. a training history).
+      keep: how many of the newest checkpoints to keep (older ones are deleted).
+
+    Returns:
+      True, or False when ``directory`` already holds step ``step`` (it is left as is).
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> save_checkpoint(d, 1, [jnp.zeros(2)]), save_checkpoint(d, 1, [jnp.ones(2)])
+      (True, False)
+    """
+    _check_directory(directory)
+    _check_step(step)
+    _check_step(keep, "keep")
+    if keep < 1:
+        raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"`meta` must be None or a dict, got {type(meta).__name__}.")
+    leaves = _leaves(tree, "tree")
+    ocp, manager = _manager(directory, keep)
+    if step in manager.all_steps():
+        return False
+    record = {"step": int(step), "leaves": _fingerprint(leaves), "meta": dict(meta or {})}
+    manager.save(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"leaves": list(leaves)}),
+            meta=ocp.args.JsonSave(record),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+    return True
+
+
+def _read(ocp, manager, step: int, leaves: list) -> tuple[list, dict]:
+    """Reads and verifies checkpoint ``step`` into the layout of ``leaves``.
+
+    Raises:
+      CheckpointError: it is unfinished, unreadable or fails its checksums.
+      ValueError: it is sound but holds arrays of other shapes/dtypes than ``leaves``.
+    """
+    path = manager.directory / ocp.step.standard_name_format().build_name(step)
+    if not (path / _COMMIT).exists():
+        raise CheckpointError(f"no commit marker {_COMMIT} (unfinished write)")
+    try:
+        record = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        expected = [dict(e) for e in record["leaves"]]
+        shapes = [(tuple(e["shape"]), str(e["dtype"])) for e in expected]
+        meta = record.get("meta", {k: v for k, v in record.items() if k not in ("step", "leaves")})
+    except Exception as e:  # noqa: BLE001 - any failure to read the JSON meta means a bad checkpoint
+        raise CheckpointError(f"unreadable meta ({type(e).__name__}: {e})") from e
+    wanted = [(tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves]
+    if shapes != wanted:
+        raise ValueError(
+            f"`directory` (fit's `checkpoint_dir`) {str(manager.directory)!r} holds, at step {step}, "
+            f"the state of another model or optimizer ({len(shapes)} arrays of other shapes/dtypes "
+            f"than the {len(wanted)} of this one): use another directory for this run."
+        )
+    abstract = {"leaves": [jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+                           for x in leaves]}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        restored = list(restored["state"]["leaves"])
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on damaged files
+        raise CheckpointError(f"unreadable arrays ({type(e).__name__}: {str(e)[:200]})") from e
+    for i, (x, entry) in enumerate(zip(restored, expected)):
+        if not _check_leaf(x, entry):
+            raise CheckpointError(f"checksum mismatch in array {i} of {len(expected)}")
+    return restored, meta
+
+
+def _agree(ok: bool) -> bool:
+    """True only if ``ok`` on every process (one tiny all-gather with several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _read_agreed(ocp, manager, step: int, leaves: list):
+    """:func:`_read` with the verdict agreed by every process: ``(restored, meta)`` or raises."""
+    try:
+        restored, meta = _read(ocp, manager, step, leaves)
+        error = None
+    except CheckpointError as e:
+        error = e
+    if not _agree(error is None):
+        raise error or CheckpointError("found bad on another process")
+    return restored, meta
+
+
+def _quarantine(ocp, manager, step: int) -> str:
+    """Moves checkpoint ``step`` to the ``corrupt/`` subfolder; returns its new path."""
+    path = manager.directory / ocp.step.standard_name_format().build_name(step)
+    dest = manager.directory / _BAD / f"{path.name}-{time.time_ns()}"
+    _sync(f"jdeq checkpoint quarantine {step} before")
+    if jax.process_index() == 0:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    _sync(f"jdeq checkpoint quarantine {step} after")
+    manager.reload()
+    return str(dest)
+
+
+def restore_checkpoint(directory: str | os.PathLike, like: Any, *, step: int | None = None) -> Checkpoint | None:
+    """Reads a verified checkpoint of ``directory`` into the structure of ``like``.
+
+    With ``step=None``, the newest checkpoint that passes the checks (commit marker, readable
+    meta and arrays, checksums) is returned; each bad one met on the way is moved to
+    ``<directory>/corrupt/`` with a ``RuntimeWarning`` naming its step and the reason (so a run
+    can write that step again). None when there is no usable checkpoint (after a warning if
+    some were bad). With several processes every process calls it; they agree on the verdicts.
+
+    Args:
+      directory: the checkpoint directory.
+      like: a pytree of arrays (or ``jax.ShapeDtypeStruct``) with the structure, shapes and
+        dtypes of the saved tree; the restored arrays take the shardings of its leaves.
+      step: a given step to read instead (nothing is moved; a bad one raises).
+
+    Returns:
+      A :class:`Checkpoint` ``(step, tree, meta)``, or None.
+
+    Raises:
+      CheckpointError: ``step`` is given and that checkpoint is bad.
+      FileNotFoundError: ``step`` is given and not in ``directory``.
+      ValueError: the checkpoint holds arrays of other shapes or dtypes than ``like``.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> _ = save_checkpoint(d, 3, {"w": jnp.ones(2)})
+      >>> restore_checkpoint(d, {"w": jnp.zeros(2)}).tree["w"].tolist()
+      [1.0, 1.0]
+      >>> restore_checkpoint(tempfile.mkdtemp(), {"w": jnp.zeros(2)}) is None
+      True
+    """
+    _check_directory(directory)
+    if step is not None:
+        _check_step(step)
+    leaves, treedef = _leaves(like, "like"), jax.tree_util.tree_structure(like)
+    if step is None and not os.path.isdir(directory):
+        return None
+    ocp, manager = _manager(directory)
+
+    def result(found_step, restored, meta):
+        return Checkpoint(int(found_step), jax.tree_util.tree_unflatten(treedef, restored), meta)
+
+    if step is not None:
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"`step`={step} is not a checkpoint of {str(manager.directory)!r} "
+                                    f"(steps {sorted(manager.all_steps())}).")
+        return result(step, *_read_agreed(ocp, manager, step, leaves))
+    bad = []
+    for found in sorted(manager.all_steps(), reverse=True):
+        try:
+            return result(found, *_read_agreed(ocp, manager, found, leaves))
+        except CheckpointError as e:
+            bad.append(found)
+            dest = _quarantine(ocp, manager, found)
+            warnings.warn(
+                f"checkpoint directory {str(manager.directory)!r}: the checkpoint of step {found} is "
+                f"corrupt ({e}); moved to {dest!r}, trying the previous one.",
+                RuntimeWarning, stacklevel=2,
+            )
+    if bad:
+        warnings.warn(
+            f"checkpoint directory {str(manager.directory)!r}: no usable checkpoint (steps {bad} were "
+            "corrupt): training starts again from step 0.",
+            RuntimeWarning, stacklevel=2,
+        )
+    return None
