@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -25,21 +27,25 @@
 # * `jdeq.nnx.DEQ(cell, solver=Anderson(maxiter=L, tol=1e-12), gradient=...)`: a DEQ whose solver
 #   runs exactly L iterations, with the `Implicit` or `Phantom(steps=5)` gradient.
 #
-# **Running on Colab.** The first code cell installs jdeq with pip only on Colab; set `JDEQ_REPO`
-# to the jdeq repository's git URL first (a placeholder here: the public address is not fixed yet).
+# **Running on Colab.** The first code cell is a form: when jdeq is not importable (a fresh
+# Colab runtime) it installs `jdeq[notebook]` with pip from the git repository in its `JDEQ_REPO`
+# field; anywhere jdeq is installed already (this repository's `.venv`, say) it does nothing. The
+# field defaults to the repository URL in jdeq's `pyproject.toml`; point it at a fork or a branch
+# (`https://github.com/USER/jdeq@BRANCH`) if needed. The next cell prints the backend.
 
 # %%
+#@title Install jdeq (only where it is missing) { display-mode: "form" }
+JDEQ_REPO = "https://github.com/jdeq-dev/jdeq"  #@param {type:"string"}
+import importlib
+import importlib.util
 import os
+import subprocess
 import sys
 
-JDEQ_REPO = "https://github.com/OWNER/jdeq"  # placeholder: replace with the jdeq repository's URL
-if "google.colab" in sys.modules:  # only on Colab: install jdeq from the repository
-    import subprocess
-
-    if "OWNER" in JDEQ_REPO:
-        raise ValueError("Set JDEQ_REPO above to the jdeq repository's git URL, then run this cell again.")
-
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{JDEQ_REPO}"], check=True)
+if importlib.util.find_spec("jdeq") is None:  # a fresh runtime: install jdeq from the repository
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"jdeq[notebook] @ git+{JDEQ_REPO}"],
+                   check=True)
+    importlib.invalidate_caches()
 
 # %% [markdown]
 # ## Backend and sizes
