@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 import jdeq
-from jdeq.experiments import argtypes as T
+from jdeq import argtypes as T
 from benchmarks import _common as C
 
 FORWARD = jdeq.Anderson(memory=5, tol=1e-4, maxiter=50, stop_mode="abs")

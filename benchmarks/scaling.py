@@ -50,7 +50,7 @@ from flax import nnx  # noqa: E402
 import optax  # noqa: E402
 
 import jdeq  # noqa: E402
-from jdeq.experiments import argtypes as T  # noqa: E402
+from jdeq import argtypes as T  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 
 COLUMNS = [

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 import jdeq
-from jdeq.experiments import argtypes as T
+from jdeq import argtypes as T
 from benchmarks import _common as C
 
 TOL, MAXITER, STOP = 1e-4, 50, "rel"

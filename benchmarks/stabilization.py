@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 import jdeq
-from jdeq.experiments import argtypes as T
+from jdeq import argtypes as T
 from benchmarks._common import flush_print, format_table, header, machine, out_dir_arg, write_json
 from jdeq.data import digits
 

@@ -45,7 +45,7 @@ from flax import nnx
 import jdeq
 from jdeq import train as T
 from jdeq.data import arithmetic as A
-from jdeq.experiments import argtypes
+from jdeq import argtypes
 from jdeq.models.transformer import LSTMClassifier, TiedTransformerClassifier, TransformerClassifier
 
 __all__ = ["Config", "EXPERIMENTS", "FULL", "GRADIENTS", "QUICK", "build_model", "main", "run"]
