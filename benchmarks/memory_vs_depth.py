@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 import jdeq
-from jdeq.experiments import argtypes as T
+from jdeq import argtypes as T
 from benchmarks import _common as C
 
 METHODS = ("unrolled", "unrolled+remat", "deq-implicit", "deq-phantom5", "deq-jfb", "deq-unrolled")
@@ -129,18 +129,15 @@ def measure(setting: C.Setting, method: str, depth: int, *, steps: int, warmup: 
 
 def run_rows(settings, methods, depths, time_depths, *, steps, warmup, verbose=True):
     rows = []
+    total = len(settings) * len(methods) * len(depths)
     for setting in settings:
         for method in methods:
             for depth in depths:
                 timed = depth in time_depths.get(setting.name, ())
                 row = measure(setting, method, depth, steps=steps, warmup=warmup, timed=timed)
                 rows.append(row)
-                if verbose:
-                    step = f"{row['step_ms']:.2f} ms" if row["step_ms"] is not None else "-"
-                    C.flush_print(
-                        f"  {setting.name:4s} {method:15s} L={depth:<5d} temp {row['temp_bytes'] / C.MiB:9.3f} MiB  "
-                        f"compile {row['compile_s']:.2f}s  step {step}"
-                    )
+                if verbose:  # progress only (to stderr): the numbers are in the table printed last
+                    print(f"  [{len(rows)}/{total}] {setting.name} {method} L={depth}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -194,19 +191,30 @@ def targets(rows, *, setting: str = "mlp", at: int = 128) -> dict[str, Any]:
     return out
 
 
+PLOT_MIN_BYTES = 1024  # smaller temp sizes (68 bytes: a depth-1 unrolled step keeps no buffer) are not plotted
+
+
 def plot(rows, path, settings):
+    """Compiled temp memory vs depth, log-log. Points under 1 KiB (scalars, no real buffer) are
+    left out, so the log axis spans the flat and the growing lines rather than 7 decades."""
     series = {}
+    dropped = []
     for r in rows:
         label = r["method"] if len(settings) == 1 else f"{r['setting']}: {r['method']}"
         xs, ys = series.setdefault(label, ([], []))
+        if r["temp_bytes"] < PLOT_MIN_BYTES:
+            dropped.append(f"{label} L={r['depth']}")
+            continue
         xs.append(r["depth"])
-        ys.append(max(r["temp_bytes"], 1) / C.MiB)
+        ys.append(r["temp_bytes"] / C.MiB)
     styles = {k: STYLES.get(k.split(": ")[-1], "o-") for k in series}
+    note = f"\n(not shown, temp < 1 KiB: {', '.join(dropped)})" if dropped else ""
     return C.plot_lines(
         path, series, styles=styles,
         xlabel="effective depth L (unrolled layers / DEQ solver iterations)",
         ylabel="compiled temp memory of the training step (MiB)",
-        title="Training-step memory vs depth (XLA memory_analysis)\n" + "; ".join(s.description for s in settings),
+        title="Training-step memory vs depth (XLA memory_analysis)\n" + "; ".join(s.description for s in settings)
+        + note,
     )
 
 
@@ -225,6 +233,18 @@ def table(rows) -> str:
                       "output_mib": r["output_bytes"] / C.MiB,
                       "peak_mib": r["peak_bytes"] / C.MiB if r["peak_bytes"] else None})
     return C.format_table(shown, COLUMNS)
+
+
+def table_notes(rows, backend: str) -> list[str]:
+    """What a '-' in the table means on this backend."""
+    notes = ["table ('-': not measured here):"]
+    if all(not r["peak_bytes"] for r in rows):
+        notes.append(f"  peak MiB: the {backend} backend reports no device memory statistics "
+                     "(jax.Device.memory_stats() returns none), so only XLA's compiled sizes (temp/arg/out MiB) "
+                     "are measured; GPU and TPU report a peak.")
+    if any(r["step_ms"] is None for r in rows):
+        notes.append("  step ms: depth not timed (--time-depths; on CPU a subset by default).")
+    return notes
 
 
 def target_lines(t: dict[str, Any]) -> list[str]:
@@ -335,6 +355,8 @@ def main(argv=None) -> dict[str, Any]:
     for s in settings:
         for line in target_lines(summary[s.name]):
             C.flush_print(line)
+    for line in table_notes(rows, info["backend"]):  # the legend, then the table last
+        C.flush_print(line)
     C.flush_print(table(rows))
     return doc
 
