@@ -81,7 +81,7 @@ def test_fresh_runtime_installs_and_runs_quickstart(tmp_path, monkeypatch):
 
     nb = jupytext.read(ROOT / "notebooks" / "01_quickstart.py")
     first = next(c for c in nb.cells if c.cell_type == "code")
-    first.source, n = PARAM.subn(f'JDEQ_REPO = "file://{clone}"  #@param {{type:"string"}}', first.source)
+    first.source, n = PARAM.subn(f'JDEQ_REPO = "file://localhost{clone}"  #@param {{type:"string"}}', first.source)
     assert n == 1
     workdir = tmp_path / "work"  # not the checkout: `import jdeq` must find the installed copy
     workdir.mkdir()

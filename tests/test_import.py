@@ -51,3 +51,13 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(e)
     else:
         raise AssertionError("jdeq.no_such_thing did not raise AttributeError")
+
+
+def test_import_time_benchmark_runs(tmp_path, capsys):
+    from benchmarks import import_time
+
+    doc = import_time.main(["--rounds", "1", "--out", str(tmp_path)])
+    (row,) = doc["rows"]
+    assert row["variant"] == "current" and row["base_ms"] > 0 and row["jdeq_ms"] > 0
+    assert (tmp_path / "import_time.json").is_file() and (tmp_path / "import_time.png").is_file()
+    assert capsys.readouterr().out.strip().splitlines()[-1].lstrip().startswith("current")
