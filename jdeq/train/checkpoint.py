@@ -40,17 +40,13 @@ Example:
 from __future__ import annotations
 
 import os
-import time
 import warnings
-import zlib
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jdeq.train.sharding import host_value
+from jdeq.train._checksum import fingerprint, mismatch
 
 __all__ = ["Checkpoint", "CheckpointError", "checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
 
@@ -76,96 +72,6 @@ class Checkpoint(NamedTuple):
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: unfinished, unreadable or failing its checksums."""
-
-
-# ----------------------------------------------------------------------------- checksums
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The values of ``x`` as uint32 words (64-bit types: two words per entry)."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    size = np.dtype(x.dtype).itemsize
-    if x.dtype == jnp.bool_ or size == 1:
-        return x.astype(jnp.uint8).astype(jnp.uint32)
-    if size == 2:
-        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 4 bytes: same shape; 8: (..., 2)
-
-
-def _fmix(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: every input bit affects every output bit."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-    """A uint32 checksum of ``x``'s values and their positions, the same for any layout.
-
-    Each word is mixed with its flat (C-order) position and summed modulo 2**32: integer
-    addition is associative, so XLA may reduce the shards in any order and across processes
-    (one all-reduce) and every process gets the same value.
-    """
-    w = _words(x)
-    pos = jnp.zeros(w.shape, jnp.uint32)
-    stride = 1
-    for d in reversed(range(w.ndim)):
-        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
-        stride *= w.shape[d]
-    return jnp.sum(_fmix(w ^ _fmix(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(1))), dtype=jnp.uint32)
-
-
-def _readable(x) -> bool:
-    """Whether this process can read all of ``x`` without communication."""
-    return not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated
-
-
-def _crc32(x) -> int:
-    a = np.require(host_value(x), requirements="C")  # (ascontiguousarray makes 0-d 1-d)
-    return zlib.crc32(a.reshape(-1).view(np.uint8))
-
-
-def _device_hash(x: jax.Array) -> int:
-    out = None
-    if isinstance(x.sharding, NamedSharding):  # the scalar result replicated: every process reads it
-        out = NamedSharding(x.sharding.mesh, PartitionSpec())
-    h = jax.jit(_hash32, out_shardings=out)(x)
-    if not _readable(h):
-        from jax.experimental import multihost_utils
-
-        h = multihost_utils.process_allgather(h)[0]
-    return int(host_value(h))
-
-
-def _fingerprint(leaves) -> list[dict]:
-    """Shape, dtype and checksum (``crc32`` or, for arrays split over processes, ``hash32``)."""
-    out = []
-    for x in leaves:
-        entry = {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
-        if _readable(x):
-            entry["crc32"] = _crc32(x)
-        else:
-            entry["hash32"] = _device_hash(x)
-        out.append(entry)
-    return out
-
-
-def _check_leaf(x, entry: dict) -> bool:
-    """Whether ``x`` matches a saved fingerprint entry (whatever its layout now)."""
-    if (list(np.shape(x)), str(np.dtype(x.dtype))) != (list(entry["shape"]), str(entry["dtype"])):
-        return False
-    if entry.get("hash32") is not None:
-        return _device_hash(jnp.asarray(x)) == int(entry["hash32"])
-    if entry.get("crc32") is not None:
-        if not _readable(x):  # saved whole, restored split: gather it (all processes do)
-            from jax.experimental import multihost_utils
-
-            x = multihost_utils.process_allgather(x, tiled=True)
-        return _crc32(x) == int(entry["crc32"])
-    return True  # written by an older jdeq without a checksum for this array
 
 
 # ----------------------------------------------------------------------------- orbax
@@ -259,7 +165,7 @@ def save_checkpoint(
     ocp, manager = _manager(directory, keep)
     if step in manager.all_steps():
         return False
-    record = {"step": int(step), "leaves": _fingerprint(leaves), "meta": dict(meta or {})}
+    record = {"step": int(step), "leaves": fingerprint(leaves), "meta": dict(meta or {})}
     manager.save(
         int(step),
         args=ocp.args.Composite(
@@ -303,9 +209,9 @@ def _read(ocp, manager, step: int, leaves: list) -> tuple[list, dict]:
         restored = list(restored["state"]["leaves"])
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on damaged files
         raise CheckpointError(f"unreadable arrays ({type(e).__name__}: {str(e)[:200]})") from e
-    for i, (x, entry) in enumerate(zip(restored, expected)):
-        if not _check_leaf(x, entry):
-            raise CheckpointError(f"checksum mismatch in array {i} of {len(expected)}")
+    bad = mismatch(restored, expected)
+    if bad is not None:
+        raise CheckpointError(f"checksum mismatch in array {bad} of {len(expected)}")
     return restored, meta
 
 
@@ -340,7 +246,12 @@ def _read_agreed(ocp, manager, step: int, leaves: list):
 def _quarantine(ocp, manager, step: int) -> str:
     """Moves checkpoint ``step`` to the ``corrupt/`` subfolder; returns its new path."""
     path = manager.directory / ocp.step.standard_name_format().build_name(step)
-    dest = manager.directory / _BAD / f"{path.name}-{time.time_ns()}"
+    # a name every process derives alike (all see the same folder): "<step>-<k>", k unused so far
+    taken = set(os.listdir(manager.directory / _BAD)) if (manager.directory / _BAD).is_dir() else set()
+    k = len(taken)
+    while f"{path.name}-{k}" in taken:
+        k += 1
+    dest = manager.directory / _BAD / f"{path.name}-{k}"
     _sync(f"jdeq checkpoint quarantine {step} before")
     if jax.process_index() == 0:
         dest.parent.mkdir(parents=True, exist_ok=True)
