@@ -224,3 +224,143 @@ def test_jac_reg_bad_arguments(data, vec_data):
         T.fit(_Tiny(), optax.adam(1e-3), data, steps=1, batch_size=8, jac_reg=T.JacReg(gamma=1.0))
     with pytest.raises(TypeError, match="jac_reg"):
         T.fit(_TinyDEQ(), optax.adam(1e-3), vec_data, steps=1, batch_size=8, jac_reg=1.0)
+
+
+# ----------------------------------------------------------------------------- the pieces: step, checkpoints
+
+
+@pytest.mark.parametrize("jac_reg", [None, T.JacReg(gamma=1.0, prob=0.5)], ids=["plain", "jac_reg"])
+def test_own_loop_over_make_train_step_equals_fit(vec_data, jac_reg):
+    """A user's loop over the public step and batch stream reaches fit's parameters bit for bit
+    (also with a Jacobian penalty drawn on half the steps: the step's key is fit's)."""
+    opt, kw = optax.adam(1e-2), dict(steps=5, batch_size=32, seed=5)
+    fitted = _TinyDEQ()
+    hist = T.fit(fitted, opt, vec_data, jac_reg=jac_reg, log_every=1, progress=False, **kw)
+
+    model = _TinyDEQ()
+    state = T.TrainState.create(model, opt)
+    train_step = jax.jit(T.make_train_step(T.classification_loss, opt, jac_reg=jac_reg, key=jax.random.key(5)))
+    losses = []
+    for k in range(kw["steps"]):
+        idx = T.batch_indices(96, kw["batch_size"], k, seed=kw["seed"])
+        state, metrics = train_step(state, {name: v[idx] for name, v in vec_data.items()})
+        losses.append(float(metrics["loss"]))
+    nnx.update(model, state.params)
+    assert int(state.step) == 5
+    assert losses == [r["loss"] for r in hist.train]
+    for a, b in zip(_params(model), _params(fitted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _mse(model, batch):
+    loss = jax.numpy.mean((model(batch["x"]) - batch["y"]) ** 2)
+    return loss, {"loss": loss}
+
+
+class _NaNState(optax.GradientTransformation):
+    """Passes the gradients through, but its state turns NaN at the first update."""
+
+    def __new__(cls):
+        return super().__new__(cls, lambda p: {"s": jax.numpy.zeros(())},
+                               lambda g, s, p=None: (g, {"s": s["s"] * jax.numpy.nan}))
+
+
+@pytest.mark.parametrize("bad", ["loss_and_grads", "new_params", "new_opt_state"])
+def test_step_skips_a_nonfinite_step_and_keeps_the_state(bad):
+    x, y = jax.numpy.ones((4, 2)), jax.numpy.zeros((4, 1))
+    opt = {"new_params": optax.sgd(1e38), "new_opt_state": optax.chain(optax.sgd(0.1), _NaNState())}.get(
+        bad, optax.sgd(0.1))
+    state = T.TrainState.create(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), opt)
+    step = jax.jit(T.make_train_step(_mse, opt))
+    batch = {"x": x.at[0, 0].set(jax.numpy.nan) if bad == "loss_and_grads" else x * 1e3, "y": y}
+    new, metrics = step(state, batch)
+    assert float(metrics["skipped"]) == 1.0 and int(new.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
+                    jax.tree_util.tree_leaves((new.params, new.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    if bad == "loss_and_grads":  # a finite batch afterwards trains as usual
+        new, metrics = step(new, {"x": x, "y": y})
+        assert float(metrics["skipped"]) == 0.0 and int(new.step) == 2
+        assert not np.array_equal(new.params["kernel"][...], state.params["kernel"][...])
+
+
+def test_step_bad_arguments():
+    with pytest.raises(TypeError, match="loss_fn"):
+        T.make_train_step("xent", optax.sgd(0.1))
+    with pytest.raises(TypeError, match="optimizer"):
+        T.make_train_step(_mse, "sgd")
+    with pytest.raises(TypeError, match="jac_reg"):
+        T.make_train_step(_mse, optax.sgd(0.1), jac_reg=1.0)
+    with pytest.raises(TypeError, match="model"):
+        T.TrainState.create("net", optax.sgd(0.1))
+    net = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    net.bias[...] = net.bias[...].at[0].set(np.inf)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) parameters at \['bias'\]"):
+        T.TrainState.create(net, optax.sgd(0.1))
+
+
+def test_checkpoint_round_trip_keep_and_errors(tmp_path):
+    jnp = jax.numpy
+    tree = {"f32": jnp.linspace(0, 1, 6).reshape(2, 3), "bf16": jnp.arange(4, dtype=jnp.bfloat16) / 3,
+            "i32": jnp.int32(-7), "u8": jnp.arange(5, dtype=jnp.uint8), "flag": jnp.array([True, False])}
+    like = jax.tree.map(jnp.zeros_like, tree)
+    assert T.checkpoint_steps(tmp_path / "none") == [] and T.restore_checkpoint(tmp_path / "none", like) is None
+    def at(step):  # the tree's values at a step, of the same dtypes
+        return jax.tree.map(lambda a: a ^ (step % 2 == 1) if a.dtype == bool else a + step, tree)
+
+    for step in (1, 2, 3):
+        assert T.save_checkpoint(tmp_path, step, at(step), meta={"step": step}, keep=2)
+    assert not T.save_checkpoint(tmp_path, 3, tree, keep=2)  # an existing step is left as is
+    assert T.checkpoint_steps(tmp_path) == [2, 3]
+    got = T.restore_checkpoint(tmp_path, like)
+    assert got.step == 3 and got.meta == {"step": 3}
+    for a, b in zip(jax.tree_util.tree_leaves(got.tree), jax.tree_util.tree_leaves(at(3))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert T.restore_checkpoint(tmp_path, like, step=2).meta == {"step": 2}
+    with pytest.raises(FileNotFoundError, match="`step`=1"):
+        T.restore_checkpoint(tmp_path, like, step=1)
+    with pytest.raises(ValueError, match="another model"):
+        T.restore_checkpoint(tmp_path, {**like, "f32": jnp.zeros((3, 2))})
+    # a given step that fails its checksum raises and is not moved
+    (tmp_path / "3" / "meta" / "metadata").write_text("{")
+    with pytest.raises(T.CheckpointError, match="unreadable meta"):
+        T.restore_checkpoint(tmp_path, like, step=3)
+    assert T.checkpoint_steps(tmp_path) == [2, 3]
+    with pytest.warns(RuntimeWarning, match="checkpoint of step 3 is corrupt"):
+        assert T.restore_checkpoint(tmp_path, like).step == 2
+    assert [p.name for p in (tmp_path / "corrupt").iterdir()] == ["3-0"]
+    with pytest.raises(TypeError, match="directory"):
+        T.save_checkpoint(3, 1, tree)
+    with pytest.raises(ValueError, match="step"):
+        T.save_checkpoint(tmp_path, -1, tree)
+    with pytest.raises(TypeError, match="meta"):
+        T.save_checkpoint(tmp_path, 5, tree, meta=[1])
+    with pytest.raises(TypeError, match="tree"):
+        T.save_checkpoint(tmp_path, 5, {"a": "text"})
+
+
+def test_split_array_checksum_depends_on_values_and_positions(x64):
+    from jdeq.train import _checksum
+
+    jnp = jax.numpy
+    x = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4)
+    h = _checksum._device_hashes([x, x.T.T, x.reshape(4, 3), x.at[1, 2].add(1e-6), jnp.flip(x, 1)])
+    # the same values in the same (C) order hash alike, whatever the shape (the fingerprint
+    # checks shapes on their own); one changed ulp or swapped entries do not
+    assert h[0] == h[1] == h[2] and len(set(h[2:])) == 3
+    wide = [jnp.arange(1, 4).astype(d) for d in (jnp.float64, jnp.bfloat16, jnp.int8)] + [jnp.array([True, False])]
+    assert len(set(_checksum._device_hashes(wide))) == 4  # 8-, 2- and 1-byte types hash too
+    # and a checkpoint stores crc32 for arrays readable here (hash32 is for split ones)
+    assert set(_checksum.fingerprint([x])[0]) == {"shape", "dtype", "crc32"}
+    assert _checksum.mismatch([x], _checksum.fingerprint([x])) is None
+    assert _checksum.mismatch([x + 1], _checksum.fingerprint([x])) == 0
+
+
+def test_import_jdeq_train_does_not_load_orbax():
+    import subprocess
+    import sys
+
+    code = "import sys, jdeq.train; print(sorted(m for m in sys.modules if m.split('.')[0] == 'orbax'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

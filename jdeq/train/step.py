@@ -74,7 +74,7 @@ class TrainState:
             raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if not bool(all_finite(params)):  # one reduction; names only on failure
-            bad = [jax.tree_util.keystr(p, simple=True, separator=".")
+            bad = [jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value")
                    for p, x in jax.tree_util.tree_leaves_with_path(params) if not bool(jnp.all(jnp.isfinite(x)))]
             raise ValueError(f"`model` has non-finite (NaN/inf) parameters at {bad}; re-initialize them.")
         return cls(graphdef, params, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
