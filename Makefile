@@ -1,10 +1,10 @@
-# The README's two set-up commands for a fresh machine. Each creates .venv if missing and
-# installs what it needs into it.
+# The README's set-up commands for a fresh machine. Each creates .venv if missing and installs
+# what it needs into it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: bench test
+.PHONY: bench test test-suite test-floors docs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,7 +14,23 @@ bench: $(PY)
 	$(PIP) install -e ".[bench]"
 	$(PY) -m benchmarks.memory_vs_depth
 
-# The whole test suite on all cores (pytest exits non-zero on failures and on "no tests").
-test: $(PY)
+# Everything CI runs (.ci/run): the test suite with the docstring examples, then the
+# minimum-versions job.
+test: test-suite test-floors
+
+# The test suite (including the docs build, the notebooks and the simulated Colab install) and
+# every docstring example under jdeq/, on all cores. pytest exits non-zero on failures and on
+# "no tests".
+test-suite: $(PY)
 	$(PIP) install -e ".[dev]"
-	$(PY) -m pytest -n auto -q
+	$(PY) -m pytest -n auto -q tests jdeq --doctest-modules
+
+# The core tests and the README example at the exact floors of pyproject.toml, in a venv of
+# their own (cached under .cache/floors; the first run downloads the wheels).
+test-floors: $(PY)
+	$(PY) .ci/floors.py
+
+# The API reference site (mkdocs.yml) into site/.
+docs: $(PY)
+	$(PIP) install -e ".[docs]"
+	$(VENV)/bin/mkdocs build --strict --site-dir site

@@ -24,16 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
-# The core tests (solvers, gradients, Flax layers, jaxopt adapter, training loop and
-# checkpoint/resume) and the README example: together they touch every floor.
+# The core tests (solvers, gradients, Flax layers, jaxopt adapter, lean import), the README
+# example (fit, optax, tqdm) and checkpoint/resume (orbax): together they touch every floor.
 DEFAULT_TESTS = [
     "tests/test_readme.py",
     "tests/test_solvers.py",
     "tests/test_gradients.py",
     "tests/test_flax.py",
     "tests/test_jaxopt_solver.py",
-    "tests/test_train.py",
     "tests/test_import.py",
+    "tests/test_train.py::test_resume_equals_uninterrupted",
 ]
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5"]
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     pins = floors()
     print("floors:", " ".join(pins), flush=True)
     venv = venv_for(pins)
-    args = argv or [*DEFAULT_TESTS, "-q", "-p", "no:cacheprovider"]
+    args = argv or [*DEFAULT_TESTS, "-q", "-p", "no:cacheprovider", "-n", "auto"]
     cmd = [str(venv / "bin" / "python"), "-m", "pytest", *args]
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT).returncode

@@ -184,8 +184,9 @@ graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 def grads_with(gradient, solver, params):
     def loss(p):
         m = nnx.merge(graphdef, p, rest)
-        m.deq.gradient, m.deq.solver = gradient, solver
-        return loss_fn(m, x, y)[0]
+        deq = jdeq.nnx.DEQ(m.deq.cell, solver=solver, gradient=gradient)  # same cell, other configs
+        z, _ = deq(x)
+        return jnp.mean((m.head(z) - y) ** 2)
 
     g = jax.grad(loss)(params)
     return jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(g)])

@@ -173,10 +173,11 @@ print(f"converged: {np.mean(stats.converged):.2f}; accuracy converged {ok[stats.
       f"not converged {ok[~stats.converged].mean() if (~stats.converged).any() else float('nan'):.3f}")
 
 deq = models["deq"]
-solver = deq.core.solver
-deq.core.solver = dataclasses.replace(solver, trace=True, maxiter=32)
+core = deq.core  # the same cell in a DEQ whose solver records its residual trace
+deq.core = jdeq.nnx.DEQ(core.cell, solver=dataclasses.replace(core.solver, trace=True, maxiter=32),
+                        gradient=core.gradient)
 _, traced = jdeq.train.predict(deq, test.tokens[:16], batch_size=16)
-deq.core.solver = solver
+deq.core = core
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
 axes[0].plot(centers, bin_acc, "o-", label="accuracy in residual bin")

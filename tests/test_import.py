@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import jdeq
 
 NOT_ON_IMPORT = ["jaxopt", "orbax", "jdeq.train", "jdeq.data", "jdeq.experiments"]
@@ -54,6 +56,7 @@ def test_unknown_attribute_is_an_attribute_error():
 
 
 def test_import_time_benchmark_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the benchmarks' plots (not in the minimum-versions venv)
     from benchmarks import import_time
 
     doc = import_time.main(["--rounds", "1", "--out", str(tmp_path)])
