@@ -156,8 +156,7 @@ def save_checkpoint(
     """
     _check_directory(directory)
     _check_step(step)
-    _check_step(keep, "keep")
-    if keep < 1:
+    if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 1:
         raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"`meta` must be None or a dict, got {type(meta).__name__}.")
