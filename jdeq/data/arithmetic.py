@@ -1,34 +1,38 @@
-"""Random symbolic arithmetic expressions mod 10, with a controllable nesting depth.
+"""Random symbolic arithmetic expressions whose nesting depth is the only thing that varies.
 
-Each example is an expression over the digits ``0-9``, the operators ``+ - *`` and parentheses,
-written one character per token, e.g. ``"3*(4-(7+2)*5)+1"``. Its label is its value mod 10
-(Python's ``eval(text) % 10``; arithmetic in Z/10 is exact, so every subexpression has a value),
-and its *depth* is the maximum parenthesis nesting depth. Deeper expressions need more sequential
-computation to evaluate, which makes the task a small probe of a model's effective depth (the
-"infinite depth" of a deep equilibrium model).
+Each example is an expression over the digits ``0-9``, the operators ``+ -`` and parentheses,
+written one character per token, e.g. ``"3-(4+(7-2)-5)+1"``. Its *depth* is the maximum
+parenthesis nesting depth, and the default label is its exact value, kept in ``[0, 9]``
+(Python's ``eval(text)``; see ``target`` below for the other labels).
 
-Every expression has exactly the same number of tokens. Each production of the grammar
-``E -> digit | E op E | ( E )`` keeps the length odd, so for an even ``length`` the expression
-has ``length - 1`` tokens and one ``<pad>`` token (id 0) follows it.
+**Depth is not confounded with size.** All the expressions of one dataset have the same number
+of digits (``operands``) and of operators (``operands - 1``); only the parenthesisation changes.
+Depth 0 is a flat chain ``a+b-c+...``; depth ``k`` nests exactly ``k`` pairs of parentheses, one
+inside the other, e.g. ``a-(b+c-(d-e))+f`` at depth 2. Every pair encloses an operator and
+leaves an operand outside it at its own level (no redundant pair such as ``((7))`` or ``(a+b)``
+around a whole level), so depth ``k`` needs ``operands >= k + 2``. With ``+`` and ``-`` only, the
+nesting is what makes the task hard: the sign of each digit is the product of the signs in front
+of the groups that enclose it, a chain of ``k + 1`` dependent steps at depth ``k``.
 
-How the depth is controlled: the depth of each example is drawn first (uniformly over
-``[min_depth, max_depth]``, or from ``depth_weights``), then an expression of exactly that
-depth and length is built top-down. An expression of depth ``d > 0`` is a chain
-``operand op operand op ...`` with one *deep* operand ``( E' )``, ``E'`` of depth ``d - 1`` and
-a random odd length, plus other operands filling the remaining budget: single digits, or
-parenthesized groups of a random depth ``<= d``. So each depth is hit exactly, at any fixed
-length that can hold it (depth ``d`` needs ``2d + 1 <= length``). Up to
-:func:`default_max_depth` (7 for length 32) every parenthesis pair encloses an operator; deeper
-expressions need redundant pairs such as ``((7))``, since the length is fixed.
+Tokens: depth ``k`` has ``2 * operands - 1 + 2k`` tokens, right-padded with ``<pad>`` (id 0) to
+``length``. When only ``length`` is given, ``operands`` is the largest count that fits the
+deepest requested depth, and the default deepest depth is :func:`default_max_depth`.
+
+Targets (``target=``), the choice justified by a sweep in ``docs/arithmetic/task.md``:
+
+- ``"range"`` (default): the exact value, with expressions drawn until their value lies in
+  ``[0, 9]`` (rejection sampling), so there are :data:`NUM_CLASSES` = 10 classes;
+- ``"value"``: the exact value, unbounded (class = value + 9 * (operands - 1));
+- ``"mod10"``: the value mod 10 (the old task; parity-like, hard to learn at this scale).
 
 Example:
   >>> from jdeq.data import arithmetic
-  >>> data = arithmetic.generate(1000, length=32, max_depth=6, seed=0)
+  >>> data = arithmetic.generate(1000, operands=7, max_depth=5, seed=0)
   >>> data.tokens.shape, data.labels.shape, int(data.depth.max())
-  ((1000, 32), (1000,), 6)
-  >>> all(eval(t) % 10 == y for t, y in zip(data.text, data.labels))
+  ((1000, 23), (1000,), 5)
+  >>> all(eval(t) == y for t, y in zip(data.text, data.labels))
   True
-  >>> train, tests = arithmetic.depth_split(data, train_max_depth=3)  # extrapolation split
+  >>> train, tests = arithmetic.depth_split(data, train_max_depth=2)  # extrapolation split
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "NUM_CLASSES",
     "PAD",
+    "DEFAULT_OPERANDS",
+    "TARGETS",
     "VOCAB",
     "Dataset",
     "by_depth",
@@ -49,21 +56,25 @@ __all__ = [
     "default_max_depth",
     "depth_split",
     "generate",
+    "num_classes",
     "train_test_split",
 ]
 
 VOCAB: tuple[str, ...] = ("<pad>", *"0123456789", "+", "-", "*", "(", ")")
-"""Token ids: ``<pad>`` = 0, digit ``k`` = ``k + 1``, then ``+ - * ( )`` (16 tokens)."""
+"""Token ids: ``<pad>`` = 0, digit ``k`` = ``k + 1``, then ``+ - * ( )`` (16 tokens; ``*`` is
+kept for stable ids but no longer generated)."""
 
 PAD = 0
 NUM_CLASSES = 10
+"""Classes of the default target ``"range"`` (values 0..9)."""
+TARGETS = ("range", "value", "mod10")
+DEFAULT_OPERANDS = 7
+"""Digits per expression when neither ``operands`` nor ``length`` is given (depths 0..5)."""
 
 _LUT = np.zeros(256, np.int32)
 for _i, _c in enumerate(VOCAB[1:], start=1):
     _LUT[ord(_c)] = _i
 _DIGITS = "0123456789"
-_OPS = "+-*"
-_GROUP_PROB = 0.3  # chance that a filler operand is a parenthesized group rather than a digit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +83,12 @@ class Dataset:
 
     Attributes:
       tokens: int32 ``(n, length)``, token ids (see :data:`VOCAB`), right-padded with ``PAD``.
-      labels: int32 ``(n,)``, the value of the expression mod 10.
+      labels: int32 ``(n,)``, the class of each expression (see the module's targets).
       depth: int32 ``(n,)``, the maximum parenthesis nesting depth.
       text: list of ``n`` strings, the expressions without padding.
       vocab: the vocabulary (token id -> string).
+      operands: digits per expression (the same for every example).
+      num_classes: number of label classes of the target.
     """
 
     tokens: np.ndarray
@@ -83,6 +96,8 @@ class Dataset:
     depth: np.ndarray
     text: list
     vocab: tuple = VOCAB
+    operands: int = 0
+    num_classes: int = NUM_CLASSES
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -97,13 +112,8 @@ class Dataset:
         idx = np.asarray(indices)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
-        return Dataset(
-            tokens=self.tokens[idx],
-            labels=self.labels[idx],
-            depth=self.depth[idx],
-            text=[self.text[i] for i in idx],
-            vocab=self.vocab,
-        )
+        return dataclasses.replace(self, tokens=self.tokens[idx], labels=self.labels[idx],
+                                   depth=self.depth[idx], text=[self.text[i] for i in idx])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``{"inputs": tokens, "labels": labels, "depth": depth}``, the form ``jdeq.train`` takes."""
@@ -111,14 +121,23 @@ class Dataset:
 
 
 def default_max_depth(length: int) -> int:
-    """The largest depth at which every parenthesis pair can still enclose an operator.
+    """The deepest nesting that fits ``length`` tokens: depth ``d`` needs ``d + 2`` operands,
+    hence ``4d + 3`` tokens."""
+    return max((length - 3) // 4, 0)
 
-    A depth-``d`` expression without redundant parentheses, ``a+(b+(c+...(y+z)))``, needs
-    ``4d + 3`` tokens. Deeper ones, up to ``(length - 1) // 2`` (a lone digit in ``d`` pairs of
-    parentheses), may be asked for explicitly; they contain redundant pairs such as ``((7))``.
+
+def num_classes(target: str, operands: int) -> int:
+    """Number of classes of ``target`` for expressions of ``operands`` digits.
+
+    Args:
+      target: one of :data:`TARGETS`.
+      operands: digits per expression.
+
+    Returns:
+      10 for ``"range"`` and ``"mod10"``; ``18 * operands - 8`` (values ``-9 (operands - 1)``
+      .. ``9 operands``) for ``"value"``.
     """
-    n = length if length % 2 else length - 1
-    return max((n - 3) // 4, 0)
+    return 18 * operands - 8 if target == "value" else NUM_CLASSES
 
 
 def decode(tokens) -> str:
@@ -135,70 +154,34 @@ def decode(tokens) -> str:
 # ----------------------------------------------------------------------------- generation
 
 
-def _chain_value(vals: Sequence[int], ops: Sequence[str]) -> int:
-    """Value mod 10 of ``v0 op1 v1 op2 v2 ...`` with ``*`` binding tighter, left to right."""
-    total, sign, term = 0, 1, vals[0]
-    for op, v in zip(ops, vals[1:]):
-        if op == "*":
-            term = term * v % 10
-        else:
-            total += sign * term
-            sign, term = (1 if op == "+" else -1), v
-    return (total + sign * term) % 10
-
-
-def _chain(operands: list, rng: random.Random) -> tuple[str, int]:
-    """Joins ``(text, value)`` operands with random operators."""
-    ops = [_OPS[rng.randrange(3)] for _ in range(len(operands) - 1)]
-    parts = [operands[0][0]]
-    for op, (s, _) in zip(ops, operands[1:]):
-        parts.append(op)
-        parts.append(s)
-    return "".join(parts), _chain_value([v for _, v in operands], ops)
-
-
-def _digit(rng: random.Random) -> tuple[str, int]:
-    v = rng.randrange(10)
-    return _DIGITS[v], v
-
-
-def _odd_between(lo: int, hi: int, rng: random.Random) -> int:
-    """A uniformly random odd number in ``[lo, hi]`` (``lo`` odd, ``lo <= hi``)."""
-    return lo + 2 * rng.randrange((hi - lo) // 2 + 1)
-
-
 def _expr(n: int, d: int, rng: random.Random) -> tuple[str, int]:
-    """A random expression of exactly ``n`` tokens (odd) and depth exactly ``d`` (2d+1 <= n).
+    """``(text, value)`` of a random expression of ``n`` digits and depth exactly ``d``.
 
-    Whenever the budget allows (``n >= 4d + 3``) every parenthesis pair encloses an operator at
-    its own level; shorter budgets fall back to redundant parentheses such as ``((7))``.
+    Depth 0 is a chain of ``n`` digits. Depth ``d > 0``: a chain in which one operand is the
+    group ``( E' )``, ``E'`` of ``m`` digits and depth ``d - 1`` with ``d + 1 <= m <= n - 1``
+    (an operator inside at every level, an operand outside), at a random position.
     """
     if d == 0:
-        return _chain([_digit(rng) for _ in range((n + 1) // 2)], rng)
-    # The deep operand "( E' )" with E' of depth d - 1, of odd size s: leave room for at least
-    # one more operand (s <= n - 2) and for an operator at every level inside (s >= 4d + 1).
-    if n - 2 >= 4 * d + 1:
-        size = _odd_between(4 * d + 1, n - 2, rng)
-    elif n - 2 >= 2 * d + 1:
-        size = _odd_between(2 * d + 1, n - 2, rng)
+        items = [(c, int(c)) for c in (_DIGITS[rng.randrange(10)] for _ in range(n))]
     else:
-        size = n
-    s, v = _expr(size - 2, d - 1, rng)
-    deep = ("(" + s + ")", v)
-    others = []
-    left = n - size  # even: each filler is "op operand" of even length
-    while left > 0:
-        if left >= 6 and rng.random() < _GROUP_PROB:
-            fill = 2 * rng.randint(3, left // 2)  # operand "( E )" of fill - 1 >= 5 tokens
-            e = rng.randint(1, min(d, max(1, (fill - 2) // 4)))
-            s, v = _expr(fill - 3, e - 1, rng)
-            others.append(("(" + s + ")", v))
-        else:
-            fill = 2
-            others.append(_digit(rng))
-        left -= fill
-    others.insert(rng.randrange(len(others) + 1), deep)
-    return _chain(others, rng)
+        m = rng.randint(d + 1, n - 1)
+        s, v = _expr(m, d - 1, rng)
+        items = [(c, int(c)) for c in (_DIGITS[rng.randrange(10)] for _ in range(n - m))]
+        items.insert(rng.randrange(len(items) + 1), ("(" + s + ")", v))
+    text, value = items[0]
+    for s, v in items[1:]:
+        plus = rng.random() < 0.5
+        text += ("+" if plus else "-") + s
+        value += v if plus else -v
+    return text, value
+
+
+def _label(value: int, target: str, operands: int) -> int | None:
+    if target == "range":
+        return value if 0 <= value <= 9 else None
+    if target == "value":
+        return value + 9 * (operands - 1)
+    return value % 10
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -212,49 +195,66 @@ def _check_int(name: str, value, minimum: int) -> int:
 def generate(
     n: int,
     *,
-    length: int = 32,
+    operands: int | None = None,
+    length: int | None = None,
     min_depth: int = 0,
     max_depth: int | None = None,
     seed: int = 0,
     depth_weights: Sequence[float] | None = None,
+    target: str = "range",
 ) -> Dataset:
-    """Generates ``n`` distinct random expressions of a fixed token length.
+    """Generates ``n`` distinct random expressions with the same digits and operators count.
 
     Args:
       n: number of examples (all distinct, so any split of the result is duplicate-free).
-      length: tokens per example (expressions have ``length`` tokens when it is odd, else
-        ``length - 1`` followed by one ``<pad>``).
-      min_depth, max_depth: range of nesting depths; ``max_depth=None`` means
-        :func:`default_max_depth` ``(length)``. Depth ``d`` needs ``2d + 1 <= length``.
+      operands: digits per expression (>= 1). None: the most that fit ``length`` at
+        ``max_depth``, or :data:`DEFAULT_OPERANDS` when ``length`` is None too.
+      length: tokens per example after padding (default: the longest expression,
+        ``2 * operands - 1 + 2 * max_depth``).
+      min_depth, max_depth: range of nesting depths. ``max_depth=None`` means ``operands - 2``
+        (or :func:`default_max_depth` ``(length)`` when only ``length`` is given). Depth ``d``
+        needs ``operands >= d + 2`` (``d = 0``: one operand suffices).
       seed: the random seed (the result is a deterministic function of all arguments).
       depth_weights: optional relative frequency of each depth in ``[min_depth, max_depth]``
         (default: uniform).
+      target: the label, one of :data:`TARGETS` (see the module docstring).
 
     Returns:
-      A :class:`Dataset` with ``tokens`` ``(n, length)``, ``labels`` ``(n,)`` (``eval(text) %
-      10``), ``depth`` ``(n,)`` and ``text``.
+      A :class:`Dataset` with ``tokens`` ``(n, length)``, ``labels`` ``(n,)``, ``depth``
+      ``(n,)``, ``text``, ``operands`` and ``num_classes``.
 
     Example:
       >>> d = generate(4, length=8, seed=1)
-      >>> d.tokens.shape
-      (4, 8)
+      >>> d.tokens.shape, d.operands
+      ((4, 8), 3)
     """
     n = _check_int("n", n, 0)
-    length = _check_int("length", length, 1)
     min_depth = _check_int("min_depth", min_depth, 0)
     seed = _check_int("seed", seed, 0)
-    expr_len = length if length % 2 else length - 1
-    if expr_len < 1:
-        raise ValueError(f"`length` must be >= 1, got {length}.")
-    limit = (expr_len - 1) // 2
+    if target not in TARGETS:
+        raise ValueError(f"unknown `target` {target!r}; expected one of {TARGETS}.")
+    if max_depth is not None:
+        max_depth = _check_int("max_depth", max_depth, min_depth)
+    if length is not None:
+        length = _check_int("length", length, 1)
+    if operands is not None:
+        operands = _check_int("operands", operands, 1)
+    elif length is None:
+        operands = DEFAULT_OPERANDS
     if max_depth is None:
-        max_depth = max(default_max_depth(length), min_depth)
+        max_depth = max(operands - 2 if operands is not None else default_max_depth(length), min_depth)
     max_depth = _check_int("max_depth", max_depth, min_depth)
-    if max_depth > limit:
+    if operands is None:
+        operands = (length + 1 - 2 * max_depth) // 2
+    need = 2 * max(operands, 1) - 1 + 2 * max_depth
+    if length is not None and (need > length or operands < 1):
         raise ValueError(
-            f"`max_depth`={max_depth} does not fit in `length`={length}: depth d needs 2d+1 "
-            f"tokens, so the largest depth is {limit}."
+            f"`max_depth`={max_depth} does not fit in `length`={length}: depth d needs d+2 "
+            f"operands and 2*operands-1+2d tokens, so the largest depth is {default_max_depth(length)}."
         )
+    if max_depth > 0 and operands < max_depth + 2:
+        raise ValueError(f"`max_depth`={max_depth} needs `operands` >= {max_depth + 2}, got {operands}.")
+    length = need if length is None else length
     depths = np.arange(min_depth, max_depth + 1)
     if depth_weights is None:
         probs = np.full(len(depths), 1.0 / len(depths))
@@ -273,15 +273,16 @@ def generate(
     texts: list[str] = []
     labels: list[int] = []
     out_depth: list[int] = []
-    budget = 20 * n + 1000
+    budget = 50 * n + 1000
     while len(texts) < n:
         want = n - len(texts)
         for d in np_rng.choice(depths, size=want, p=probs):
-            s, v = _expr(expr_len, int(d), rng)
-            if s not in seen:
+            s, v = _expr(operands, int(d), rng)
+            y = _label(v, target, operands)
+            if y is not None and s not in seen:
                 seen.add(s)
                 texts.append(s)
-                labels.append(v)
+                labels.append(y)
                 out_depth.append(int(d))
         budget -= want
         if len(texts) < n and budget <= 0:
@@ -290,14 +291,15 @@ def generate(
                 f"{min_depth}..{max_depth} (only {len(texts)} found): lower `n` or raise `length`."
             )
     tokens = np.full((n, length), PAD, np.int32)
-    if n:
-        raw = np.frombuffer("".join(texts).encode("ascii"), np.uint8).reshape(n, expr_len)
-        tokens[:, :expr_len] = _LUT[raw]
+    for i, s in enumerate(texts):
+        tokens[i, : len(s)] = _LUT[np.frombuffer(s.encode("ascii"), np.uint8)]
     return Dataset(
         tokens=tokens,
         labels=np.asarray(labels, np.int32).reshape(n),
         depth=np.asarray(out_depth, np.int32).reshape(n),
         text=texts,
+        operands=operands,
+        num_classes=num_classes(target, operands),
     )
 
 
