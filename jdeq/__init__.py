@@ -10,11 +10,11 @@ The public API is this flat namespace (plus the ``jdeq.nnx``, ``jdeq.linen`` and
 
 from jdeq._correction import correction_loss, correction_weights, fixed_point_states
 from jdeq._fixed_point import fixed_point, unroll
-from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
+from jdeq._gradients import Gradient, Implicit, JacobianFree, Phantom, Unrolled
 from jdeq._hypersolver import HyperAnderson, hyper_loss, init_mixer
 from jdeq._jaxopt import JaxoptSolver
 from jdeq._regularizers import jacobian_frobenius, jacobian_penalty, spectral_radius
-from jdeq._solvers import Anderson, Broyden, FixedPointIteration
+from jdeq._solvers import Anderson, Broyden, FixedPointIteration, Solver, leaf_field
 from jdeq._splitting import (
     ForwardBackward,
     MonotoneProblem,
@@ -48,6 +48,7 @@ __all__ = [
     "Broyden",
     "FixedPointIteration",
     "ForwardBackward",
+    "Gradient",
     "HyperAnderson",
     "Implicit",
     "JacobianFree",
@@ -56,6 +57,7 @@ __all__ = [
     "PeacemanRachford",
     "Phantom",
     "Solution",
+    "Solver",
     "SolverStats",
     "Unrolled",
     "correction_loss",
@@ -68,6 +70,7 @@ __all__ = [
     "init_mixer",
     "jacobian_frobenius",
     "jacobian_penalty",
+    "leaf_field",
     "linen",
     "models",
     "monotone_fixed_point",

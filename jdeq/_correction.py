@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from jdeq._fixed_point import _check_f, raise_on_failure
 from jdeq._flatten import batch_layout
-from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
-from jdeq._solvers import Anderson, _Solver, check_maxiter
+from jdeq._gradients import Gradient, Phantom
+from jdeq._solvers import Anderson, Solver, check_maxiter
 from jdeq._stats import Solution
 
 __all__ = ["correction_loss", "correction_weights", "fixed_point_states"]
@@ -104,14 +104,15 @@ def fixed_point_states(
     Reference: Geng, Zhang, Bai, Wang & Lin, "On Training Implicit Models", NeurIPS 2021;
     Bai, Koltun & Kolter, "Deep Equilibrium Optical Flow Estimation", CVPR 2022.
     """
-    if not isinstance(solver, _Solver):
+    if not isinstance(solver, Solver):
         raise TypeError(
-            "`solver` must be jdeq.FixedPointIteration, jdeq.Anderson or jdeq.Broyden for "
-            f"fixed_point_states (snapshots are taken inside jdeq's own loop), got {solver!r}."
+            "`solver` must be a jdeq.Solver run in jdeq's own loop (FixedPointIteration, "
+            f"Anderson, Broyden or a subclass) for fixed_point_states, got {solver!r}."
         )
-    if isinstance(gradient, Unrolled) or not isinstance(gradient, (Implicit, Phantom, JacobianFree)):
+    if not isinstance(gradient, Gradient) or not gradient.uses_attach:
         raise TypeError(
-            "`gradient` must be jdeq.Phantom, jdeq.JacobianFree or jdeq.Implicit for "
+            "`gradient` must be a jdeq.Gradient defined at the fixed point (jdeq.Phantom, "
+            "jdeq.JacobianFree, jdeq.Implicit or a subclass implementing `attach`) for "
             f"fixed_point_states, got {gradient!r}."
         )
     layout = batch_layout(z0)
@@ -128,10 +129,7 @@ def fixed_point_states(
         snapshots=budgets,
     )
     values = tuple(
-        gradient.attach(
-            f, layout.unflatten(s), args, forward_solver=solver, maxiter=effective,
-            nonfinite=stats.nonfinite,
-        )
+        gradient.attach(f, layout.unflatten(s), args, solver=solver, maxiter=effective, stats=stats)
         for s in snaps
     )
     if throw:

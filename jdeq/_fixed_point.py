@@ -10,15 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdeq._flatten import batch_layout
-from jdeq._gradients import Implicit, JacobianFree, Phantom, Unrolled
-from jdeq._jaxopt import JaxoptSolver
+from jdeq._gradients import Gradient, Implicit
 from jdeq._loop import residuals
-from jdeq._solvers import Anderson, _Solver, check_maxiter
+from jdeq._solvers import Anderson, Solver, check_maxiter
 from jdeq._stats import Solution, SolverStats
 
 __all__ = ["fixed_point", "unroll"]
-
-_GRADIENTS = (Implicit, Phantom, JacobianFree, Unrolled)
 
 
 def _shapes(tree, limit: int = 200) -> str:
@@ -86,21 +83,50 @@ def raise_on_failure(stats: SolverStats) -> None:
     )
 
 
-def check_options(solver, gradient, throw) -> None:
-    """Raises ``TypeError`` unless ``solver``, ``gradient`` and ``throw`` are of the right kinds
-    (shared by :func:`fixed_point` and the Flax adapters, which check at construction)."""
-    if not isinstance(solver, (_Solver, JaxoptSolver)):
+def check_options(solver, gradient, throw, batched=True) -> None:
+    """Raises ``TypeError`` unless ``solver``, ``gradient``, ``throw`` and ``batched`` are of the
+    right kinds (shared by :func:`fixed_point` and the Flax adapters)."""
+    if not isinstance(solver, Solver):
         raise TypeError(
-            "`solver` must be jdeq.FixedPointIteration, jdeq.Anderson, jdeq.Broyden or "
-            f"jdeq.JaxoptSolver, got {solver!r}."
+            "`solver` must be a jdeq.Solver (jdeq.FixedPointIteration, jdeq.Anderson, "
+            f"jdeq.Broyden, jdeq.JaxoptSolver, ... or your own subclass), got {solver!r}."
         )
-    if not isinstance(gradient, _GRADIENTS):
+    if not isinstance(gradient, Gradient):
         raise TypeError(
-            "`gradient` must be jdeq.Implicit, jdeq.Phantom, jdeq.JacobianFree or jdeq.Unrolled, "
-            f"got {gradient!r}."
+            "`gradient` must be a jdeq.Gradient (jdeq.Implicit, jdeq.Phantom, "
+            f"jdeq.JacobianFree, jdeq.Unrolled, ... or your own subclass), got {gradient!r}."
         )
     if not isinstance(throw, bool):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
+    if not isinstance(batched, bool):
+        raise TypeError(f"`batched` must be a bool, got {batched!r}.")
+
+
+def check_batch_axis(z0, *, name: str = "z0") -> None:
+    """With ``batched=True``: raises if no leaf of ``z0`` has more than one axis, the case where
+    reading the leading axis as the batch is almost surely a mistake (per-example code under
+    ``jax.vmap`` with a 1-D state)."""
+    leaves = jax.tree_util.tree_leaves(z0)
+    if leaves and all(jnp.ndim(x) <= 1 for x in leaves):
+        shape = jnp.shape(leaves[0])
+        raise ValueError(
+            f"`{name}` has no axis beyond its leading one (first leaf of shape {shape}): with "
+            f"batched=True (the default) that axis is the batch, so this would solve "
+            f"{shape[0] if shape else 0} separate scalar problems. For one example (e.g. "
+            f"per-example code under jax.vmap) pass `batched=False`; for a batch of scalar "
+            f"problems give `{name}` a trailing axis of size 1."
+        )
+
+
+def _add_batch_axis(tree):
+    def leaf(x):  # a non-array leaf is left for batch_layout's error message
+        return jnp.asarray(x)[None] if isinstance(x, (jax.Array, np.ndarray, numbers.Number)) else x
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def _drop_batch_axis(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
 def check_depth(depth) -> None:
@@ -118,6 +144,7 @@ def fixed_point(
     gradient=Implicit(),
     maxiter=None,
     throw: bool = False,
+    batched: bool = True,
 ) -> Solution:
     """Finds ``z* = f(z*, args)`` for every example of a batch and makes it differentiable.
 
@@ -137,10 +164,18 @@ def fixed_point(
       throw: raise a ``RuntimeError`` at run time (also under ``jit``, surfacing as a
         ``JaxRuntimeError``) when any example went non-finite (the message says "non-finite")
         or did not converge (it says "did not converge").
+      batched: ``True`` (default): every leaf of ``z0`` has a leading batch axis. ``False``:
+        ``z0`` is one example (leaves of any shape, scalars included) and ``f`` is per-example
+        code; the stats' fields are then scalars. This is the mode for ``jax.vmap``: a vmapped
+        solve runs as one batch-wide loop with per-example semantics (values, stats and
+        gradients equal the batched solve's), not as JAX's generic while-loop batching. A
+        ``z0`` whose every leaf is 1-D is rejected with ``batched=True`` (it would be read as a
+        batch of scalar problems): say which one you mean.
 
     Returns:
-      A :class:`jdeq.Solution`: ``value`` (per example, the lowest-residual iterate seen) and
-      ``stats`` (a :class:`jdeq.SolverStats`).
+      A :class:`jdeq.Solution`: ``value`` (per example, ``f`` at the lowest-residual iterate
+      seen: that evaluation is already made, so ``maxiter=L`` plain iterations apply ``f``
+      exactly ``L`` times) and ``stats`` (a :class:`jdeq.SolverStats` of that iterate).
 
     Example:
       >>> import jax, jax.numpy as jnp, jdeq
@@ -150,38 +185,33 @@ def fixed_point(
       >>> bool(sol.stats.converged.all())
       True
 
+      Per-example code under ``jax.vmap``:
+
+      >>> one = lambda x: jdeq.fixed_point(f, jnp.zeros(4), {"W": p["W"], "x": x},
+      ...                                  batched=False).value
+      >>> bool(jnp.allclose(jax.vmap(one)(p["x"]), sol.value, atol=1e-6))
+      True
+
     Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
-    check_options(solver, gradient, throw)
-    layout = batch_layout(z0)
+    check_options(solver, gradient, throw, batched)
+    if batched:
+        batch_layout(z0)
+        check_batch_axis(z0)
+        fb, z0b = f, z0
+    else:  # one example: a batch of one, so that jax.vmap maps onto the batched loop
+        z0b = _add_batch_axis(z0)
+        batch_layout(z0b)
+        fb = lambda z, a: _add_batch_axis(f(_drop_batch_axis(z), a))  # noqa: E731
     _check_f(f, z0, args)
     if maxiter is not None:
         check_maxiter(maxiter)
-    unrolled = isinstance(gradient, Unrolled)
-    if unrolled:
-        static = solver.maxiter if maxiter is None else maxiter
-        if not isinstance(static, numbers.Integral):
-            raise ValueError("`maxiter` must be a static int with gradient=jdeq.Unrolled().")
-        zm, stats = solver.solve(
-            layout.wrap(f, args), layout.flatten(jax.lax.stop_gradient(z0)), static, unrolled=True
-        )
-        stats = jax.lax.stop_gradient(stats)
-        # Non-finite policy, as for the other modes: such an example gets a zero cotangent.
-        zm = jnp.where(stats.nonfinite[:, None], jax.lax.stop_gradient(zm), zm)
-        value = layout.unflatten(zm)
-    else:
-        args_ng = jax.lax.stop_gradient(args)
-        zm, stats = solver.solve(
-            layout.wrap(f, args_ng), layout.flatten(jax.lax.stop_gradient(z0)), maxiter
-        )
-        z_star = layout.unflatten(zm)
-        effective = solver.maxiter if maxiter is None else maxiter
-        value = gradient.attach(
-            f, z_star, args, forward_solver=solver, maxiter=effective, nonfinite=stats.nonfinite
-        )
+    sol = gradient.solve(fb, z0b, args, solver=solver, maxiter=maxiter)
     if throw:
-        raise_on_failure(stats)
-    return Solution(value=value, stats=stats)
+        raise_on_failure(sol.stats)
+    if not batched:
+        sol = Solution(value=_drop_batch_axis(sol.value), stats=_drop_batch_axis(sol.stats))
+    return sol
 
 
 def unroll(

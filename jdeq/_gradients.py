@@ -1,10 +1,10 @@
-"""Gradient modes of a DEQ: implicit, phantom, Jacobian-free and unrolled.
+"""Gradient modes of a DEQ: the public base class ``Gradient`` and the built-in modes.
 
 ``Implicit``, ``Phantom`` and ``JacobianFree`` attach a ``jax.custom_jvp`` to the (stop-gradient)
 fixed point: the primal value is ``z*`` itself and only the tangent rule differs, so they work in
 forward mode (``jax.jvp``) and, because every tangent rule is linear and transposable, in reverse
-mode too, including second order (Hessian-vector products). ``Unrolled`` is handled by
-:func:`jdeq.fixed_point` directly: it differentiates through the solver's iterations.
+mode too, including second order (Hessian-vector products). ``Unrolled`` overrides
+:meth:`Gradient.solve` instead: it differentiates through the solver's iterations.
 """
 
 from __future__ import annotations
@@ -18,12 +18,97 @@ import jax
 import jax.numpy as jnp
 
 from jdeq._flatten import batch_layout
-from jdeq._jaxopt import LINEAR_SOLVERS, JaxoptSolver, linear_solve
 from jdeq._loop import residuals
-from jdeq._solvers import _Solver, check_maxiter
-from jdeq._stats import SolverStats
+from jdeq._solvers import Pytree, Solver, check_maxiter
+from jdeq._stats import Solution, SolverStats
 
-__all__ = ["Implicit", "JacobianFree", "Phantom", "Unrolled"]
+__all__ = ["Gradient", "Implicit", "JacobianFree", "LINEAR_SOLVERS", "Phantom", "Unrolled"]
+
+LINEAR_SOLVERS = ("gmres", "bicgstab", "normal_cg")  # jaxopt's, imported on first use
+
+
+def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
+    """jaxopt's ``solve_<name>`` (imported here, on first use: jaxopt is not loaded by
+    ``import jdeq``).
+
+    jaxopt's inner products contract over the batch axis, which is ambiguous for Explicit mesh
+    axes (JAX asks for an output sharding); under such axes the solve runs in Auto mode
+    (``jax.sharding.auto_axes``) and returns ``b``'s layout."""
+    from jdeq._jaxopt import linear_solve as solve
+
+    run = lambda b: solve(name, matvec, b, tol=tol, maxiter=maxiter)  # noqa: E731
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return run(b)
+    specs = jax.tree_util.tree_map(lambda x: jax.typeof(x).sharding.spec, b)
+    # matvec closes over Explicit-mode values: it runs in Explicit mode on b's layout
+    explicit_matvec = jax.sharding.explicit_axes(matvec, in_sharding=specs)
+    run = lambda b: solve(name, explicit_matvec, b, tol=tol, maxiter=maxiter)  # noqa: E731
+    return jax.sharding.auto_axes(run, out_sharding=specs)(b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradient(Pytree):
+    """Base class of gradient modes: how a DEQ's fixed point is differentiated.
+
+    A mode is a frozen dataclass (a pytree, like :class:`jdeq.Solver`). Most modes define the
+    gradient at the fixed point and implement one method, :meth:`attach`; the inherited
+    :meth:`solve` runs the forward solver without gradient and calls it. A mode that
+    differentiates the iterations themselves (``jdeq.Unrolled``) overrides :meth:`solve`
+    instead. A subclass works everywhere a built-in does (:func:`jdeq.fixed_point`, both Flax
+    layers, ``jdeq.fixed_point_states`` for ``attach``-based modes).
+
+    Example:
+      >>> import dataclasses, jax, jax.numpy as jnp, jdeq
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class OneStep(jdeq.Gradient):  # JFB written by hand: d f(z*, a) / da
+      ...     def attach(self, f, z_star, args, *, solver, maxiter, stats):
+      ...         z = jax.lax.stop_gradient(z_star)
+      ...         return jax.tree.map(lambda a, b: a + b - jax.lax.stop_gradient(b), z, f(z, args))
+      >>> f = lambda z, a: 0.5 * jnp.tanh(z) + a
+      >>> g = jax.grad(lambda a: jdeq.fixed_point(f, jnp.zeros((2, 3)), a,
+      ...              gradient=OneStep()).value.sum())(jnp.ones((2, 3)))
+    """
+
+    def solve(self, f, z0, args, *, solver, maxiter=None) -> Solution:
+        """The differentiable solve of ``z = f(z, args)`` (batched pytrees, as in
+        :func:`jdeq.fixed_point`).
+
+        Args:
+          f, z0, args: as in :func:`jdeq.fixed_point` (``z0``'s leaves have a batch axis).
+          solver: the forward :class:`jdeq.Solver`.
+          maxiter: run-time budget override, or None for ``solver.maxiter``.
+
+        Returns:
+          A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
+        """
+        layout = batch_layout(z0)
+        zm, stats = solver.solve(
+            layout.wrap(f, jax.lax.stop_gradient(args)),
+            layout.flatten(jax.lax.stop_gradient(z0)),
+            maxiter,
+        )
+        effective = solver.maxiter if maxiter is None else maxiter
+        value = self.attach(f, layout.unflatten(zm), args, solver=solver, maxiter=effective, stats=stats)
+        return Solution(value=value, stats=stats)
+
+    def attach(self, f, z_star, args, *, solver, maxiter, stats):
+        """Returns ``z_star`` (a stop-gradient fixed point) carrying this mode's derivative.
+
+        Args:
+          f, args: the cell and its arguments; the derivative flows to ``args``.
+          z_star: the forward solution (batched pytree).
+          solver: the forward solver; maxiter: its effective budget.
+          stats: the forward :class:`jdeq.SolverStats` (e.g. ``stats.nonfinite``).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement attach(...) or override solve(...)."
+        )
+
+    @property
+    def uses_attach(self) -> bool:
+        """Whether this mode defines its gradient at the fixed point (via :meth:`attach`)."""
+        return type(self).attach is not Gradient.attach
 
 
 def _convert(f, z, args):
@@ -36,11 +121,11 @@ def _tree_sub(a, b):
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
-def _ok_mask(z_star, nonfinite) -> jax.Array:
+def _ok_mask(z_star, stats) -> jax.Array:
     """Per-example ``(batch,)`` bool: the forward solve of the example stayed finite."""
-    if nonfinite is None:
+    if stats is None:
         return jnp.ones((batch_layout(z_star).batch,), bool)
-    return ~jnp.asarray(nonfinite, bool)
+    return ~jnp.asarray(stats.nonfinite, bool)
 
 
 def _zero_rows(ok, tree):
@@ -59,7 +144,7 @@ def _zero_rows(ok, tree):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Implicit:
+class Implicit(Gradient):
     """Implicit-function-theorem gradient: O(1) memory in the number of solver iterations.
 
     At ``z* = f(z*, a)``, ``dz*/da = (I - J)^{-1} df/da`` with ``J = df/dz(z*)``. Reverse mode
@@ -117,7 +202,7 @@ class Implicit:
 
     def __post_init__(self):
         s = self.solver
-        if not (s is None or isinstance(s, (_Solver, JaxoptSolver)) or s in LINEAR_SOLVERS):
+        if not (s is None or isinstance(s, Solver) or (isinstance(s, str) and s in LINEAR_SOLVERS)):
             raise ValueError(
                 "`solver` must be None, a jdeq solver or one of "
                 f"{sorted(LINEAR_SOLVERS)}; got {s!r}."
@@ -168,13 +253,10 @@ class Implicit:
 
         base = self.solver if self.solver is not None else forward_solver
         overrides = {k: getattr(self, k) for k in ("tol", "stop_mode") if getattr(self, k) is not None}
-        if isinstance(base, JaxoptSolver):
-            overrides.pop("stop_mode", None)
-            if isinstance(static_maxiter, numbers.Integral):  # jaxopt needs a static maxiter
-                overrides["maxiter"] = int(static_maxiter)
-            solver = JaxoptSolver(base.jaxopt_class, **{**base.options, **overrides})
-        else:
-            solver = dataclasses.replace(base, trace=False, **overrides)
+        static_budget = getattr(base, "static_budget", False)
+        if static_budget and isinstance(static_maxiter, numbers.Integral):
+            overrides["maxiter"] = int(static_maxiter)  # e.g. jaxopt's loops: a static budget
+        solver = base.backward(**overrides)
 
         def solve(matvec, b, maxiter, ok):
             layout = batch_layout(b, name="cotangent")
@@ -183,7 +265,7 @@ class Implicit:
             def fixed_point_form(um):  # u = u - (A u - b): fixed point at A u = b
                 return bm + um - layout.flatten(matvec(layout.unflatten(um)))
 
-            run_maxiter = None if isinstance(solver, JaxoptSolver) else maxiter  # static: in options
+            run_maxiter = None if static_budget else maxiter  # static: in the options
             um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), run_maxiter)
             bad = stats.nonfinite | ~ok  # the loop already flags non-finite: no extra pass
             um = jnp.where(bad[:, None], 0, um)
@@ -196,21 +278,21 @@ class Implicit:
 
         return solve
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
-        """Returns ``z_star`` carrying this gradient rule (``nonfinite``: the forward stats'
-        per-example flag; those examples get a zero tangent/cotangent)."""
+    def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
+        """Returns ``z_star`` carrying the implicit gradient (examples flagged in
+        ``stats.nonfinite`` get a zero tangent/cotangent)."""
         fn, params = _convert(f, z_star, args)
         if self.maxiter is not None:
             maxiter = self.maxiter
-        elif isinstance(self.solver, (_Solver, JaxoptSolver)):
+        elif isinstance(self.solver, Solver):
             maxiter = self.solver.maxiter
         return _implicit_identity(
             fn,
-            self._linear_solver(forward_solver, maxiter),
+            self._linear_solver(solver, maxiter),
             z_star,
             params,
             jnp.asarray(maxiter, jnp.int32),
-            _ok_mask(z_star, nonfinite),
+            _ok_mask(z_star, stats),
         )
 
 
@@ -282,7 +364,7 @@ def _phantom_jvp(fn, steps, damping, primals, tangents):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Phantom:
+class Phantom(Gradient):
     """Phantom gradient: differentiate ``k`` damped steps ``z <- (1-l) z + l f(z)`` from ``z*``.
 
     The forward value stays ``z*`` exactly; the gradient is that of ``k`` damped steps started
@@ -317,16 +399,16 @@ class Phantom:
         if not isinstance(self.damping, numbers.Number) or not 0 < self.damping <= 1:
             raise ValueError(f"`damping` must be in (0, 1], got {self.damping!r}.")
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
-        del forward_solver, maxiter
+    def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
+        del solver, maxiter
         fn, params = _convert(f, z_star, args)
         return _phantom_identity(
-            fn, self.steps, float(self.damping), z_star, params, _ok_mask(z_star, nonfinite)
+            fn, self.steps, float(self.damping), z_star, params, _ok_mask(z_star, stats)
         )
 
 
 @dataclasses.dataclass(frozen=True)
-class JacobianFree:
+class JacobianFree(Gradient):
     """Jacobian-free backprop (JFB): the gradient of one step ``f(z*)``, i.e. ``Phantom(1, 1)``.
 
     Drops the ``(I - J)^{-1}`` factor of the implicit gradient: a descent direction under mild
@@ -343,14 +425,14 @@ class JacobianFree:
     Reference: Fung et al., "JFB: Jacobian-Free Backpropagation for Implicit Networks", AAAI 2022.
     """
 
-    def attach(self, f, z_star, args, *, forward_solver, maxiter, nonfinite=None):
+    def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
         return Phantom(steps=1, damping=1.0).attach(
-            f, z_star, args, forward_solver=forward_solver, maxiter=maxiter, nonfinite=nonfinite
+            f, z_star, args, solver=solver, maxiter=maxiter, stats=stats
         )
 
 
 @dataclasses.dataclass(frozen=True)
-class Unrolled:
+class Unrolled(Gradient):
     """Backpropagate through every solver iteration (the reference and the unrolled baseline).
 
     The loop runs as a ``lax.scan`` of exactly ``maxiter - 1`` steps after the first evaluation
@@ -365,3 +447,16 @@ class Unrolled:
       >>> g = jax.grad(lambda a: jdeq.fixed_point(f, jnp.zeros((2, 3)), a,
       ...              gradient=jdeq.Unrolled()).value.sum())(jnp.ones((2, 3)))
     """
+
+    def solve(self, f, z0, args, *, solver, maxiter=None) -> Solution:
+        static = solver.maxiter if maxiter is None else maxiter
+        if not isinstance(static, numbers.Integral):
+            raise ValueError("`maxiter` must be a static int with gradient=jdeq.Unrolled().")
+        layout = batch_layout(z0)
+        zm, stats = solver.solve(
+            layout.wrap(f, args), layout.flatten(jax.lax.stop_gradient(z0)), int(static), unrolled=True
+        )
+        stats = jax.lax.stop_gradient(stats)
+        # Non-finite policy, as for the other modes: such an example gets a zero cotangent.
+        zm = jnp.where(stats.nonfinite[:, None], jax.lax.stop_gradient(zm), zm)
+        return Solution(value=layout.unflatten(zm), stats=stats)

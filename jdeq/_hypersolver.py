@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jdeq._loop import REL_EPS
 from jdeq._regularizers import _check_key
-from jdeq._solvers import _Solver, anderson_mix, anderson_record, anderson_weights
+from jdeq._solvers import Solver, anderson_mix, leaf_field, zeros_rows, anderson_record, anderson_weights
 
 __all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
 
@@ -51,7 +51,11 @@ def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: j
       alpha: ``(batch, m)`` Anderson's least-squares weights.
       order: ``(m,)`` slot indices from newest to oldest.
     """
-    g = gram[:, order][:, :, order]
+    # Reordering by a one-hot matrix rather than a gather: exact, and it keeps the batch
+    # sharding of its operands under Explicit mesh axes (a gather's transpose is a scatter into
+    # an unsharded buffer).
+    perm = jax.nn.one_hot(order, gram.shape[-1], dtype=gram.dtype)  # perm[i, j] = [order_i == j]
+    g = jnp.einsum("ij,njk,lk->nil", perm, gram, perm, precision=jax.lax.Precision.HIGHEST)
     v = valid[order].astype(gram.dtype)
     # empty slots get a unit diagonal before any division or log (no inf/NaN in gradients)
     eps = jnp.finfo(gram.dtype).eps
@@ -59,10 +63,12 @@ def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: j
     scale = jnp.sqrt(diag)
     cos = g / (scale[:, :, None] * scale[:, None, :]) * (v[:, None] * v[None, :])
     lognorm = 0.5 * (jnp.log(diag) - jnp.log(diag[:, :1])) * v
-    a = alpha[:, order] * v
+    a = jnp.einsum("nj,ij->ni", alpha, perm, precision=jax.lax.Precision.HIGHEST) * v
     n, m = alpha.shape
     return jnp.concatenate(
-        [cos.reshape(n, m * m), jnp.clip(lognorm, -20.0, 20.0), a, jnp.broadcast_to(v, (n, m))], axis=1
+        # (the filled-slot mask as zeros_like(a) + v: laid out like the batch, so the
+        # concatenation keeps the batch sharding under Explicit mesh axes)
+        [cos.reshape(n, m * m), jnp.clip(lognorm, -20.0, 20.0), a, jnp.zeros_like(a) + v], axis=1
     )
 
 
@@ -107,7 +113,7 @@ def _mixer_apply(params, feats):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class HyperAnderson(_Solver):
+class HyperAnderson(Solver):
     """Anderson acceleration with learned corrections of its mixing weights and step size.
 
     At iteration ``k`` the tiny MLP ``mixer`` (parameters ``params``, see :func:`init_mixer`)
@@ -144,7 +150,7 @@ class HyperAnderson(_Solver):
     memory: int = 5
     ridge: float = 1e-5
     damping: float = 1.0
-    params: Any = None
+    params: Any = leaf_field(default=None)
     learned_steps: int | None = None
     safeguard: bool = True
 
@@ -169,15 +175,15 @@ class HyperAnderson(_Solver):
                 )
 
     def init(self, z):
-        n, d = z.shape
-        m = self.memory
+        m, d = self.memory, z.shape[1]
+        col = jnp.zeros_like(z[:, 0])  # (n,), laid out like the batch
         return (
-            jnp.zeros((n, m, d), z.dtype),
-            jnp.zeros((n, m, d), z.dtype),
-            jnp.zeros((n, m, m), z.dtype),
-            jnp.full((n,), jnp.inf, z.dtype),  # residual before the last step
-            jnp.ones((n,), bool),  # learned mixing still on for this example
-            jnp.zeros((n,), bool),  # the last step was a learned one
+            zeros_rows(z, (m, d)),
+            zeros_rows(z, (m, d)),
+            zeros_rows(z, (m, m)),
+            col + jnp.inf,  # residual before the last step
+            col == 0,  # learned mixing still on for this example
+            col != 0,  # the last step was a learned one
         )
 
     def update(self, state, k, z, fz):
@@ -198,7 +204,8 @@ class HyperAnderson(_Solver):
             vf = valid.astype(z.dtype)
             delta_age = jnp.tanh(out[:, :m]) * vf[order]  # bounded corrections
             delta_age = delta_age - vf[order] * jnp.sum(delta_age, 1, keepdims=True) / jnp.sum(vf)
-            delta = jnp.zeros_like(alpha).at[:, order].set(delta_age)
+            perm = jax.nn.one_hot(order, m, dtype=alpha.dtype)  # newest-first -> ring slots
+            delta = jnp.einsum("ni,ij->nj", delta_age, perm, precision=jax.lax.Precision.HIGHEST)
             use = learn
             if self.learned_steps is not None:
                 use = use & (k <= self.learned_steps)

@@ -1,7 +1,9 @@
 """The one module that imports jaxopt: ``JaxoptSolver`` and jaxopt's linear solvers.
 
 jaxopt is archived and warns at import that it is no longer maintained; that one warning is
-filtered here (by message), nothing broader. Replacing jaxopt later touches this module only.
+filtered here (by message), nothing broader. It is imported on first use (a ``JaxoptSolver``
+built, a jaxopt linear solver run), never by ``import jdeq``. Replacing jaxopt later touches this
+module only.
 """
 
 from __future__ import annotations
@@ -13,35 +15,40 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-with warnings.catch_warnings():
-    warnings.filterwarnings(
-        "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
-    )
-    import jaxopt
-
 from jdeq._loop import residuals
+from jdeq._solvers import Solver
 from jdeq._stats import SolverStats
 
-__all__ = ["JaxoptSolver", "LINEAR_SOLVERS", "linear_solve"]
+__all__ = ["JaxoptSolver", "jaxopt", "linear_solve"]
 
-# Root-finding classes solve g(z) = f(z) - z; the others take a fixed-point map.
-_ROOT_CLASSES = (jaxopt.Broyden,)
-_FIXED_POINT_CLASSES = (jaxopt.FixedPointIteration, jaxopt.AndersonAcceleration)
 _RESERVED = ("fixed_point_fun", "fun", "implicit_diff", "implicit_diff_solve", "has_aux")
 
-LINEAR_SOLVERS = {
-    "gmres": jaxopt.linear_solve.solve_gmres,
-    "bicgstab": jaxopt.linear_solve.solve_bicgstab,
-    "normal_cg": jaxopt.linear_solve.solve_normal_cg,
-}
+
+def jaxopt():
+    """The jaxopt module, imported on first call with its one "no longer maintained" warning
+    filtered (by message; nothing broader)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
+        )
+        import jaxopt as module
+    return module
+
+
+def _root_classes():  # classes that solve g(z) = f(z) - z; the others take a fixed-point map
+    return (jaxopt().Broyden,)
+
+
+def _fixed_point_classes():
+    return (jaxopt().FixedPointIteration, jaxopt().AndersonAcceleration)
 
 
 def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
     """Solves ``matvec(x) = b`` with jaxopt's ``solve_<name>`` (whole batch as one system)."""
-    return LINEAR_SOLVERS[name](matvec, b, tol=tol, maxiter=maxiter)
+    return getattr(jaxopt().linear_solve, f"solve_{name}")(matvec, b, tol=tol, maxiter=maxiter)
 
 
-class JaxoptSolver:
+class JaxoptSolver(Solver):
     """Any jaxopt fixed-point or root solver as a jdeq forward solver, with jaxopt's semantics.
 
     ``jaxopt_class`` is one of ``jaxopt.FixedPointIteration``, ``jaxopt.AndersonAcceleration``
@@ -72,10 +79,11 @@ class JaxoptSolver:
 
     stop_mode = "abs"
     trace = False
+    static_budget = True
 
     def __init__(self, jaxopt_class, **options):
-        if jaxopt_class not in _ROOT_CLASSES + _FIXED_POINT_CLASSES:
-            names = [c.__name__ for c in _ROOT_CLASSES + _FIXED_POINT_CLASSES]
+        if jaxopt_class not in _root_classes() + _fixed_point_classes():
+            names = [c.__name__ for c in _root_classes() + _fixed_point_classes()]
             raise TypeError(f"`jaxopt_class` must be one of jaxopt's {names}, got {jaxopt_class!r}.")
         fields = {f.name: f for f in dataclasses.fields(jaxopt_class)}
         for key in options:
@@ -83,8 +91,25 @@ class JaxoptSolver:
                 raise TypeError(f"JaxoptSolver sets `{key}` itself; do not pass it.")
             if key not in fields:
                 raise TypeError(f"unknown option `{key}` for jaxopt.{jaxopt_class.__name__}.")
-        self._cls = jaxopt_class
-        self._options = tuple(sorted(options.items()))
+        object.__setattr__(self, "_cls", jaxopt_class)
+        object.__setattr__(self, "_options", tuple(sorted(options.items())))
+
+    def _tree_flatten(self):
+        return [], (self._cls, self._options)
+
+    def _tree_flatten_with_keys(self):
+        return [], (self._cls, self._options)
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_cls", aux[0])
+        object.__setattr__(obj, "_options", aux[1])
+        return obj
+
+    def backward(self, **overrides):
+        overrides.pop("stop_mode", None)  # jaxopt has its own error definition
+        return JaxoptSolver(self._cls, **{**self.options, **overrides})
 
     @property
     def jaxopt_class(self):
@@ -120,11 +145,16 @@ class JaxoptSolver:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options)
         return f"JaxoptSolver(jaxopt.{self._cls.__name__}{', ' if opts else ''}{opts})"
 
-    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False):
+    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
         if unrolled:
             raise ValueError(
                 "gradient=jdeq.Unrolled() is not supported with JaxoptSolver; use a jdeq solver "
                 "(FixedPointIteration, Anderson, Broyden) to differentiate through iterations."
+            )
+        if snapshots is not None:
+            raise TypeError(
+                "`solver`: JaxoptSolver runs jaxopt's own loop, which takes no snapshots "
+                "(fixed_point_states); use a jdeq solver."
             )
         options = dict(self.options, implicit_diff=False)
         if maxiter is not None:
@@ -133,10 +163,10 @@ class JaxoptSolver:
         # (float64 under x64), and a float32 state then fails its lax.cond dtype check: it
         # iterates in the promoted dtype, evaluating F in the state's own dtype.
         run_dtype = z0.dtype
-        if self._cls is jaxopt.AndersonAcceleration:
+        if self._cls is jaxopt().AndersonAcceleration:
             run_dtype = jnp.promote_types(z0.dtype, jnp.result_type(float))
         G = F if run_dtype == z0.dtype else (lambda z: F(z.astype(z0.dtype)).astype(run_dtype))
-        if self._cls in _ROOT_CLASSES:
+        if self._cls in _root_classes():
             solver = self._cls(fun=lambda z: G(z) - z, **options)
         else:
             solver = self._cls(fixed_point_fun=G, **options)

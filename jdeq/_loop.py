@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jdeq._stats import SolverStats
 
-__all__ = ["REL_EPS", "residuals", "run_loop"]
+__all__ = ["REL_EPS", "residuals", "run_loop", "solve_rows"]
 
 REL_EPS = 1e-8  # eps in rel_residual = ||f(z) - z|| / (||f(z)|| + eps)
 
@@ -39,6 +39,7 @@ class _Carry(NamedTuple):
     fz: jax.Array
     state: Any
     best_z: jax.Array
+    best_fz: jax.Array
     best_abs: jax.Array
     best_rel: jax.Array
     nsteps: jax.Array
@@ -72,30 +73,38 @@ def run_loop(
         iterate after ``n_j`` evaluations, or the final one if the loop stopped earlier).
 
     Returns:
-      ``(z_best, stats)``, or ``(z_best, stats, snaps)`` with ``snaps`` of shape
-      ``(states, batch, dim)`` when ``snapshots`` is given.
+      ``(value, stats)``, or ``(value, stats, snaps)`` with ``snaps`` of shape
+      ``(states, batch, dim)`` when ``snapshots`` is given. ``value`` is, per example,
+      ``F(z_b)`` with ``z_b`` the lowest-residual finite iterate (the evaluation the loop
+      already made there, so ``maxiter = L`` plain steps return exactly ``F`` applied ``L``
+      times to ``z0``); for an example flagged non-finite, ``z_b`` itself (``z0`` when no
+      iterate was finite), where ``F`` is known to be finite. ``stats`` describe ``z_b``.
     """
     tol = solver.tol
     pick = 0 if solver.stop_mode == "abs" else 1
     fz = F(z0)
+    # z0 laid out like F(z0) (e.g. zeros made without a sharding, for a batch-sharded input);
+    # adding exact zeros changes no value.
+    z0 = z0 + jnp.zeros_like(fz)
     res = residuals(z0, fz)
     metric = res[pick]
-    batch = z0.shape[0]
     trace = None
-    if trace_len is not None:
-        trace = jnp.full((batch, trace_len), jnp.nan, metric.dtype).at[:, 0].set(metric)
+    if trace_len is not None:  # built from ``metric`` so that it keeps the batch's sharding
+        trace = jnp.where(jnp.arange(trace_len) == 0, metric[:, None], jnp.nan)
+    value0 = jnp.where(jnp.isfinite(metric)[:, None], fz, z0)  # F(z0), or z0 if not finite
     carry = _Carry(
         k=jnp.asarray(1, jnp.int32),
         z=z0,
         fz=fz,
         state=solver.init(z0),
         best_z=z0,
+        best_fz=value0,
         best_abs=res[0],
         best_rel=res[1],
-        nsteps=jnp.ones((batch,), jnp.int32),
+        nsteps=jnp.ones_like(metric, jnp.int32),
         active=(metric >= tol) & jnp.isfinite(metric),
         trace=trace,
-        snaps=None if snapshots is None else jnp.broadcast_to(z0, (len(snapshots),) + z0.shape),
+        snaps=None if snapshots is None else jnp.broadcast_to(value0, (len(snapshots),) + z0.shape),
     )
 
     def step(c: _Carry) -> _Carry:
@@ -111,19 +120,21 @@ def run_loop(
         if trace is not None:
             trace = trace.at[:, c.k].set(jnp.where(c.active, metric, jnp.nan), mode="drop")
         best_z = jnp.where(better[:, None], z_next, c.best_z)
+        best_fz = jnp.where(better[:, None], fz_next, c.best_fz)
         if unrolled:  # differentiated: an example that went non-finite is frozen at its last
             # finite (z, f(z)), so no later step (nor its derivative) sees NaN/inf.
             finite = jnp.isfinite(metric)[:, None]
             z_next, fz_next = jnp.where(finite, z_next, c.z), jnp.where(finite, fz_next, c.fz)
         snaps = c.snaps
         if snaps is not None:  # budgets not yet reached follow the best iterate
-            snaps = jnp.where((snapshots > c.k)[:, None, None], best_z[None], snaps)
+            snaps = jnp.where((snapshots > c.k)[:, None, None], best_fz[None], snaps)
         return _Carry(
             k=c.k + 1,
             z=z_next,
             fz=fz_next,
             state=state,
             best_z=best_z,
+            best_fz=best_fz,
             best_abs=jnp.where(better, abs_res, c.best_abs),
             best_rel=jnp.where(better, rel_res, c.best_rel),
             nsteps=c.nsteps + c.active.astype(jnp.int32),
@@ -151,6 +162,92 @@ def run_loop(
         nonfinite=~carry.active & ~converged,
         trace=carry.trace,
     )
+    # An example that met a non-finite value returns z_b itself, where f is known to be finite
+    # (f(z_b) may be the point past which f is not), so that no derivative is taken there.
+    value = jnp.where(stats.nonfinite[:, None], carry.best_z, carry.best_fz)
     if snapshots is not None:
-        return carry.best_z, stats, carry.snaps
-    return carry.best_z, stats
+        return value, stats, carry.snaps
+    return value, stats
+
+
+# ----------------------------------------------------------------------------- jax.vmap support
+
+
+def _hoist(F, z0):
+    """``(Fc, consts)`` with ``Fc(z, consts) == F(z)``: every array ``F`` closes over (tracers
+    of any dtype included) becomes an explicit argument, so that ``jax.vmap`` can see which of
+    them are batched."""
+    closed = jax.make_jaxpr(F)(z0)
+
+    def Fc(z, consts):
+        return jax.core.eval_jaxpr(closed.jaxpr, consts, z)[0]
+
+    return Fc, list(closed.consts)
+
+
+def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None):
+    """:func:`run_loop` (not unrolled) with a batching rule: under ``jax.vmap`` the mapped
+    axis is merged into the rows, so a vmapped solve is one batch-wide loop (the per-example
+    semantics are unchanged: rows are independent problems) instead of JAX's generic
+    while-loop rule, which selects over the whole carry (solver history included) every
+    iteration. Falls back to that generic rule when the budget, the snapshots or the solver's
+    own arrays are batched."""
+    Fc, consts = _hoist(F, z0)
+    solver_leaves, solver_def = jax.tree_util.tree_flatten(solver)
+    maxiter = jnp.asarray(maxiter, jnp.int32) if not isinstance(maxiter, int) else maxiter
+    static_maxiter = maxiter if isinstance(maxiter, int) else None
+    return _rows_call(Fc, solver_def, trace_len, static_maxiter)(
+        z0, consts, solver_leaves, None if static_maxiter is not None else maxiter, snapshots
+    )
+
+
+def _mapped_zeros(consts, batched, v, dtype):
+    """``(v, 1, 1)`` zeros laid out like the mapped axis of the first batched input (so that a
+    broadcast start keeps the batch sharding of the inputs), or plain zeros if none is."""
+    for c, b in zip(consts, batched):
+        if b and jnp.ndim(c) >= 1:
+            col = jnp.reshape(c, (v, -1))[:, :1]
+            return jnp.zeros_like(col, dtype=dtype)[:, :, None]
+    return jnp.zeros((v, 1, 1), dtype)
+
+
+def _rows_call(Fc, solver_def, trace_len, static_maxiter):
+    def plain(z0, consts, solver_leaves, maxiter, snapshots):
+        solver = jax.tree_util.tree_unflatten(solver_def, solver_leaves)
+        budget = static_maxiter if static_maxiter is not None else maxiter
+        return run_loop(
+            solver, lambda z: Fc(z, consts), z0, budget, trace_len=trace_len, snapshots=snapshots
+        )
+
+    call = jax.custom_batching.custom_vmap(plain)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, z0, consts, solver_leaves, maxiter, snapshots):
+        zb, cb, sb, mb, snb = in_batched
+        out_batched = None
+        if any(jax.tree_util.tree_leaves((sb, mb, snb))):  # generic rule
+            axes = [jax.tree_util.tree_map(lambda b: 0 if b else None, b) for b in in_batched]
+            out = jax.vmap(plain, in_axes=tuple(axes))(z0, consts, solver_leaves, maxiter, snapshots)
+        else:
+            v, (n, d) = axis_size, z0.shape[-2:]
+            if not zb:  # laid out like a batched input (its sharding of the mapped axis)
+                z0 = z0[None] + _mapped_zeros(consts, cb, v, z0.dtype)
+            c_axes = [0 if b else None for b in cb]
+
+            def Fb(zm, consts):  # the per-row map on the merged (v * n, d) rows
+                out = jax.vmap(Fc, in_axes=(0, c_axes))(zm.reshape(v, n, d), consts)
+                return out.reshape(v * n, d)
+
+            merged = _rows_call(Fb, solver_def, trace_len, static_maxiter)(
+                z0.reshape(v * n, d), consts, solver_leaves, maxiter, snapshots
+            )
+            split = lambda x: x.reshape((v, n) + x.shape[1:])
+            value, stats = split(merged[0]), jax.tree_util.tree_map(split, merged[1])
+            out = (value, stats)
+            if snapshots is not None:  # (states, v * n, d) -> (v, states, n, d)
+                snaps = merged[2].reshape((merged[2].shape[0], v, n, d))
+                out = out + (jnp.moveaxis(snaps, 1, 0),)
+        out_batched = jax.tree_util.tree_map(lambda _: True, out)
+        return out, out_batched
+
+    return call

@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdeq._loop import run_loop
+from jdeq._loop import run_loop, solve_rows
 
-__all__ = ["Anderson", "Broyden", "FixedPointIteration", "check_maxiter"]
+__all__ = ["Anderson", "Broyden", "FixedPointIteration", "Solver", "check_maxiter", "leaf_field"]
 
 _HI = jax.lax.Precision.HIGHEST  # small solver contractions: never TF32/bf16 passes
 _STOP_MODES = ("abs", "rel")
@@ -52,9 +52,87 @@ _OPTION_CHECKS = {
 }
 
 
+def leaf_field(**kwargs):
+    """A solver or gradient option that holds arrays (a pytree leaf, e.g. learned weights), not
+    a static setting: ``params: Any = jdeq.leaf_field(default=None)``."""
+    metadata = dict(kwargs.pop("metadata", {}), leaf=True)
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+class Pytree:
+    """Makes every subclass a JAX pytree whose children are its ``leaf_field`` dataclass fields
+    and whose static part is all other fields (so a config can cross ``jit``/``vmap``/``grad``
+    and carry trainable arrays). Subclasses are frozen dataclasses; unflattening skips
+    ``__post_init__`` (children may be tracers or placeholders)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, cls._tree_flatten_with_keys, cls._tree_unflatten, cls._tree_flatten
+        )
+
+    def _split_fields(self):
+        fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
+        leaves = tuple(f.name for f in fields if f.metadata.get("leaf", False))
+        static = tuple(f.name for f in fields if not f.metadata.get("leaf", False))
+        return leaves, static
+
+    def _tree_flatten_with_keys(self):
+        leaves, static = self._split_fields()
+        children = [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in leaves]
+        return children, (leaves, tuple((n, getattr(self, n)) for n in static))
+
+    def _tree_flatten(self):
+        leaves, static = self._split_fields()
+        return [getattr(self, n) for n in leaves], (leaves, tuple((n, getattr(self, n)) for n in static))
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        leaves, static = aux
+        obj = object.__new__(cls)
+        for name, value in list(zip(leaves, children)) + list(static):
+            object.__setattr__(obj, name, value)
+        return obj
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Solver:
-    """Options shared by every jdeq solver (see the subclasses)."""
+class Solver(Pytree):
+    """Base class of jdeq's forward solvers: subclass it to plug in your own iteration.
+
+    A solver is a frozen dataclass (a pytree: options are static fields, arrays declared with
+    :func:`jdeq.leaf_field` are leaves) with two methods on ``(batch, dim)`` matrices, one row
+    per example, run inside jdeq's shared per-example loop (residuals, freezing of converged
+    examples, lowest-residual iterate, budgets, ``jax.vmap`` and sharding support):
+
+    * ``init(z) -> state``: any pytree of arrays whose leading axis is the batch;
+    * ``update(state, k, z, fz) -> (z_next, state)``: ``k`` is the number of evaluations of
+      ``f`` so far (>= 1), ``fz = f(z)``.
+
+    A subclass works everywhere a built-in does: :func:`jdeq.fixed_point`, both Flax layers,
+    ``jdeq.Implicit(solver=...)``'s backward solve, ``jdeq.fixed_point_states`` and the
+    regularizers. Override :meth:`solve` only to replace the loop itself (as
+    ``jdeq.JaxoptSolver`` does).
+
+    Args:
+      tol: stop an example once its residual (see ``stop_mode``) is below ``tol``.
+      maxiter: budget of evaluations of ``f`` (the first one, at ``z0``, counts).
+      stop_mode: ``"rel"`` (default, scale-free) tests ``||f(z)-z|| / ||f(z)||``; ``"abs"``
+        tests ``||f(z)-z||``.
+      trace: record every iteration's residual in ``SolverStats.trace``.
+
+    Example:
+      >>> import dataclasses, jax.numpy as jnp, jdeq
+      >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+      ... class HalfStep(jdeq.Solver):
+      ...     def init(self, z):
+      ...         return ()
+      ...     def update(self, state, k, z, fz):
+      ...         return 0.5 * (z + fz), state
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.5 * jnp.cos(z) + a, jnp.zeros((2, 3)),
+      ...                        jnp.ones((2, 3)), solver=HalfStep(tol=1e-6, maxiter=100))
+      >>> bool(sol.stats.converged.all())
+      True
+    """
 
     tol: float = 1e-4
     maxiter: int = 50
@@ -78,8 +156,36 @@ class _Solver:
                 if not ok(value):
                     raise ValueError(f"`{field.name}` must be {expected}, got {value!r}.")
 
+    def init(self, z):
+        """The solver's state for the ``(batch, dim)`` starting point ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init(z) -> state.")
+
+    def update(self, state, k, z, fz):
+        """One step: ``(z_next, state)`` from the current iterate ``z`` and ``fz = f(z)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement update(state, k, z, fz) -> (z_next, state)."
+        )
+
+    static_budget = False  # True: the loop needs a static budget (maxiter baked into options)
+
+    def backward(self, **overrides):
+        """This solver with ``overrides`` (``tol``, ``stop_mode``, ``maxiter``) for the backward
+        (adjoint) solve of ``jdeq.Implicit``; the residual trace is switched off."""
+        return dataclasses.replace(self, **{"trace": False, **overrides})
+
     def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
-        """Runs the shared per-example loop; see :func:`jdeq._loop.run_loop`."""
+        """Solves ``z = F(z)`` row by row in the shared loop (see :func:`jdeq._loop.run_loop`).
+
+        Args:
+          F: the map on ``(batch, dim)`` matrices (rows independent).
+          z0: ``(batch, dim)`` start.
+          maxiter: run-time budget (None: ``self.maxiter``).
+          unrolled: differentiate through the iterations (a ``lax.scan``; static ``maxiter``).
+          snapshots: optional budgets at which to record the best iterate.
+
+        Returns:
+          ``(z, stats)`` (``+ snaps`` with ``snapshots``).
+        """
         maxiter = self.maxiter if maxiter is None else maxiter
         trace_len = None
         if self.trace:
@@ -89,13 +195,16 @@ class _Solver:
                     "iteration); pass a Python int, not a traced value."
                 )
             trace_len = int(maxiter)
-        return run_loop(
-            self, F, z0, maxiter, trace_len=trace_len, unrolled=unrolled, snapshots=snapshots
-        )
+        if unrolled:
+            return run_loop(self, F, z0, maxiter, trace_len=trace_len, unrolled=True, snapshots=snapshots)
+        return solve_rows(self, F, z0, maxiter, trace_len=trace_len, snapshots=snapshots)
+
+
+_Solver = Solver  # internal alias
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FixedPointIteration(_Solver):
+class FixedPointIteration(Solver):
     """Damped fixed-point (Picard) iteration ``z <- (1 - b) z + b f(z)``, per example.
 
     Args:
@@ -119,6 +228,15 @@ class FixedPointIteration(_Solver):
 
     def update(self, state, k, z, fz):
         return z + self.damping * (fz - z), state
+
+
+def zeros_rows(z: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.Array:
+    """``(n, *shape)`` zeros laid out like the rows of ``z`` (``(n, d)``): a broadcast of a
+    column of ``z``'s zeros, so a solver state keeps the batch sharding of ``z``. (Under
+    Explicit mesh axes a fresh ``jnp.zeros`` is replicated, and writing sharded rows into it is
+    a sharding type error.)"""
+    col = jnp.zeros_like(z[:, :1], dtype=dtype)
+    return jnp.broadcast_to(col.reshape((z.shape[0],) + (1,) * len(shape)), (z.shape[0],) + tuple(shape))
 
 
 def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -196,7 +314,7 @@ def anderson_mix(alpha, xs, gs, damping):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Anderson(_Solver):
+class Anderson(Solver):
     """Anderson acceleration (type II), per example, with an incrementally updated Gram matrix.
 
     Each iteration stores ``(z_k, g_k = f(z_k) - z_k)`` in a ring buffer of ``memory`` slots,
@@ -224,13 +342,8 @@ class Anderson(_Solver):
     damping: float = 1.0
 
     def init(self, z):
-        n, d = z.shape
         m = self.memory
-        return (
-            jnp.zeros((n, m, d), z.dtype),
-            jnp.zeros((n, m, d), z.dtype),
-            jnp.zeros((n, m, m), z.dtype),
-        )
+        return zeros_rows(z, (m, z.shape[1])), zeros_rows(z, (m, z.shape[1])), zeros_rows(z, (m, m))
 
     def update(self, state, k, z, fz):
         xs, gs, gram, valid = anderson_record(*state, k, z, fz - z)
@@ -239,7 +352,7 @@ class Anderson(_Solver):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Broyden(_Solver):
+class Broyden(Solver):
     """Limited-memory ("good") Broyden root finding on ``g(z) = f(z) - z``, per example.
 
     Keeps a low-rank inverse-Jacobian estimate ``B = -I + sum_i u_i v_i^T`` (the ``memory``
@@ -262,9 +375,9 @@ class Broyden(_Solver):
     memory: int = 20
 
     def init(self, z):
-        n, d = z.shape
-        hist = jnp.zeros((n, self.memory, d), z.dtype)
-        return hist, jnp.zeros_like(hist), z, jnp.zeros_like(z), jnp.zeros_like(z), jnp.zeros_like(z)
+        hist = zeros_rows(z, (self.memory, z.shape[1]))
+        zero = jnp.zeros_like(z)
+        return hist, hist, z, zero, zero, zero
 
     def update(self, state, k, z, fz):
         us, vs, z_prev, g_prev, u_new, v_new = state
@@ -293,4 +406,4 @@ class Broyden(_Solver):
         return z - bg, (us, vs, z, g, u, v)
 
 
-Solver = Any  # any object with the jdeq solver interface (the above or JaxoptSolver)
+

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from jdeq._fixed_point import fixed_point
 from jdeq._gradients import Implicit
-from jdeq._solvers import FixedPointIteration, _Solver
+from jdeq._solvers import FixedPointIteration, Solver
 from jdeq._stats import Solution
 
 __all__ = [
@@ -281,7 +281,7 @@ def monotone_fixed_point(
         raise TypeError(
             f"`splitting` must be jdeq.ForwardBackward or jdeq.PeacemanRachford, got {splitting!r}."
         )
-    if not isinstance(solver, _Solver):
+    if not isinstance(solver, Solver):
         raise TypeError(
             "`solver` must be a jdeq solver (FixedPointIteration, Anderson or Broyden) to iterate "
             f"the splitting operator, got {solver!r}."

@@ -11,13 +11,20 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jdeq._cells import initial_state
+from jdeq._cells import guard_nonfinite_inputs, initial_state, mask_bad_examples
 from jdeq._fixed_point import check_depth, check_options, fixed_point, unroll
 from jdeq._gradients import Implicit
+from jdeq._hypersolver import hyper_loss
 from jdeq._regularizers import jacobian_penalty
-from jdeq._solvers import Anderson
+from jdeq._solvers import Anderson, check_maxiter
 
-__all__ = ["DEQ", "Unrolled"]
+__all__ = ["DEQ", "SolverParam", "Unrolled"]
+
+
+class SolverParam(nnx.Param):
+    """The arrays of a solver or gradient config held by a :class:`DEQ` (e.g. the mixer of
+    ``jdeq.HyperAnderson``): ordinary trainable parameters, of their own type for filtering
+    (``nnx.Optimizer(deq, tx, wrt=jdeq.nnx.SolverParam)``)."""
 
 
 def _check_cell(cell) -> None:
@@ -36,6 +43,21 @@ def _pure(cell: nnx.Module):
     return f, state
 
 
+def _split_config(config):
+    """A solver/gradient config as ``(nnx.List of SolverParam, treedef)``: its arrays become
+    module state (trained, checkpointed, sharded like any parameter), the rest stays static."""
+    leaves, treedef = jax.tree_util.tree_flatten(config)
+    return nnx.List([SolverParam(leaf) for leaf in leaves]), treedef
+
+
+def _merge_config(params, treedef):
+    return jax.tree_util.tree_unflatten(treedef, [p[...] for p in params])
+
+
+def _batch_of(z0, batched: bool) -> int | None:
+    return jax.tree_util.tree_leaves(z0)[0].shape[0] if batched else None
+
+
 class DEQ(nnx.Module):
     """A deep equilibrium layer: returns ``z* = cell(z*, x)`` and the solver's stats.
 
@@ -45,17 +67,27 @@ class DEQ(nnx.Module):
 
     Args:
       cell: an ``nnx.Module`` called as ``cell(z, x)``; with ``init_z(x)`` when ``z0`` is None.
-      solver: a jdeq solver (default ``jdeq.Anderson()``).
-      gradient: a jdeq gradient mode (default ``jdeq.Implicit()``).
+      solver: a :class:`jdeq.Solver` (default ``jdeq.Anderson()``). Its arrays (e.g. a learned
+        ``jdeq.HyperAnderson``'s mixer) become :class:`SolverParam` state of this layer.
+      gradient: a :class:`jdeq.Gradient` (default ``jdeq.Implicit()``); arrays as for ``solver``.
       throw: raise at run time when a solve does not converge (see ``jdeq.fixed_point``).
+      batched: ``x`` and the state carry a leading batch axis (default). ``False``: one example
+        per call, for per-example code under ``nnx.vmap``/``jax.vmap`` (see ``jdeq.fixed_point``).
+      eval_maxiter: budget used in evaluation mode (after ``model.eval()``, which sets
+        ``deterministic=True``) when the call gives no ``maxiter``; None: the solver's.
 
-    Call: ``z_star, stats = deq(x, z0=None, *, maxiter=None)``; ``maxiter`` overrides the
-    solver's budget at run time (a traced int: train and eval budgets without recompiling).
+    Call: ``z_star, stats = deq(x, z0=None, *, maxiter=None, solver=None, gradient=None,
+    throw=None, batched=None)``; every keyword overrides the layer's setting for this call only
+    (``maxiter`` may be a traced int: new budgets do not recompile).
+
+    Non-finite inputs: an example whose ``x`` holds NaN/inf is solved on a zeroed input and
+    reported as non-finite (``stats.nonfinite``, value ``z0``, zero gradient), so it cannot turn
+    the shared weights' gradient into NaN.
 
     Attributes:
-      recorder: None, or a callable ``recorder(x, z_star)`` invoked after every solve (static:
-        set it on a traced copy of the model). ``jdeq.train.fit(..., jac_reg=...)`` uses it to
-        collect the equilibria it regularizes with :meth:`jacobian_penalty`.
+      record_equilibria: when True (e.g. ``model.set_attributes(record_equilibria=True)``), each
+        call sows ``(x, z*)`` into ``nnx.Intermediate`` ``"equilibria"``;
+        ``jdeq.train.fit(..., jac_reg=...)`` uses it with :meth:`jacobian_penalty`.
 
     Example:
       >>> import jax.numpy as jnp, jdeq
@@ -63,25 +95,62 @@ class DEQ(nnx.Module):
       >>> cell = jdeq.models.MLPCell(3, 16, rngs=nnx.Rngs(0))
       >>> deq = jdeq.nnx.DEQ(cell, solver=jdeq.Anderson(tol=1e-5))
       >>> z, stats = deq(jnp.ones((4, 3)))
+      >>> z8, _ = deq(jnp.ones((4, 3)), maxiter=8, solver=jdeq.FixedPointIteration())
     """
 
-    def __init__(self, cell: nnx.Module, *, solver=Anderson(), gradient=Implicit(), throw: bool = False):
+    def __init__(
+        self,
+        cell: nnx.Module,
+        *,
+        solver=Anderson(),
+        gradient=Implicit(),
+        throw: bool = False,
+        batched: bool = True,
+        eval_maxiter: int | None = None,
+    ):
         _check_cell(cell)
-        check_options(solver, gradient, throw)
+        check_options(solver, gradient, throw, batched)
+        if eval_maxiter is not None:
+            check_maxiter(eval_maxiter, name="eval_maxiter")
         self.cell = cell
-        self.solver = solver
-        self.gradient = gradient
+        self.solver_params, self._solver_def = _split_config(solver)
+        self.gradient_params, self._gradient_def = _split_config(gradient)
         self.throw = throw
-        self.recorder = None
+        self.batched = batched
+        self.eval_maxiter = eval_maxiter
+        self.deterministic = False
+        self.record_equilibria = False
 
-    def __call__(self, x, z0=None, *, maxiter=None) -> tuple[Any, Any]:
+    @property
+    def solver(self):
+        """The forward solver (rebuilt from the layer's :class:`SolverParam` state)."""
+        return _merge_config(self.solver_params, self._solver_def)
+
+    @property
+    def gradient(self):
+        """The gradient mode (rebuilt from the layer's state)."""
+        return _merge_config(self.gradient_params, self._gradient_def)
+
+    def __call__(
+        self, x, z0=None, *, maxiter=None, solver=None, gradient=None, throw=None, batched=None
+    ) -> tuple[Any, Any]:
+        solver = self.solver if solver is None else solver
+        gradient = self.gradient if gradient is None else gradient
+        throw = self.throw if throw is None else throw
+        batched = self.batched if batched is None else batched
+        check_options(solver, gradient, throw, batched)
+        if maxiter is None and self.deterministic and self.eval_maxiter is not None:
+            maxiter = self.eval_maxiter
         z0 = initial_state(self.cell, x, z0)
         f, state = _pure(self.cell)
+        x_safe, bad = guard_nonfinite_inputs(x, _batch_of(z0, batched))
         sol = fixed_point(
-            f, z0, (state, x), solver=self.solver, gradient=self.gradient, maxiter=maxiter, throw=self.throw
+            f, z0, (state, x_safe), solver=solver, gradient=gradient, maxiter=maxiter,
+            throw=throw, batched=batched,
         )
-        if self.recorder is not None:
-            self.recorder(x, sol.value)
+        sol = mask_bad_examples(sol, z0, bad)
+        if self.record_equilibria:
+            self.sow(nnx.Intermediate, "equilibria", (x_safe, sol.value))
         return sol.value, sol.stats
 
     def jacobian_penalty(
@@ -116,6 +185,30 @@ class DEQ(nnx.Module):
             gamma=gamma, prob=prob, num_samples=num_samples, noise=noise,
         )
 
+    def solver_loss(self, x, *, steps: int, z0=None) -> jax.Array:
+        """The training loss of a learned solver held by this layer (``jdeq.hyper_loss``: mean
+        log relative residual along ``steps`` differentiable iterations), with the cell frozen.
+        Differentiate it with respect to :class:`SolverParam` to train the solver in place.
+
+        Args:
+          x: ``(batch, ...)`` inputs; z0: starting states (default ``cell.init_z(x)``).
+          steps: iterations of the unrolled path (static, ``>= 2``).
+
+        Returns:
+          A scalar.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jdeq
+          >>> from flax import nnx
+          >>> solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0)))
+          >>> deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 16, rngs=nnx.Rngs(0)), solver=solver)
+          >>> grads = nnx.grad(lambda d: d.solver_loss(jnp.ones((4, 3)), steps=6),
+          ...                  argnums=nnx.DiffState(0, jdeq.nnx.SolverParam))(deq)
+        """
+        z0 = initial_state(self.cell, x, z0)
+        f, state = _pure(self.cell)
+        return hyper_loss(f, z0, (state, x), self.solver, steps=steps)
+
 
 class Unrolled(nnx.Module):
     """The explicit weight-tied baseline: ``depth`` applications of the same cell.
@@ -128,11 +221,15 @@ class Unrolled(nnx.Module):
       depth: number of layers (static).
       remat: recompute each layer in the backward pass instead of storing its activations.
 
+    Call: ``z, stats = net(x, z0=None, *, depth=None, remat=None)``; the keywords override the
+    layer's settings for this call (static: a new depth compiles anew).
+
     Example:
       >>> import jax.numpy as jnp, jdeq
       >>> from flax import nnx
       >>> net = jdeq.nnx.Unrolled(jdeq.models.MLPCell(3, 16, rngs=nnx.Rngs(0)), depth=8)
       >>> z, stats = net(jnp.ones((4, 3)))
+      >>> z12, _ = net(jnp.ones((4, 3)), depth=12)
     """
 
     def __init__(self, cell: nnx.Module, *, depth: int, remat: bool = False):
@@ -142,8 +239,11 @@ class Unrolled(nnx.Module):
         self.depth = depth
         self.remat = remat
 
-    def __call__(self, x, z0=None) -> tuple[Any, Any]:
+    def __call__(self, x, z0=None, *, depth=None, remat=None) -> tuple[Any, Any]:
+        depth = self.depth if depth is None else depth
+        remat = self.remat if remat is None else remat
+        check_depth(depth)
         z0 = initial_state(self.cell, x, z0)
         f, state = _pure(self.cell)
-        sol = unroll(f, z0, (state, x), depth=self.depth, remat=self.remat)
+        sol = unroll(f, z0, (state, x), depth=depth, remat=remat)
         return sol.value, sol.stats

@@ -59,7 +59,7 @@ def test_explicit_budgets_uneven_spacing_and_past_convergence():
     solver = jdeq.Anderson(tol=1e-3, maxiter=30)
     sol = jax.jit(lambda p: jdeq.fixed_point_states(cell, z0, p, states=(1, 3, 30),
                                                     solver=solver))(p)
-    np.testing.assert_array_equal(sol.value[0], z0)  # budget 1: the start
+    np.testing.assert_array_equal(sol.value[0], cell(z0, p))  # budget 1: f at the start
     ref = reference(solver)
     close(sol.value[1], ref(p, 3).value)
     final = ref(p, 30)

@@ -192,13 +192,13 @@ def test_unrolled_with_jaxopt_solver():
 
 @pytest.mark.parametrize("solver", ["anderson", jdeq.Implicit(), jdeq.Anderson])
 def test_solver_of_wrong_type(solver):
-    with pytest.raises(TypeError, match="`solver` must be jdeq.FixedPointIteration"):
+    with pytest.raises(TypeError, match="`solver` must be a jdeq.Solver"):
         _fp(solver=solver)
 
 
 @pytest.mark.parametrize("gradient", ["implicit", jdeq.Anderson(), jdeq.Implicit, None])
 def test_gradient_of_wrong_type(gradient):
-    with pytest.raises(TypeError, match="`gradient` must be jdeq.Implicit"):
+    with pytest.raises(TypeError, match="`gradient` must be a jdeq.Gradient"):
         _fp(gradient=gradient)
 
 

@@ -151,7 +151,7 @@ def test_unrolled_equals_autodiff_of_the_handwritten_loop(x64, unrolled_grad, da
         z = jnp.zeros((N, D))
         for _ in range(maxiter - 1):  # the first evaluation is at z0; maxiter in all
             z = z + damping * (cell(z, p) - z)
-        return readout(z)
+        return readout(cell(z, p))  # the value is f at the last (lowest-residual) iterate
 
     (v1, stats), g1 = jax.value_and_grad(by_jdeq, has_aux=True)(p)
     v2, g2 = jax.value_and_grad(by_hand)(p)

@@ -66,7 +66,7 @@ def test_hypersolver_cuts_iterations_on_a_frozen_deq():
     z, stats = hyper.solve(deq, x_test, tol=1e-4)
     z_ref, _ = deq(x_test)
     assert bool(stats.converged.all())
-    np.testing.assert_allclose(z, z_ref, atol=1e-3)  # same fixed point, fewer evaluations
+    np.testing.assert_allclose(z, z_ref, atol=2e-3)  # same fixed point (tol 1e-4), fewer evaluations
 
 
 def test_bad_inputs_raise():

@@ -468,10 +468,15 @@ def _residual(value, p):
 
 def _check_residuals(sol, p, solver):
     stats = sol.stats
+    # The value is f(z_b) at the lowest-residual iterate z_b, whose residuals the stats report:
+    # rel = abs / ||f(z_b)|| exactly, and (cells are contractions) the value's own residual is
+    # at most the reported one.
     res = np.asarray(_residual(sol.value, p))
-    np.testing.assert_allclose(stats.abs_residual, res, rtol=1e-7, atol=1e-13)
-    fz_norm = np.linalg.norm(np.asarray(cell(sol.value, p)), axis=1)  # eager, tiny
-    np.testing.assert_allclose(stats.rel_residual, res / (fz_norm + 1e-8), rtol=1e-7, atol=1e-13)
+    assert (res <= np.asarray(stats.abs_residual) * (1 + 1e-7) + 1e-13).all()
+    fz_norm = np.linalg.norm(np.asarray(sol.value), axis=1)
+    np.testing.assert_allclose(
+        stats.rel_residual, np.asarray(stats.abs_residual) / (fz_norm + 1e-8), rtol=1e-7, atol=1e-13
+    )
     metric = np.asarray(stats.abs_residual if solver.stop_mode == "abs" else stats.rel_residual)
     conv = np.asarray(stats.converged)
     np.testing.assert_array_equal(conv, metric < solver.tol)
@@ -498,7 +503,7 @@ def test_residuals_converged_and_batch_permutation(problem):
     with jax.enable_x64(True):
         p = jax.tree_util.tree_map(jnp.asarray, p)
         sol = solve(jnp.asarray(z0), p, solver)
-        # The reported residuals are those of the returned value; converged <=> below tol.
+        # The stats are those of the iterate the value was computed from; converged <=> below tol.
         _check_residuals(sol, p, solver)
         # Per-example independence: permuting the batch permutes value and stats.
         sol_perm = solve(jnp.asarray(z0[perm]), dict(p, b=p["b"][perm]), solver)

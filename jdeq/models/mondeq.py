@@ -35,6 +35,7 @@ from flax import nnx
 
 from jdeq._cells import initial_state
 from jdeq._gradients import Implicit
+from jdeq._regularizers import jacobian_penalty
 from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
 from jdeq._solvers import FixedPointIteration
 from jdeq._splitting import (
@@ -314,6 +315,27 @@ class MonDEQ(nnx.Module):
         self.solver = solver
         self.gradient = gradient
         self.throw = throw
+        self.record_equilibria = False
+
+    def jacobian_penalty(
+        self, x, z_star, key, *, gamma: float, prob: float = 1.0, num_samples: int = 1, noise: str = "normal"
+    ) -> jax.Array:
+        """``gamma * mean_b ||d cell(z, x)/dz||_F^2 / dim`` at ``stop_gradient(z_star)`` for this
+        layer's cell (``jdeq.jacobian_penalty``; Bai et al. 2021), as ``jdeq.nnx.DEQ`` has.
+
+        Args:
+          x, z_star: an input and its equilibrium; key: PRNG key;
+          gamma, prob, num_samples, noise: as in ``jdeq.jacobian_penalty``.
+
+        Returns:
+          A scalar to add to the loss.
+        """
+        graphdef, state = nnx.split(self.cell)
+        f = lambda z, args: nnx.merge(graphdef, args[0])(z, args[1])  # noqa: E731
+        return jacobian_penalty(
+            f, jax.lax.stop_gradient(z_star), (state, x), key,
+            gamma=gamma, prob=prob, num_samples=num_samples, noise=noise,
+        )
 
     def __call__(self, x, z0=None, *, maxiter=None):
         bias = self.cell.injection(x)
@@ -326,6 +348,8 @@ class MonDEQ(nnx.Module):
             problem, bias, z0, self.cell.operator(), splitting=splitting, solver=self.solver,
             gradient=self.gradient, maxiter=maxiter, throw=self.throw,
         )
+        if self.record_equilibria:
+            self.sow(nnx.Intermediate, "equilibria", (x, sol.value))
         return sol.value, sol.stats
 
 

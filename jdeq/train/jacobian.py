@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdeq.nnx import DEQ
-
 __all__ = ["JacReg"]
 
 _NOISE = ("normal", "rademacher")
@@ -26,8 +24,9 @@ _NOISE = ("normal", "rademacher")
 class JacReg:
     """The Jacobian penalty ``gamma * ||J||_F^2 / dim`` added to the loss by :func:`fit`.
 
-    With ``fit(..., jac_reg=JacReg(gamma=...))`` every ``jdeq.nnx.DEQ`` of the model records the
-    ``(x, z*)`` of each of its solves during the forward pass, and the step adds the sum over those
+    With ``fit(..., jac_reg=JacReg(gamma=...))`` every equilibrium layer of the model
+    (``jdeq.nnx.DEQ``, ``jdeq.models.MonDEQ``, or any module with ``record_equilibria`` and
+    ``jacobian_penalty``) sows the ``(x, z*)`` of each of its solves during the forward pass, and the step adds the sum over those
     solves of ``gamma * mean_b ||J_b||_F^2 / dim`` (``jdeq.jacobian_penalty`` at
     ``stop_gradient(z*)``, via ``DEQ.jacobian_penalty``) to the loss it differentiates. With
     probability ``prob < 1`` one Bernoulli draw per step decides whether the term is computed
@@ -72,30 +71,53 @@ class JacReg:
         return self.gamma > 0 and self.prob > 0
 
 
-def find_deqs(model: nnx.Module) -> list[DEQ]:
-    """The ``jdeq.nnx.DEQ`` modules of ``model`` (itself included), in graph order."""
-    return [node for _, node in nnx.iter_graph(model) if isinstance(node, DEQ)]
+def find_deqs(model: nnx.Module) -> list[nnx.Module]:
+    """The equilibrium layers of ``model`` (itself included), in graph order: every module with
+    a ``record_equilibria`` attribute and a ``jacobian_penalty(x, z_star, key, *, gamma, ...)``
+    method (``jdeq.nnx.DEQ``, ``jdeq.models.MonDEQ`` or a layer of your own with the same two
+    members)."""
+    return [
+        node for _, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module) and hasattr(node, "record_equilibria")
+        and callable(getattr(node, "jacobian_penalty", None))
+    ]
 
 
 def start_recording(model: nnx.Module) -> list:
-    """Makes every DEQ of ``model`` (a traced copy) append ``(deq, x, z*)`` to the returned list."""
-    records: list = []
-    for deq in find_deqs(model):
-        deq.recorder = lambda x, z, deq=deq: records.append((deq, x, z))
-    return records
+    """Switches on ``record_equilibria`` in every equilibrium layer of ``model`` (a copy merged
+    inside the differentiated loss): each solve then sows ``(x, z*)`` into ``nnx.Intermediate``
+    ``"equilibria"``. Returns those layers, for :func:`penalty`."""
+    layers = find_deqs(model)
+    for layer in layers:
+        layer.record_equilibria = True
+    return layers
 
 
-def penalty(jac_reg: JacReg, records: list, key: jax.Array) -> jax.Array:
+def _recorded(layer) -> tuple:
+    """The ``(x, z*)`` pairs a layer sowed during the forward pass (and clears them)."""
+    records = getattr(layer, "equilibria", None)
+    if records is None:
+        return ()
+    values = tuple(records[...]) if isinstance(records, nnx.Variable) else tuple(records)
+    del layer.equilibria
+    return values
+
+
+def penalty(jac_reg: JacReg, layers: list, key: jax.Array) -> jax.Array:
     """The step's penalty: one Bernoulli(``prob``) draw, then the sum over the recorded solves."""
+    records = [(layer, x, z) for layer in layers for x, z in _recorded(layer)]
     if not records:
-        raise ValueError("`jac_reg` is set but the model's forward pass solved no jdeq.nnx.DEQ.")
+        raise ValueError(
+            "`jac_reg` is set but the model's forward pass solved no equilibrium layer "
+            "(jdeq.nnx.DEQ, jdeq.models.MonDEQ, ...)."
+        )
     coin, probes = jax.random.split(key)
     dtype = jax.tree_util.tree_leaves(records[0][2])[0].dtype
 
     def term(_):
         total = jnp.zeros((), dtype)
-        for i, (deq, x, z) in enumerate(records):
-            total = total + deq.jacobian_penalty(
+        for i, (layer, x, z) in enumerate(records):
+            total = total + layer.jacobian_penalty(
                 x, z, jax.random.fold_in(probes, i), gamma=jac_reg.gamma,
                 num_samples=jac_reg.num_samples, noise=jac_reg.noise,
             )

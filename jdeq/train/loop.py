@@ -310,5 +310,8 @@ def _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, ev
         if not isinstance(jac_reg, JacReg):
             raise TypeError(f"`jac_reg` must be None or a jdeq.train.JacReg, got {jac_reg!r}.")
         if not find_deqs(model):
-            raise ValueError("`jac_reg` needs a jdeq.nnx.DEQ in the model; found none.")
+            raise ValueError(
+                "`jac_reg` needs an equilibrium layer (jdeq.nnx.DEQ, jdeq.models.MonDEQ, ...) in "
+                "the model; found none."
+            )
     return n, local_batch

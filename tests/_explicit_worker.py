@@ -1,0 +1,129 @@
+"""Run as a script with 8 CPU devices (see tests/test_explicit_sharding.py): solves and
+gradients under ``jax.set_mesh`` with Explicit and Auto axes, compared with one device.
+Prints one JSON line per check: {"name", "ok", "detail"}."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jdeq  # noqa: E402
+
+N, D = 16, 6
+
+
+def cell(z, p):
+    return jnp.tanh(z @ p["W"] + p["x"])
+
+
+def params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {"W": jax.random.normal(k1, (D, D)) * 0.7 / np.sqrt(D), "x": jax.random.normal(k2, (N, D))}
+
+
+SOLVERS = {
+    "fpi": jdeq.FixedPointIteration(tol=1e-5, maxiter=60),
+    "anderson": jdeq.Anderson(tol=1e-5, maxiter=40),
+    "broyden": jdeq.Broyden(tol=1e-5, maxiter=40),
+    "hyper": jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(1)), tol=1e-5, maxiter=40),
+}
+GRADIENTS = {
+    "implicit": jdeq.Implicit(),
+    "implicit_gmres": jdeq.Implicit(solver="gmres", tol=1e-6),
+    "implicit_bicgstab": jdeq.Implicit(solver="bicgstab", tol=1e-6),
+    "phantom": jdeq.Phantom(steps=3),
+    "jfb": jdeq.JacobianFree(),
+    "unrolled": jdeq.Unrolled(),
+}
+
+
+def loss_and_sol(p, solver, gradient):
+    sol = jdeq.fixed_point(cell, jnp.zeros_like(p["x"]), p, solver=solver, gradient=gradient)
+    return jnp.sum(jnp.sin(sol.value)), sol
+
+
+def report(name, fn):
+    try:
+        fn()
+        print(json.dumps({"name": name, "ok": True, "detail": ""}), flush=True)
+    except Exception:  # noqa: BLE001 - reported to the test
+        print(json.dumps({"name": name, "ok": False, "detail": traceback.format_exc()[-3000:]}), flush=True)
+
+
+def close(a, b, tol=1e-5):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+def main(kind: str):
+    axis_type = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[kind]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    p = params()
+    step = jax.jit(jax.value_and_grad(loss_and_sol, has_aux=True), static_argnums=(1, 2))
+    refs = {(s, g): step(p, SOLVERS[s], GRADIENTS[g]) for s in SOLVERS for g in GRADIENTS}
+
+    for s in SOLVERS:
+        for g in GRADIENTS:
+            def check(s=s, g=g):
+                with jax.set_mesh(mesh):
+                    ps = {"W": p["W"], "x": jax.device_put(p["x"], NamedSharding(mesh, P("data")))}
+                    (loss, sol), grads = step(ps, SOLVERS[s], GRADIENTS[g])
+                    (rloss, rsol), rgrads = refs[(s, g)]
+                    close(sol.value, rsol.value)
+                    np.testing.assert_array_equal(sol.stats.nsteps, rsol.stats.nsteps)
+                    close(grads, rgrads, 2e-5)
+                    spec = sol.value.sharding.spec
+                    assert spec[0] == "data", f"value not sharded on data: {sol.value.sharding}"
+                    assert sol.stats.nsteps.sharding.spec[0] == "data", sol.stats.nsteps.sharding
+
+            report(f"{kind}/{s}/{g}", check)
+
+    # per-example code under vmap, sharded batch
+    def vmapped():
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(p["x"], NamedSharding(mesh, P("data")))
+            f = jax.jit(jax.vmap(lambda x: jdeq.fixed_point(cell, jnp.zeros(D), {"W": p["W"], "x": x},
+                                                            solver=SOLVERS["anderson"], batched=False).value))
+            out = f(xs)
+            close(out, refs[("anderson", "implicit")][0][1].value)
+            assert out.sharding.spec[0] == "data", out.sharding
+
+    report(f"{kind}/vmap_per_example", vmapped)
+
+    # the Flax layers
+    def flax_layers():
+        cell_nnx = jdeq.models.MLPCell(D, 8, rngs=nnx.Rngs(0))
+        deq = jdeq.nnx.DEQ(cell_nnx, solver=jdeq.Anderson(tol=1e-5))
+        ref = nnx.jit(lambda m, x: m(x)[0])(deq, p["x"])
+        grad_ref = nnx.grad(lambda m, x: jnp.sum(m(x)[0] ** 2))(deq, p["x"])
+        lin = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-5))
+        variables = lin.init(jax.random.key(0), p["x"])
+        lref = jax.jit(lambda v, x: lin.apply(v, x)[0])(variables, p["x"])
+        lgrad_ref = jax.grad(lambda v, x: jnp.sum(lin.apply(v, x)[0] ** 2))(variables, p["x"])
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(p["x"], NamedSharding(mesh, P("data")))
+            out = nnx.jit(lambda m, x: m(x)[0])(deq, xs)
+            close(out, ref)
+            assert out.sharding.spec[0] == "data"
+            close(nnx.grad(lambda m, x: jnp.sum(m(x)[0] ** 2))(deq, xs), grad_ref, 2e-5)
+            lout = jax.jit(lambda v, x: lin.apply(v, x)[0])(variables, xs)
+            close(lout, lref)
+            assert lout.sharding.spec[0] == "data"
+            close(jax.grad(lambda v, x: jnp.sum(lin.apply(v, x)[0] ** 2))(variables, xs), lgrad_ref, 2e-5)
+
+    report(f"{kind}/flax_layers", flax_layers)
+
+
+if __name__ == "__main__":
+    for kind in sys.argv[1:] or ["explicit", "auto"]:
+        main(kind)
