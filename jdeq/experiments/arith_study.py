@@ -97,7 +97,8 @@ def build_model(kind: str, cfg, seed: int) -> nnx.Module:
             grad = rest
         if grad not in GRADIENTS:
             raise ValueError(f"unknown DEQ gradient {grad!r} in `kind` {kind!r}; expected one of {sorted(GRADIENTS)}.")
-        return _tied(cfg, seed, solver=jdeq.Anderson(tol=cfg.deq_tol, maxiter=maxiter), gradient=GRADIENTS[grad])
+        solver = {"fpi": jdeq.FixedPointIteration, "anderson": jdeq.Anderson}[cfg.deq_solver]
+        return _tied(cfg, seed, solver=solver(tol=cfg.deq_tol, maxiter=maxiter), gradient=GRADIENTS[grad])
     if kind.startswith("unrolled-") and kind[9:].isdigit():
         return _tied(cfg, seed)
     _, width, hidden = matched_sizes(cfg)

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Sequence
 
-from jdeq.experiments import argtypes
+from jdeq import argtypes
 from jdeq.experiments.arith_study import GRADIENTS, build_model, data, matched_sizes, model_names, run_seed
 
 __all__ = ["Config", "FULL", "GRADIENTS", "QUICK", "build_model", "data", "main", "matched_sizes", "model_names",
@@ -64,7 +64,8 @@ class Config:
         ``model_lr = ((class, lr), ...)`` overrides ``lr`` per class (``deq``, ``unrolled``,
         ``transformer``, ``lstm``).
       seeds, data_seed: model/batch-order seeds; the data's seed.
-      deq_tol, deq_maxiter, deq_gradient: the DEQ's Anderson solver and gradient in training.
+      deq_solver, deq_tol, deq_maxiter, deq_gradient: the DEQ's solver (``"fpi"``: plain
+        iteration, or ``"anderson"``), tolerance, budget and gradient in training.
       extra_gradients: more gradients, trained as ``deq-<gradient>``.
       train_budgets: training budgets of the ``deq-budget<b>`` models.
       unrolled_depth: depth ``L`` of the ``unrolled-L`` baseline.
@@ -75,35 +76,36 @@ class Config:
       eval_batch_size: batch size of evaluation.
     """
 
-    operands: int = 7
-    max_depth: int = 5
-    train_max_depth: int = 2
-    n_train: int = 30_000
-    n_test: int = 500
-    features: int = 32
-    kernel: int = 3
-    readout: str = "mean"
+    operands: int = 6
+    max_depth: int = 4
+    train_max_depth: int = 1
+    n_train: int = 20_000
+    n_test: int = 300
+    features: int = 48
+    kernel: int = 2
+    readout: str = "last"
     num_heads: int = 4
     untied_layers: int = 4
-    steps: int = 2000
-    batch_size: int = 128
+    steps: int = 1500
+    batch_size: int = 64
     lr: float = 1e-2
     model_lr: tuple = ()
     seeds: tuple = (0, 1, 2)
     data_seed: int = 1234
+    deq_solver: str = "fpi"
     deq_tol: float = 1e-3
-    deq_maxiter: int = 30
+    deq_maxiter: int = 24
     deq_gradient: str = "implicit"
     extra_gradients: tuple = ("phantom", "jfb")
     train_budgets: tuple = (2, 4, 8)
-    unrolled_depth: int = 16
+    unrolled_depth: int = 24
     baselines: tuple = ("transformer", "lstm")
-    test_iters: tuple = (1, 2, 4, 8, 16, 32, 64)
-    aa_examples: int = 600
+    test_iters: tuple = (1, 2, 4, 8, 16, 24, 32, 64)
+    aa_examples: int = 400
     aa_maxiter: int = 64
-    traj_examples: int = 300
+    traj_examples: int = 200
     traj_steps: int = 64
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 500
 
 
 FULL = Config()
@@ -115,7 +117,12 @@ QUICK = Config(operands=4, max_depth=2, train_max_depth=1, n_train=512, n_test=6
 through every measurement; nothing is learned."""
 
 
-def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log=print) -> dict:
+def _seed_job(cfg: Config, seed: int) -> list[dict]:
+    """One seed in a worker process (``run(..., jobs>1)``)."""
+    return run_seed(cfg, seed, data(cfg), log=lambda line: print(line, flush=True))
+
+
+def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log=print, jobs: int = 1) -> dict:
     """Runs the study and writes ``summary.json``, ``summary.md`` and figures to ``out``.
 
     Args:
@@ -124,6 +131,7 @@ def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log
       progress: show progress bars.
       command: the command line recorded in the reports.
       log: where progress lines go.
+      jobs: seeds trained at the same time, in separate processes (1: in this process).
 
     Returns:
       The summary (the content of ``summary.json``), with the per-seed records under ``"runs"``
@@ -136,8 +144,17 @@ def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log
     t0 = time.perf_counter()
     sets = data(cfg)
     runs = []
-    for seed in cfg.seeds:
-        runs.extend(run_seed(cfg, seed, sets, progress=progress, log=log))
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(cfg.seeds)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            for records in pool.map(_seed_job, [cfg] * len(cfg.seeds), cfg.seeds):
+                runs.extend(records)
+    else:
+        for seed in cfg.seeds:
+            runs.extend(run_seed(cfg, seed, sets, progress=progress, log=log))
     return arith_report.write(cfg, sets, runs, out, seconds=time.perf_counter() - t0, command=command)
 
 
@@ -157,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--deq-gradient", choices=sorted(GRADIENTS), help="gradient of the model `deq`")
     p.add_argument("--experiments", default="all", help=argparse.SUPPRESS)  # old flag: only 'all' remains
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--jobs", type=argtypes.positive_int, default=1, help="seeds trained in parallel processes")
     args = p.parse_args(argv)
     if args.experiments != "all":
         p.error(f"--experiments: unknown {sorted(args.experiments.split(','))}; the study runs as one piece")
@@ -171,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides["seeds"] = tuple(range(args.seeds))
     cfg = dataclasses.replace(cfg, **overrides)
     command = "python -m jdeq.experiments.arithmetic " + " ".join(sys.argv[1:] if argv is None else argv)
-    summary = run(cfg, args.out, progress=args.progress, command=command.strip())
+    summary = run(cfg, args.out, progress=args.progress, command=command.strip(), jobs=args.jobs)
     print(f"wrote {args.out}/ in {summary['wall_seconds']:.0f} s")
     return summary
 
