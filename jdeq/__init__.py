@@ -13,7 +13,9 @@ from jdeq._fixed_point import fixed_point, unroll
 from jdeq._gradients import Gradient, Implicit, JacobianFree, Phantom, Unrolled
 from jdeq._hypersolver import HyperAnderson, hyper_loss, init_mixer
 from jdeq._jaxopt import JaxoptSolver
+from jdeq._path_independence import AAScore, aa_score, initial_states
 from jdeq._regularizers import jacobian_frobenius, jacobian_penalty, spectral_radius
+from jdeq._reversible import Reversible, ReversibleIteration
 from jdeq._solvers import Anderson, Broyden, FixedPointIteration, Solver, leaf_field
 from jdeq._splitting import (
     ForwardBackward,
@@ -44,6 +46,7 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
+    "AAScore",
     "Anderson",
     "Broyden",
     "FixedPointIteration",
@@ -56,10 +59,13 @@ __all__ = [
     "MonotoneProblem",
     "PeacemanRachford",
     "Phantom",
+    "Reversible",
+    "ReversibleIteration",
     "Solution",
     "Solver",
     "SolverStats",
     "Unrolled",
+    "aa_score",
     "correction_loss",
     "correction_weights",
     "data",
@@ -67,6 +73,7 @@ __all__ = [
     "fixed_point",
     "fixed_point_states",
     "hyper_loss",
+    "initial_states",
     "init_mixer",
     "jacobian_frobenius",
     "jacobian_penalty",
