@@ -1,0 +1,41 @@
+"""Smoke test of ``benchmarks.vs_peers`` at a tiny size, without needing any peer installed:
+jdeq alone end to end (reference, calibration target, interleaved timing, JSON/PNG, table
+last), and every peer's skip path (a missing package is a printed reason, never a crash)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from benchmarks import vs_peers as V
+
+
+def test_jdeq_alone_and_skipped_peers(tmp_path, capsys, monkeypatch):
+    for mod in ("optimistix", "lineax", "torch", "torchdeq"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
+    monkeypatch.setattr(V, "PEER_VENV", tmp_path / "no-venv")
+    monkeypatch.setattr(V, "_python312_candidates", lambda: [])
+    doc = V.main(["--quick", "--cells", "mlp-disk", "--peers", "optimistix,torchdeq,banax", "--no-levers",
+                  "--no-overhead", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)])
+    assert set(doc["skipped"]) == {"optimistix", "torchdeq", "banax"}
+    assert "3.12" in doc["skipped"]["banax"]
+    rows = doc["cells"]["mlp-disk"]["rows"]
+    assert [r["library"] for r in rows] == ["jdeq"]
+    assert rows[0]["ratio"] == 1.0 and 0 < rows[0]["grad_err"] < 1e-2 and rows[0]["ms"] > 0
+    saved = json.loads((tmp_path / "vs_peers.json").read_text())
+    assert saved["cells"]["mlp-disk"]["target_grad_err"] == rows[0]["grad_err"]
+    assert (tmp_path / "vs_peers.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "skipped banax" in out and "skipped torchdeq" in out
+    assert "jdeq Anderson + Implicit (default)" in out.strip().splitlines()[-1]
+
+
+def test_reference_and_error_metric():
+    prob = V.make_problem("mlp-slow", quick=True)
+    ref = V.reference_grad(prob)
+    assert V.grad_error(ref, ref) == 0.0
+    g = {k: 1.01 * v for k, v in ref.items()}
+    assert math.isclose(V.grad_error(g, ref), 0.01, rel_tol=1e-6)
+    w = prob["params"]["w"].astype(float)
+    assert max(abs(__import__("numpy").linalg.eigvals(w))) < 1  # a few slow modes, still contractive
