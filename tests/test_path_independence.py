@@ -1,0 +1,55 @@
+"""jdeq.aa_score and jdeq.initial_states (path independence, Anil et al. 2022)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdeq
+
+
+def test_unique_fixed_point_scores_one():
+    f = lambda z, x: 0.5 * jnp.tanh(z) + x  # a contraction: one fixed point per input
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    z = jdeq.fixed_point(f, jnp.zeros((6, 4)), x, solver=jdeq.Anderson(tol=1e-8)).value
+    for key in (None, jax.random.key(1)):
+        s = jdeq.aa_score(f, x, z, solver=jdeq.Anderson(tol=1e-8), key=key)
+        assert s.per_example.shape == (6,)
+        np.testing.assert_allclose(s.per_example, 1.0, atol=1e-5)
+        assert bool((s.perm != jnp.arange(6)).all())  # every example starts elsewhere
+        assert sorted(np.asarray(s.perm).tolist()) == list(range(6))
+
+
+def test_two_attractors_score_below_one():
+    # per coordinate, z -> tanh(3 z) + 0.05 x has two stable fixed points near +1 and -1
+    f = lambda z, x: jnp.tanh(3 * z) + 0.05 * x
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    signs = jnp.where(jnp.arange(8)[:, None] % 2 == 0, 1.0, -1.0) * jnp.ones((8, 5))
+    solver = jdeq.FixedPointIteration(tol=1e-7, maxiter=200)
+    z = jdeq.fixed_point(f, signs, x, solver=solver).value  # alternating basins
+    s = jdeq.aa_score(f, x, z, solver=solver)
+    assert float(s.mean) < 0.0  # each neighbour sits in the opposite basin: cos ~ -1
+    np.testing.assert_allclose(s.per_example, -1.0, atol=0.05)
+    # the same inputs, all started in one basin: path independent on this set
+    z1 = jdeq.fixed_point(f, jnp.ones((8, 5)), x, solver=solver).value
+    assert float(jdeq.aa_score(f, x, z1, solver=solver).mean) > 0.999
+
+
+def test_initial_states():
+    like = {"a": jnp.zeros((5, 3)), "b": jnp.zeros((5, 2, 2), jnp.float16)}
+    zeros = jdeq.initial_states("zeros", like)
+    assert all(bool((v == 0).all()) for v in jax.tree.leaves(zeros))
+    normal = jdeq.initial_states("normal", like, jax.random.key(0), scale=2.0)
+    assert normal["b"].dtype == jnp.float16 and bool((normal["a"] != 0).all())
+    mixed = jdeq.initial_states("mixed", like, jax.random.key(0))
+    assert bool((mixed["a"][:3] != 0).all()) and bool((mixed["a"][3:] == 0).all())
+    with pytest.raises(ValueError, match="kind"):
+        jdeq.initial_states("uniform", like)
+    with pytest.raises(ValueError, match="key"):
+        jdeq.initial_states("normal", like)
+
+
+def test_bad_input():
+    f = lambda z, x: 0.5 * jnp.tanh(z) + x
+    with pytest.raises(ValueError, match="z_star"):
+        jdeq.aa_score(f, jnp.zeros((1, 3)), jnp.zeros((1, 3)))

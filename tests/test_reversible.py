@@ -1,0 +1,181 @@
+"""jdeq.ReversibleIteration and jdeq.Reversible (McCallum et al. 2025): the exact gradient of the
+reversible iteration, reconstructed in reverse with memory flat in maxiter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jdeq
+
+B, D = 5, 6
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _f(z, p):
+    return jnp.tanh(z @ p["W"] + p["x"])
+
+
+def _params(dtype=jnp.float64, scale=0.4, batch=B, dim=D):
+    W = scale * jax.random.normal(jax.random.key(0), (dim, dim), dtype) / np.sqrt(dim)
+    x = jax.random.normal(jax.random.key(1), (batch, dim), dtype)
+    return {"W": W, "x": x}
+
+
+def _loss(p, solver, gradient, maxiter=None):
+    z0 = jnp.zeros_like(p["x"])
+    sol = jdeq.fixed_point(_f, z0, p, solver=solver, gradient=gradient, maxiter=maxiter)
+    return jnp.sum(jnp.sin(sol.value) * jnp.arange(1, z0.shape[1] + 1)), sol.stats
+
+
+def _grads(p, solver, gradient, maxiter=None):
+    return jax.grad(lambda p: _loss(p, solver, gradient, maxiter)[0])(p)
+
+
+def _close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(y))))
+
+
+@pytest.mark.parametrize(
+    "beta,tol,maxiter",
+    [(0.5, 1e-30, 41), (0.5, 1e-3, 40), (0.8, 1e-6, 41), (0.8, 1e-3, 12), (0.3, 1e-30, 1), (0.3, 1e-30, 3)],
+)
+def test_gradient_equals_unrolled(beta, tol, maxiter):
+    p = _params()
+    rev = jdeq.ReversibleIteration(beta=beta, tol=tol, maxiter=maxiter)
+    (l1, s1), (l2, s2) = _loss(p, rev, jdeq.Reversible()), _loss(p, rev, jdeq.Unrolled())
+    assert float(l1) == float(l2)  # the same forward computation
+    np.testing.assert_array_equal(s1.nsteps, s2.nsteps)
+    _close(_grads(p, rev, jdeq.Reversible()), _grads(p, rev, jdeq.Unrolled()), 1e-9)
+
+
+def test_gradient_finite_differences():
+    p = _params()
+    rev = jdeq.ReversibleIteration(beta=0.6, tol=1e-30, maxiter=21)  # a fixed number of steps
+    check_grads(lambda p: _loss(p, rev, jdeq.Reversible())[0], (p,), order=1, modes=["rev"], eps=1e-6)
+
+
+def test_per_example_freezing_exact():
+    """Examples that stop at different steps: each one's gradient is that of its own solve."""
+    p = _params()
+    p["x"] = p["x"] * jnp.array([0.01, 0.3, 1.0, 3.0, 10.0])[:, None]  # different convergence speeds
+    rev = jdeq.ReversibleIteration(beta=0.7, tol=1e-7, maxiter=61)
+    _, stats = _loss(p, rev, jdeq.Reversible())
+    assert len(set(np.asarray(stats.nsteps).tolist())) > 2 and bool(stats.converged.all())
+    g = _grads(p, rev, jdeq.Reversible())
+    _close(g, _grads(p, rev, jdeq.Unrolled()), 1e-9)
+    for i in (0, B - 1):  # an example alone: its x-gradient row, and its W-gradient share
+        pi = {"W": p["W"], "x": p["x"][i : i + 1]}
+        loss_i = lambda pi: _loss(pi, rev, jdeq.Reversible())[0]
+        gi = jax.grad(loss_i)(pi)
+        np.testing.assert_allclose(g["x"][i], gi["x"][0], rtol=1e-8, atol=1e-12)  # rounding only
+        _, si = _loss(pi, rev, jdeq.Reversible())
+        assert int(si.nsteps[0]) == int(stats.nsteps[i])
+
+
+def test_runtime_budget_and_jit():
+    p = _params()
+    rev = jdeq.ReversibleIteration(beta=0.7, tol=1e-30, maxiter=101)
+    run = jax.jit(lambda p, m: _grads(p, rev, jdeq.Reversible(), m))
+    for m in (9, 21):  # a traced budget: one compilation
+        _close(run(p, m), _grads(p, rev, jdeq.Unrolled(), m), 1e-9)
+    assert run._cache_size() == 1
+
+
+def test_vmap_per_example():
+    p = _params()
+    rev = jdeq.ReversibleIteration(beta=0.6, tol=1e-8, maxiter=61)
+
+    def one(W, xi):
+        return jdeq.fixed_point(
+            _f, jnp.zeros(D), {"W": W, "x": xi}, solver=rev, gradient=jdeq.Reversible(), batched=False
+        ).value
+
+    loss_v = lambda p: jnp.sum(jnp.sin(jax.vmap(one, in_axes=(None, 0))(p["W"], p["x"])))
+    loss_b = lambda p: jnp.sum(jnp.sin(jdeq.fixed_point(
+        _f, jnp.zeros((B, D)), p, solver=rev, gradient=jdeq.Reversible()).value))
+    np.testing.assert_allclose(jax.jit(loss_v)(p), loss_b(p), rtol=1e-12)
+    _close(jax.jit(jax.grad(loss_v))(p), jax.grad(loss_b)(p), 1e-9)
+
+
+def test_other_gradient_modes():
+    """An ordinary solver: Implicit at a converged fixed point agrees with the exact gradient."""
+    p = _params()
+    rev = jdeq.ReversibleIteration(beta=0.8, tol=1e-11, maxiter=201)
+    g_rev = _grads(p, rev, jdeq.Reversible())
+    _close(_grads(p, rev, jdeq.Implicit(solver=jdeq.Anderson(tol=1e-12, maxiter=100))), g_rev, 1e-6)
+    _close(_grads(p, rev, jdeq.Implicit()), g_rev, 1e-6)  # itself as the backward solver
+    _grads(p, rev, jdeq.Phantom(steps=3))  # runs
+
+
+def test_pytree_state_and_stats():
+    p = _params()
+    f = lambda z, p: {"a": jnp.tanh(z["b"] @ p["W"] + p["x"]), "b": 0.5 * z["a"]}
+    z0 = {"a": jnp.zeros((B, D)), "b": jnp.zeros((B, D))}
+    rev = jdeq.ReversibleIteration(beta=0.6, tol=1e-9, maxiter=99, trace=True)
+    sol = jdeq.fixed_point(f, z0, p, solver=rev, gradient=jdeq.Implicit())
+    assert bool(sol.stats.converged.all()) and sol.stats.trace.shape == (B, 99)
+    assert int(sol.stats.nsteps.max()) % 2 == 1  # 1 + 2 n evaluations
+    short = rev.backward(maxiter=21)  # few steps: rounding of the reconstruction stays ~1e-12
+    loss = lambda p, g: jnp.sum(jdeq.fixed_point(f, z0, p, solver=short, gradient=g).value["a"])
+    _close(jax.grad(loss)(p, jdeq.Reversible()), jax.grad(loss)(p, jdeq.Unrolled()), 1e-9)
+
+
+def _temp_bytes(gradient, maxiter):
+    p = _params(batch=8, dim=64)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-30, maxiter=maxiter)
+    fn = jax.jit(lambda p: _grads(p, rev, gradient))
+    return fn.lower(p).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_flat_in_maxiter():
+    rev = [_temp_bytes(jdeq.Reversible(), m) for m in (16, 256)]
+    unr = [_temp_bytes(jdeq.Unrolled(), m) for m in (16, 256)]
+    assert rev[1] == rev[0], rev
+    assert unr[1] > 8 * unr[0] and unr[1] > 10 * rev[1], (unr, rev)
+
+
+def test_float32_reconstruction_drift():
+    """The stated safe range (benchmarks/README.md): beta <= 0.8 and <= 21 evaluations keep the
+    float32 gradient within 1e-4 of backprop through the stored iterations (unreachable tol,
+    so every step is replayed; the drift grows with the steps)."""
+    with jax.enable_x64(False):
+        p = _params(jnp.float32)
+        for beta in (0.3, 0.5, 0.8):
+            rev = jdeq.ReversibleIteration(beta=beta, tol=1e-30, maxiter=21)
+            g1, g2 = _grads(p, rev, jdeq.Reversible()), _grads(p, rev, jdeq.Unrolled())
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+                assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4, beta
+
+
+def test_nonfinite_example_gets_zero_cotangent():
+    p = _params()
+    f = lambda z, p: jnp.where(p["x"][:, :1] > 50, jnp.exp(30 * z + 30), jnp.tanh(z @ p["W"] + p["x"]))
+    p["x"] = p["x"].at[0].set(100.0)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-8, maxiter=41)
+    loss = lambda p: jnp.sum(jdeq.fixed_point(f, jnp.zeros((B, D)), p, solver=rev, gradient=jdeq.Reversible()).value)
+    sol = jdeq.fixed_point(f, jnp.zeros((B, D)), p, solver=rev, gradient=jdeq.Reversible())
+    assert bool(sol.stats.nonfinite[0]) and not bool(sol.stats.nonfinite[1:].any())
+    g = jax.grad(loss)(p)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+    q = {"W": p["W"], "x": p["x"][1:]}
+    g_rest = jax.grad(lambda q: jnp.sum(jdeq.fixed_point(
+        _f, jnp.zeros((B - 1, D)), q, solver=rev, gradient=jdeq.Reversible()).value))(q)
+    np.testing.assert_allclose(g["W"], g_rest["W"], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="solver"):
+        jdeq.fixed_point(_f, jnp.zeros((B, D)), _params(), solver=jdeq.Anderson(), gradient=jdeq.Reversible())
+    for beta in (0.0, 1.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="beta"):
+            jdeq.ReversibleIteration(beta=beta)
+    with pytest.raises(ValueError, match="tol"):
+        jdeq.ReversibleIteration(tol=-1.0)
