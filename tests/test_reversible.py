@@ -179,3 +179,22 @@ def test_bad_input():
             jdeq.ReversibleIteration(beta=beta)
     with pytest.raises(ValueError, match="tol"):
         jdeq.ReversibleIteration(tol=-1.0)
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    import json
+
+    from benchmarks import reversible
+
+    with jax.enable_x64(False):
+        reversible.main(["--quick", "--betas", "0.5", "--nfes", "5", "--mem-maxiters", "16", "32",
+                         "--epochs", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "reversible.json").read_text())
+    assert (tmp_path / "reversible.png").stat().st_size > 1000
+    assert doc["machine"]["backend"]
+    assert doc["drift"][0]["grad_error"] < 1e-3
+    assert doc["accuracy"][0]["reversible_vs_own_unrolled"] < 1e-9
+    mem = doc["memory"]
+    assert mem[0]["reversible"] == mem[1]["reversible"] and mem[1]["unrolled"] > mem[0]["unrolled"]
+    assert set(doc["training"]) == {"reversible", "implicit"}
+    assert "test acc" in capsys.readouterr().out.strip().splitlines()[-4]
