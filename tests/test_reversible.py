@@ -143,13 +143,13 @@ def test_memory_flat_in_maxiter():
 
 
 def test_float32_reconstruction_drift():
-    """The stated safe range (benchmarks/README.md): beta <= 0.8 and <= 21 evaluations keep the
-    float32 gradient within 1e-4 of backprop through the stored iterations (unreachable tol,
-    so every step is replayed; the drift grows with the steps)."""
+    """Inside the stated float32 safe range (benchmarks/README.md: replayed steps n with
+    (1 - beta)^-n <= 1e3) the float32 gradient stays within 1e-4 of backprop through the
+    stored iterations (unreachable tol, so every step is replayed)."""
     with jax.enable_x64(False):
         p = _params(jnp.float32)
-        for beta in (0.3, 0.5, 0.8):
-            rev = jdeq.ReversibleIteration(beta=beta, tol=1e-30, maxiter=21)
+        for beta, nfe in ((0.3, 41), (0.5, 21), (0.8, 9)):  # 20, 10, 4 steps
+            rev = jdeq.ReversibleIteration(beta=beta, tol=1e-30, maxiter=nfe)
             g1, g2 = _grads(p, rev, jdeq.Reversible()), _grads(p, rev, jdeq.Unrolled())
             for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
                 assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4, beta
