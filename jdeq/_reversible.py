@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient
@@ -249,10 +250,28 @@ def _reverse(fn, beta, params, saved, ct):
     """Backpropagates ``ct`` (cotangent of the value) through the forward iteration, rebuilding
     the iterates in reverse from the final states; returns the cotangent of ``params``."""
     y, z, steps, best_n, nonfinite = saved
+    # Differentiate the floating leaves only (integer arguments get float0 zeros).
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    floating = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    fixed = [x for x, fl in zip(leaves, floating) if not fl]
+
+    def fn_float(zm, float_leaves):
+        it_f, it_x = iter(float_leaves), iter(fixed)
+        merged = [next(it_f) if fl else next(it_x) for fl in floating]
+        return fn(zm, jax.tree_util.tree_unflatten(treedef, merged))
+
+    gp = _reverse_float(fn_float, beta, [x for x, fl in zip(leaves, floating) if fl], y, z, steps,
+                        best_n, nonfinite, ct)
+    it = iter(gp)
+    out = [next(it) if fl else np.zeros(jnp.shape(x), jax.dtypes.float0) for x, fl in zip(leaves, floating)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _reverse_float(fn, beta, params, y, z, steps, best_n, nonfinite, ct):
+    """:func:`_reverse` on a list of floating ``params``: the reverse sweep itself."""
     # Non-finite policy: such an example gets a zero cotangent and takes no reverse step.
     ct = jnp.where(nonfinite[:, None], 0, ct)
     steps = jnp.where(nonfinite, 0, steps)
-    zeros_p = jax.tree_util.tree_map(jnp.zeros_like, params)
     add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
 
     # The value is F(z_{best_n}); for best_n == steps that is the final z.
@@ -278,7 +297,7 @@ def _reverse(fn, beta, params, saved, ct):
 
     init = (jnp.max(steps), y, z, gy, gz, gp)
     *_, gp = jax.lax.while_loop(lambda c: c[0] > 0, body, init)
-    return add(zeros_p, gp)
+    return gp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -171,6 +171,16 @@ def test_nonfinite_example_gets_zero_cotangent():
     np.testing.assert_allclose(g["W"], g_rest["W"], rtol=1e-10, atol=1e-12)
 
 
+def test_integer_args():
+    f = lambda z, a: 0.5 * jnp.tanh(z * a["s"]) + a["x"]
+    a = {"x": jnp.linspace(-1.0, 1.0, B * D).reshape(B, D), "s": jnp.int32(2)}
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-8, maxiter=41)
+    loss = lambda a, g: jnp.sum(jnp.sin(jdeq.fixed_point(f, jnp.zeros((B, D)), a, solver=rev, gradient=g).value))
+    g1 = jax.grad(loss, allow_int=True)(a, jdeq.Reversible())
+    g2 = jax.grad(loss, allow_int=True)(a, jdeq.Unrolled())
+    np.testing.assert_allclose(g1["x"], g2["x"], rtol=1e-9)
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="solver"):
         jdeq.fixed_point(_f, jnp.zeros((B, D)), _params(), solver=jdeq.Anderson(), gradient=jdeq.Reversible())
