@@ -59,10 +59,12 @@ def probe_loss(p, x, solver, gradient, maxiter=None):
     return jnp.mean(jnp.sin(sol.value @ p["head"])), sol.stats
 
 
-def _grad(p, x, solver, gradient):
+def _grad(p, x, solver, gradient, with_stats=False):
     keys = ("W", "U", "b")
-    g = jax.jit(jax.grad(lambda q: probe_loss({**p, **q}, x, solver, gradient)[0]))({k: p[k] for k in keys})
-    return jnp.concatenate([jnp.ravel(g[k]).astype(jnp.float64) for k in keys])
+    fn = jax.jit(jax.grad(lambda q: probe_loss({**p, **q}, x, solver, gradient), has_aux=True))
+    g, stats = fn({k: p[k] for k in keys})
+    g = jnp.concatenate([jnp.ravel(g[k]).astype(jnp.float64) for k in keys])
+    return (g, stats) if with_stats else g
 
 
 def _rel(a, b):
@@ -105,11 +107,9 @@ def accuracy_study(cfg, p64, x64):
     rows = []
     for n in cfg.nfes:
         rev = jdeq.ReversibleIteration(beta=cfg.beta, tol=1e-30, maxiter=n)
-        g_rev = _grad(p64, x64, rev, jdeq.Reversible())
+        g_rev, s_rev = _grad(p64, x64, rev, jdeq.Reversible(), with_stats=True)
         g_unr = _grad(p64, x64, rev, jdeq.Unrolled())
-        g_imp = _grad(p64, x64, jdeq.Anderson(tol=1e-30, maxiter=n), jdeq.Implicit())
-        _, s_rev = probe_loss(p64, x64, rev, jdeq.Reversible())
-        _, s_imp = probe_loss(p64, x64, jdeq.Anderson(tol=1e-30, maxiter=n), jdeq.Implicit())
+        g_imp, s_imp = _grad(p64, x64, jdeq.Anderson(tol=1e-30, maxiter=n), jdeq.Implicit(), with_stats=True)
         rows.append({
             "nfe": n, "reversible_vs_exact": _rel(g_rev, exact), "implicit_vs_exact": _rel(g_imp, exact),
             "reversible_vs_own_unrolled": _rel(g_rev, g_unr),
