@@ -176,7 +176,7 @@ class HyperAnderson(Solver):
 
     def init(self, z):
         m, d = self.memory, z.shape[1]
-        col = jnp.zeros_like(z[:, 0])  # (n,), laid out like the batch
+        col = zeros_rows(z, ())  # (n,), laid out like the batch
         return (
             zeros_rows(z, (m, d)),
             zeros_rows(z, (m, d)),

@@ -206,7 +206,7 @@ def _mapped_zeros(consts, batched, v, dtype):
     broadcast start keeps the batch sharding of the inputs), or plain zeros if none is."""
     for c, b in zip(consts, batched):
         if b and jnp.ndim(c) >= 1:
-            col = jnp.reshape(c, (v, -1))[:, :1]
+            col = jnp.sum(jnp.reshape(c, (v, -1)), axis=1, keepdims=True)  # (a sum, not a slice)
             return jnp.zeros_like(col, dtype=dtype)[:, :, None]
     return jnp.zeros((v, 1, 1), dtype)
 

@@ -235,7 +235,9 @@ def zeros_rows(z: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.Array:
     column of ``z``'s zeros, so a solver state keeps the batch sharding of ``z``. (Under
     Explicit mesh axes a fresh ``jnp.zeros`` is replicated, and writing sharded rows into it is
     a sharding type error.)"""
-    col = jnp.zeros_like(z[:, :1], dtype=dtype)
+    # (a reduction, not a slice z[:, :1]: slicing a feature axis that is itself sharded, e.g.
+    # along a model axis, is not allowed; XLA drops the unused sum)
+    col = jnp.zeros_like(jnp.sum(z, axis=1, keepdims=True), dtype=dtype)
     return jnp.broadcast_to(col.reshape((z.shape[0],) + (1,) * len(shape)), (z.shape[0],) + tuple(shape))
 
 

@@ -54,6 +54,22 @@ def _merge_config(params, treedef):
     return jax.tree_util.tree_unflatten(treedef, [p[...] for p in params])
 
 
+def variable_value(variable: nnx.Variable):
+    """A variable's value across Flax versions (``get_value`` is new; ``.value`` is deprecated
+    in recent releases but the only spelling at the oldest supported one)."""
+    get = getattr(variable, "get_value", None)
+    return get() if get is not None else variable.value
+
+
+def record_equilibrium(layer: nnx.Module, x, z_star) -> None:
+    """Appends ``(x, z*)`` to ``layer.equilibria``, an ``nnx.Intermediate`` holding a tuple (what
+    ``Module.sow`` stores; written directly, since ``sow`` outside ``nnx.capture`` is deprecated
+    in recent Flax)."""
+    previous = getattr(layer, "equilibria", None)
+    records = tuple(variable_value(previous)) if previous is not None else ()
+    layer.equilibria = nnx.Intermediate(records + ((x, z_star),))
+
+
 def _batch_of(z0, batched: bool) -> int | None:
     return jax.tree_util.tree_leaves(z0)[0].shape[0] if batched else None
 
@@ -150,7 +166,7 @@ class DEQ(nnx.Module):
         )
         sol = mask_bad_examples(sol, z0, bad)
         if self.record_equilibria:
-            self.sow(nnx.Intermediate, "equilibria", (x_safe, sol.value))
+            record_equilibrium(self, x_safe, sol.value)
         return sol.value, sol.stats
 
     def jacobian_penalty(

@@ -73,7 +73,7 @@ def main(kind: str):
     refs = {(s, g): step(p, SOLVERS[s], GRADIENTS[g]) for s in SOLVERS for g in GRADIENTS}
 
     for s in SOLVERS:
-        for g in GRADIENTS:
+        for g in GRADIENTS if kind == "explicit" else ("implicit", "implicit_gmres", "unrolled"):
             def check(s=s, g=g):
                 with jax.set_mesh(mesh):
                     ps = {"W": p["W"], "x": jax.device_put(p["x"], NamedSharding(mesh, P("data")))}
@@ -122,6 +122,47 @@ def main(kind: str):
             close(jax.grad(lambda v, x: jnp.sum(lin.apply(v, x)[0] ** 2))(variables, xs), lgrad_ref, 2e-5)
 
     report(f"{kind}/flax_layers", flax_layers)
+
+    # fit / evaluate / predict on a mesh of this axis type, data and model axes
+    def training():
+        import optax
+        import jdeq.train as T
+
+        model = _classifier
+
+        x = np.asarray(jax.random.normal(jax.random.key(3), (32, D)), np.float32)
+        y = (x[:, 0] > 0).astype(np.int32)
+        data = {"inputs": x, "labels": y}
+        ref_model = model()
+        ref = T.fit(ref_model, optax.sgd(0.1), data, steps=3, batch_size=32, progress=False, log_every=1)
+        for shape, names, model_axis in (((8,), ("data",), None), ((4, 2), ("data", "model"), "model")):
+            m = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+            net = model()
+            hist = T.fit(net, optax.sgd(0.1), data, steps=3, batch_size=32, progress=False, mesh=m,
+                         model_axis=model_axis, min_shard_size=1, log_every=1)
+            np.testing.assert_allclose([r["loss"] for r in hist.train], [r["loss"] for r in ref.train], rtol=2e-5)
+            close(nnx.state(net, nnx.Param), nnx.state(ref_model, nnx.Param), 2e-5)
+            ev = T.evaluate(net, data, batch_size=16, mesh=m, model_axis=model_axis, min_shard_size=1)
+            ev_ref = T.evaluate(ref_model, data, batch_size=16)
+            np.testing.assert_allclose(ev["loss"], ev_ref["loss"], rtol=2e-5)
+            close(T.predict(net, x, batch_size=16, mesh=m, model_axis=model_axis, min_shard_size=1),
+                  T.predict(ref_model, x, batch_size=16), 2e-5)
+
+    report(f"{kind}/fit_evaluate_predict", training)
+
+
+def _classifier():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(D, 8, rngs=nnx.Rngs(0)),
+                                    solver=jdeq.Anderson(tol=1e-5, maxiter=30))
+            self.head = nnx.Linear(8, 2, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            z, stats = self.deq(x)
+            return self.head(z), stats
+
+    return Net()
 
 
 if __name__ == "__main__":

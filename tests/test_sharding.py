@@ -356,7 +356,7 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
     def evaluate_and_predict_on_mesh():
         model = WideNet()
         seen = []
-        original = T.loop._apply
+        original = T.evaluation._apply
 
         def spy(graphdef, state, inputs, kwargs, out_sharding=None):
             seen.append(inputs.sharding)
@@ -364,7 +364,7 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
 
         ref_eval = T.evaluate(model, eval_set, batch_size=8, maxiter=5)
         ref_pred = T.predict(model, eval_set["inputs"], batch_size=8, maxiter=5)
-        T.loop._apply = spy
+        T.evaluation._apply = spy
         try:
             for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model")):
                 seen.clear()
@@ -385,7 +385,7 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             np.testing.assert_allclose(logits, ref_pred[0], rtol=1e-5, atol=1e-5)
             assert len(seen) == 3
         finally:
-            T.loop._apply = original
+            T.evaluation._apply = original
 
     def jaxopt_backward_on_data_mesh():
         for name in ("gmres", "bicgstab", "normal_cg"):

@@ -36,6 +36,7 @@ from flax import nnx
 from jdeq._cells import initial_state
 from jdeq._gradients import Implicit
 from jdeq._regularizers import jacobian_penalty
+from jdeq.nnx import record_equilibrium
 from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
 from jdeq._solvers import FixedPointIteration
 from jdeq._splitting import (
@@ -349,7 +350,7 @@ class MonDEQ(nnx.Module):
             gradient=self.gradient, maxiter=maxiter, throw=self.throw,
         )
         if self.record_equilibria:
-            self.sow(nnx.Intermediate, "equilibria", (x, sol.value))
+            record_equilibrium(self, x, sol.value)
         return sol.value, sol.stats
 
 

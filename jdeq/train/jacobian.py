@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq.nnx import variable_value
+
 __all__ = ["JacReg"]
 
 _NOISE = ("normal", "rademacher")
@@ -98,7 +100,7 @@ def _recorded(layer) -> tuple:
     records = getattr(layer, "equilibria", None)
     if records is None:
         return ()
-    values = tuple(records[...]) if isinstance(records, nnx.Variable) else tuple(records)
+    values = tuple(variable_value(records)) if isinstance(records, nnx.Variable) else tuple(records)
     del layer.equilibria
     return values
 

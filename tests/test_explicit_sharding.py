@@ -1,0 +1,52 @@
+"""Explicit and Auto sharding (DESIGN.md, v0.2): under ``jax.set_mesh`` with 8 simulated CPU
+devices, every solver x gradient mode (jaxopt's GMRES and BiCGSTAB backward included), vmap of
+per-example code, both Flax layers and ``fit``/``evaluate``/``predict`` on data and model axes
+give what one device gives, and a batch sharded on entry stays sharded.
+
+XLA gives the CPU backend 8 devices only when the flag is set before jax is imported, so the
+checks run once, in a subprocess (``tests/_explicit_worker.py``), which reports one JSON line per
+check; each test below asserts its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_WORKER = os.path.join(os.path.dirname(__file__), "_explicit_worker.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _results(kind: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, _WORKER, kind], capture_output=True, text=True, env=env, timeout=1200)
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            out[r["name"]] = r
+    if not out:
+        raise RuntimeError(f"worker produced no results (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return out
+
+
+SOLVERS = ("fpi", "anderson", "broyden", "hyper")
+GRADIENTS = ("implicit", "implicit_gmres", "implicit_bicgstab", "phantom", "jfb", "unrolled")
+CHECKS = (
+    [f"explicit/{s}/{g}" for s in SOLVERS for g in GRADIENTS]
+    + [f"auto/{s}/{g}" for s in SOLVERS for g in ("implicit", "implicit_gmres", "unrolled")]
+    + [f"{k}/{c}" for k in ("explicit", "auto") for c in ("vmap_per_example", "flax_layers", "fit_evaluate_predict")]
+)
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_sharded_equals_one_device(name):
+    results = _results(name.split("/")[0])
+    assert name in results, f"check {name} did not run; ran: {sorted(results)}"
+    r = results[name]
+    assert r["ok"], r["detail"]

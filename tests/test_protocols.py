@@ -1,0 +1,296 @@
+"""The v0.2 contract of the layers and the open protocols: user-defined solvers and gradient
+modes work everywhere, budget = depth exactly, per-call overrides (reaching the backward pass),
+learned-solver weights as layer state, the Jacobian penalty through every equilibrium layer,
+and NaN inputs that cannot poison the shared weights' gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jdeq
+import jdeq.train as T
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HalfStep(jdeq.Solver):
+    """A user's solver: damped iteration with its own fixed damping 1/2."""
+
+    def init(self, z):
+        return ()
+
+    def update(self, state, k, z, fz):
+        return 0.5 * (z + fz), state
+
+
+@dataclasses.dataclass(frozen=True)
+class Neumann(jdeq.Gradient):
+    """A user's gradient mode: the implicit gradient by a truncated Neumann series,
+    (I - J)^{-T} g ~ sum_{i<k} (J^T)^i g, written with a custom_vjp."""
+
+    terms: int = 60
+
+    def attach(self, f, z_star, args, *, solver, maxiter, stats):
+        terms = self.terms
+
+        @jax.custom_vjp
+        def ident(z, a):
+            return z
+
+        def fwd(z, a):
+            return z, (z, a)
+
+        def bwd(res, g):
+            z, a = res
+            _, vjp_z = jax.vjp(lambda z: f(z, a), z)
+            u, acc = g, g
+            for _ in range(terms - 1):
+                u = vjp_z(u)[0]
+                acc = jax.tree.map(jnp.add, acc, u)
+            _, vjp_a = jax.vjp(lambda a: f(z, a), a)
+            return jax.tree.map(jnp.zeros_like, z), vjp_a(acc)[0]
+
+        ident.defvjp(fwd, bwd)
+        return ident(jax.lax.stop_gradient(z_star), args)
+
+
+def cell(z, p):
+    return jnp.tanh(z @ p["W"] + p["x"])
+
+
+def make_params(n=4, d=5, dtype=jnp.float64):
+    k1, k2 = jax.random.split(jax.random.key(2))
+    return {"W": jax.random.normal(k1, (d, d), dtype) * 0.6 / np.sqrt(d), "x": jax.random.normal(k2, (n, d), dtype)}
+
+
+# ----------------------------------------------------------------------------- user protocols
+
+
+def test_user_solver_and_gradient_in_fixed_point(x64):
+    p = make_params()
+    ref = jdeq.fixed_point(cell, jnp.zeros((4, 5)), p, solver=jdeq.Anderson(tol=1e-12, maxiter=100))
+    sol = jdeq.fixed_point(cell, jnp.zeros((4, 5)), p, solver=HalfStep(tol=1e-12, maxiter=400))
+    np.testing.assert_allclose(sol.value, ref.value, atol=1e-11)
+    loss = lambda p, s, g: jnp.sum(jnp.sin(jdeq.fixed_point(cell, jnp.zeros((4, 5)), p, solver=s, gradient=g).value))  # noqa: E731
+    g_ref = jax.grad(loss)(p, jdeq.Anderson(tol=1e-12, maxiter=100), jdeq.Implicit())
+    g_user = jax.grad(loss)(p, HalfStep(tol=1e-12, maxiter=400), Neumann(terms=80))
+    for a, b in zip(jax.tree.leaves(g_user), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    # the user's solver is also the backward solver of Implicit
+    g_back = jax.grad(loss)(p, jdeq.Anderson(tol=1e-12, maxiter=100), jdeq.Implicit(solver=HalfStep(tol=1e-12, maxiter=400)))
+    for a, b in zip(jax.tree.leaves(g_back), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_user_solver_and_gradient_in_both_flax_layers():
+    cell_nnx = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    ref = jdeq.nnx.DEQ(cell_nnx, solver=jdeq.Anderson(tol=1e-6, maxiter=100))
+    user = jdeq.nnx.DEQ(cell_nnx, solver=HalfStep(tol=1e-6, maxiter=300), gradient=Neumann())
+    np.testing.assert_allclose(user(x)[0], ref(x)[0], atol=1e-5)
+    g_ref = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(ref)
+    g_user = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(user)
+    for a, b in zip(jax.tree.leaves(g_user), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    lin_ref = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-6, maxiter=100))
+    lin_user = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=HalfStep(tol=1e-6, maxiter=300),
+                              gradient=Neumann())
+    v = lin_ref.init(jax.random.key(0), x)
+    np.testing.assert_allclose(lin_user.apply(v, x)[0], lin_ref.apply(v, x)[0], atol=1e-5)
+    gl_ref = jax.grad(lambda v: jnp.sum(lin_ref.apply(v, x)[0] ** 2))(v)
+    gl_user = jax.grad(lambda v: jnp.sum(lin_user.apply(v, x)[0] ** 2))(v)
+    for a, b in zip(jax.tree.leaves(gl_user), jax.tree.leaves(gl_ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+
+
+def test_configs_are_pytrees_with_static_options():
+    solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0)), memory=5, tol=1e-3)
+    leaves, treedef = jax.tree_util.tree_flatten(solver)
+    assert len(leaves) == 4  # the mixer's arrays; the options are static
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.tol == 1e-3 and rebuilt.memory == 5
+    assert jax.tree_util.tree_leaves(jdeq.Anderson(memory=3)) == []
+    assert jax.tree_util.tree_leaves(jdeq.Implicit(tol=1e-3)) == []
+    # a config crosses jit as an argument (arrays traced, options static)
+    out = jax.jit(lambda s: s.tol * jnp.sum(s.params["w1"]))(solver)
+    np.testing.assert_allclose(out, 1e-3 * jnp.sum(solver.params["w1"]), rtol=1e-6)
+
+
+def test_hyper_anderson_trains_as_layer_state():
+    """The mixer's weights are SolverParam state of the DEQ (visible to nnx.split, trained by an
+    nnx.Optimizer through the layer); no parallel path: the layer's gradient is that of
+    jdeq.hyper_loss on the same weights, and a small step lowers the loss."""
+    solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=5), memory=5, tol=1e-5,
+                                safeguard=False)  # (the safeguard's switches make the loss piecewise)
+    cell_nnx = jdeq.models.MLPCell(3, 16, w_scale=0.9, rngs=nnx.Rngs(0))
+    deq = jdeq.nnx.DEQ(cell_nnx, solver=solver)
+    params = nnx.state(deq, jdeq.nnx.SolverParam)
+    assert len(jax.tree.leaves(params)) == 4
+    x = jax.random.normal(jax.random.key(1), (32, 3))
+    loss_of = lambda d: d.solver_loss(x, steps=10)  # noqa: E731
+    grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, jdeq.nnx.SolverParam))(deq)
+    graphdef, state = nnx.split(cell_nnx)
+    f = lambda z, a: nnx.merge(graphdef, a[0])(z, a[1])  # noqa: E731
+    ref = jax.grad(lambda p: jdeq.hyper_loss(f, jnp.zeros((32, 16)), (state, x),
+                                              jdeq.HyperAnderson(params=p, memory=5, tol=1e-5, safeguard=False),
+                                              steps=10))(solver.params)
+    got = [g[...] for g in grads["solver_params"].values()]
+    for a, b in zip(got, jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(ref["w2"]).sum()) > 0
+    opt = nnx.Optimizer(deq, optax.sgd(1e-6), wrt=jdeq.nnx.SolverParam)  # a first-order step
+    before = float(loss_of(deq))
+    opt.update(deq, grads)
+    assert float(loss_of(deq)) < before
+    assert not np.allclose(deq.solver.params["w2"], 0)  # the layer's solver is the trained one
+
+
+# ----------------------------------------------------------------------------- budget = depth
+
+
+@pytest.mark.parametrize("L", [1, 2, 7])
+def test_budget_equals_depth_in_both_layers(L):
+    cell_nnx = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    fpi = jdeq.FixedPointIteration(tol=1e-30)  # unreachable: exactly maxiter evaluations
+    deq = jdeq.nnx.DEQ(cell_nnx, solver=fpi)
+    net = jdeq.nnx.Unrolled(cell_nnx, depth=L)
+    z_deq, st = deq(x, maxiter=L)
+    np.testing.assert_array_equal(st.nsteps, L)
+    np.testing.assert_allclose(z_deq, net(x)[0], rtol=1e-6, atol=1e-7)
+    assert L == 1 or not np.allclose(z_deq, net(x, depth=L - 1)[0], atol=1e-4)
+    lin_deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=fpi)
+    lin_net = jdeq.linen.Unrolled(jdeq.models.linen.MLPCell(features=8), depth=L)
+    v = lin_deq.init(jax.random.key(0), x)
+    np.testing.assert_allclose(lin_deq.apply(v, x, maxiter=L)[0], lin_net.apply(v, x)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_maxiter_one_is_one_application_not_z0():
+    cell_nnx = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 3))
+    z, _ = jdeq.nnx.DEQ(cell_nnx, solver=jdeq.FixedPointIteration())(x, maxiter=1)
+    np.testing.assert_allclose(z, cell_nnx(jnp.zeros((2, 8)), x), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- per-call overrides
+
+
+def test_per_call_overrides_reach_forward_and_backward():
+    cell_nnx = jdeq.models.MLPCell(3, 8, w_scale=0.95, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    deq = jdeq.nnx.DEQ(cell_nnx, solver=jdeq.Anderson(tol=1e-6, maxiter=50),
+                       gradient=jdeq.Implicit(callback=None))
+    z, st = deq(x, solver=jdeq.FixedPointIteration(tol=1e-30), maxiter=3)
+    np.testing.assert_array_equal(st.nsteps, 3)
+    seen = []
+    grad_fn = nnx.grad(lambda m, g: jnp.sum(m(x, gradient=g, maxiter=40)[0]))
+    grad_fn(deq, jdeq.Implicit(maxiter=2, solver=jdeq.FixedPointIteration(tol=1e-30), callback=seen.append))
+    jax.effects_barrier()
+    assert seen and int(np.asarray(seen[0].nsteps).max()) == 2  # the backward got the override
+    # throw=True per call raises through the layer
+    with pytest.raises(Exception, match="did not converge"):
+        jax.block_until_ready(deq(x, maxiter=2, throw=True)[0])
+    # the layer's own settings are untouched
+    assert deq.solver == jdeq.Anderson(tol=1e-6, maxiter=50) and not deq.throw
+
+
+def test_eval_maxiter_in_eval_mode():
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=jdeq.FixedPointIteration(tol=1e-30),
+                       eval_maxiter=3)
+    x = jnp.ones((2, 3))
+    assert int(deq(x)[1].nsteps[0]) == 50
+    deq.eval()
+    assert int(deq(x)[1].nsteps[0]) == 3
+    assert int(deq(x, maxiter=5)[1].nsteps[0]) == 5
+
+
+# ----------------------------------------------------------------------------- NaN inputs
+
+
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=3), jdeq.JacobianFree(), jdeq.Unrolled()],
+                         ids=["implicit", "phantom", "jfb", "unrolled"])
+def test_nan_input_example_cannot_poison_the_weight_gradient(gradient):
+    """Observation 6: one example with NaN input, masked out of the loss, used to make the
+    shared weights' gradient NaN (0 * NaN in the VJP). The layers now guard their inputs."""
+    cell_nnx = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    deq = jdeq.nnx.DEQ(cell_nnx, solver=jdeq.Anderson(tol=1e-6, maxiter=30), gradient=gradient)
+    x = jax.random.normal(jax.random.key(1), (4, 3)).at[2, 1].set(jnp.nan)
+    keep = jnp.array([1.0, 1.0, 0.0, 1.0])[:, None]
+
+    def loss(m, x):
+        z, _ = m(x)
+        return jnp.sum(jnp.where(keep > 0, z, 0.0) ** 2)
+
+    z, st = deq(x)
+    assert bool(st.nonfinite[2]) and not bool(st.converged[2])
+    np.testing.assert_array_equal(z[2], 0.0)  # z0: no finite iterate
+    g = nnx.grad(loss)(deq, x)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
+    # and equals the gradient of the batch without that example
+    clean = jnp.delete(x, 2, axis=0)
+    g_ref = nnx.grad(lambda m, x: jnp.sum(m(x)[0] ** 2))(deq, clean)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # linen too
+    lin = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-6, maxiter=30),
+                         gradient=gradient)
+    v = lin.init(jax.random.key(0), clean)
+    gl = jax.grad(lambda v: jnp.sum(jnp.where(keep > 0, lin.apply(v, x)[0], 0.0) ** 2))(v)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(gl))
+
+
+def test_core_without_guard_still_zeroes_the_flagged_cotangent():
+    """What holds in the pure core (documented in jdeq.Implicit): a flagged example's cotangent
+    is zero, so gradients with respect to its own inputs are zero and finite; the layers add the
+    input guard for shared weights."""
+    p = make_params(dtype=jnp.float32)
+    x = p["x"].at[1, 0].set(jnp.inf)
+    g = jax.grad(lambda x: jnp.sum(jdeq.fixed_point(cell, jnp.zeros((4, 5)), {"W": p["W"], "x": x}).value[0]))(x)
+    assert np.isfinite(np.asarray(g[0])).all() and not np.allclose(g[0], 0)
+
+
+# ----------------------------------------------------------------------------- Jacobian penalty
+
+
+def test_jacobian_penalty_reaches_nnx_linen_and_mondeq():
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    key = jax.random.key(1)
+    # nnx: fit-style recording through sow, no monkeypatching
+    model = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)))
+    layers = T.jacobian.start_recording(model)
+    z, _ = model(x)
+    pen = T.jacobian.penalty(T.JacReg(gamma=0.5), layers, key)
+    direct = model.jacobian_penalty(x, z, jax.random.fold_in(jax.random.split(key)[1], 0), gamma=0.5)
+    np.testing.assert_allclose(pen, direct, rtol=1e-6)
+    assert not hasattr(model, "equilibria")  # consumed
+    # MonDEQ is found and penalized the same way
+    mon = jdeq.models.MonDEQ(jdeq.models.MonotoneDenseCell(3, 8, rngs=nnx.Rngs(0)))
+    layers = T.jacobian.start_recording(mon)
+    zm, _ = mon(x)
+    assert float(T.jacobian.penalty(T.JacReg(gamma=1.0), layers, key)) > 0
+    # linen: sown equilibria + the penalty method
+    lin = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8))
+    v = lin.init(jax.random.key(0), x)
+    (zl, _), inter = lin.apply(v, x, mutable=["intermediates"])
+    (xs, zs), = inter["intermediates"]["equilibria"]
+    np.testing.assert_allclose(zs, zl)
+    reg = lin.apply(v, xs, zs, key, gamma=0.5, method=jdeq.linen.DEQ.jacobian_penalty)
+    assert float(reg) > 0
+    gr = jax.grad(lambda v: lin.apply(v, xs, zs, key, gamma=0.5, method=jdeq.linen.DEQ.jacobian_penalty))(v)
+    assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(gr))
+
+
+def test_fit_with_jac_reg_on_a_mondeq_classifier():
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    model = jdeq.models.MonDEQClassifier(jdeq.models.MonotoneDenseCell(16, 8, rngs=nnx.Rngs(0)), 2,
+                                         input_shape=(16,), rngs=nnx.Rngs(1))
+    hist = T.fit(model, optax.adam(1e-2), {"inputs": np.asarray(x), "labels": np.asarray(y)}, steps=3, batch_size=16,
+                 jac_reg=T.JacReg(gamma=0.1), progress=False)
+    assert all(r["jac_reg"] > 0 for r in hist.train)
