@@ -181,8 +181,12 @@ class Implicit(Gradient):
     ``f`` and its derivatives are finite there unless no iterate was finite (``f(z0)``
     non-finite), where a zero cotangent can still meet an infinite partial derivative
     (``0 * inf``); and jaxopt's linear solvers (``"gmres"``, ...) treat the batch as one
-    system, so a non-finite adjoint there zeroes every example. Training: ``jdeq.train.fit``
-    skips any step whose gradients are still non-finite.
+    system, so a non-finite adjoint there zeroes every example. What a zero cotangent cannot
+    fix: the VJP with respect to *shared* arguments (weights) sums over examples, so an
+    example whose own input in ``args`` is NaN/inf still contributes ``0 * NaN``. The Flax
+    layers guard against it (such an example's input is zeroed before the solve and the
+    example reported non-finite); in the pure core, sanitize such inputs before the call.
+    Training: ``jdeq.train.fit`` skips any step whose gradients are still non-finite.
 
     Example:
       >>> import jax, jax.numpy as jnp, jdeq

@@ -14,8 +14,10 @@ __all__ = ["Solution", "SolverStats"]
 class SolverStats:
     """Per-example statistics of one fixed-point solve (a pytree).
 
-    Every field but ``trace`` has shape ``(batch,)``; they describe the iterate returned in
-    ``Solution.value`` (the lowest-residual iterate of each example).
+    Every field but ``trace`` has shape ``(batch,)`` (scalars for ``batched=False``); they
+    describe ``z_b``, each example's lowest-residual iterate. ``Solution.value`` is ``f(z_b)``
+    (already evaluated: the last step taken), or ``z_b`` itself for an example flagged
+    ``nonfinite``; so ``rel_residual = abs_residual / (||value|| + eps)`` for the others.
 
     Attributes:
       nsteps: int32, evaluations of ``f`` spent on the example until it converged or the
