@@ -158,7 +158,9 @@ def _backward_iters_jdeq(ts: C.TrainStep, x, y) -> float | None:
     """Mean iterations of jdeq's backward solve (``Implicit``'s callback), same weights."""
     seen: list[float] = []
     model = nnx.merge(ts.graphdef, ts.params)
-    model.core.gradient = jdeq.Implicit(callback=lambda s: seen.append(float(np.mean(np.asarray(s.nsteps)))))
+    core = model.core  # the same cell and solver, with a gradient that reports its backward solve
+    model.core = jdeq.nnx.DEQ(core.cell, solver=core.solver, throw=core.throw,
+                              gradient=jdeq.Implicit(callback=lambda s: seen.append(float(np.mean(np.asarray(s.nsteps))))))
     graphdef, params = nnx.split(model)
 
     def loss(p):
