@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jdeq._flatten import batch_layout
 from jdeq._loop import residuals
-from jdeq._solvers import Pytree, Solver, check_maxiter
+from jdeq._protocols import Gradient, Solver, check_maxiter
 from jdeq._stats import Solution, SolverStats
 
 __all__ = ["Gradient", "Implicit", "JacobianFree", "LINEAR_SOLVERS", "Phantom", "Unrolled"]
@@ -45,70 +45,6 @@ def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
     explicit_matvec = jax.sharding.explicit_axes(matvec, in_sharding=specs)
     run = lambda b: solve(name, explicit_matvec, b, tol=tol, maxiter=maxiter)  # noqa: E731
     return jax.sharding.auto_axes(run, out_sharding=specs)(b)
-
-
-@dataclasses.dataclass(frozen=True)
-class Gradient(Pytree):
-    """Base class of gradient modes: how a DEQ's fixed point is differentiated.
-
-    A mode is a frozen dataclass (a pytree, like :class:`jdeq.Solver`). Most modes define the
-    gradient at the fixed point and implement one method, :meth:`attach`; the inherited
-    :meth:`solve` runs the forward solver without gradient and calls it. A mode that
-    differentiates the iterations themselves (``jdeq.Unrolled``) overrides :meth:`solve`
-    instead. A subclass works everywhere a built-in does (:func:`jdeq.fixed_point`, both Flax
-    layers, ``jdeq.fixed_point_states`` for ``attach``-based modes).
-
-    Example:
-      >>> import dataclasses, jax, jax.numpy as jnp, jdeq
-      >>> @dataclasses.dataclass(frozen=True)
-      ... class OneStep(jdeq.Gradient):  # JFB written by hand: d f(z*, a) / da
-      ...     def attach(self, f, z_star, args, *, solver, maxiter, stats):
-      ...         z = jax.lax.stop_gradient(z_star)
-      ...         return jax.tree.map(lambda a, b: a + b - jax.lax.stop_gradient(b), z, f(z, args))
-      >>> f = lambda z, a: 0.5 * jnp.tanh(z) + a
-      >>> g = jax.grad(lambda a: jdeq.fixed_point(f, jnp.zeros((2, 3)), a,
-      ...              gradient=OneStep()).value.sum())(jnp.ones((2, 3)))
-    """
-
-    def solve(self, f, z0, args, *, solver, maxiter=None) -> Solution:
-        """The differentiable solve of ``z = f(z, args)`` (batched pytrees, as in
-        :func:`jdeq.fixed_point`).
-
-        Args:
-          f, z0, args: as in :func:`jdeq.fixed_point` (``z0``'s leaves have a batch axis).
-          solver: the forward :class:`jdeq.Solver`.
-          maxiter: run-time budget override, or None for ``solver.maxiter``.
-
-        Returns:
-          A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
-        """
-        layout = batch_layout(z0)
-        zm, stats = solver.solve(
-            layout.wrap(f, jax.lax.stop_gradient(args)),
-            layout.flatten(jax.lax.stop_gradient(z0)),
-            maxiter,
-        )
-        effective = solver.maxiter if maxiter is None else maxiter
-        value = self.attach(f, layout.unflatten(zm), args, solver=solver, maxiter=effective, stats=stats)
-        return Solution(value=value, stats=stats)
-
-    def attach(self, f, z_star, args, *, solver, maxiter, stats):
-        """Returns ``z_star`` (a stop-gradient fixed point) carrying this mode's derivative.
-
-        Args:
-          f, args: the cell and its arguments; the derivative flows to ``args``.
-          z_star: the forward solution (batched pytree).
-          solver: the forward solver; maxiter: its effective budget.
-          stats: the forward :class:`jdeq.SolverStats` (e.g. ``stats.nonfinite``).
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement attach(...) or override solve(...)."
-        )
-
-    @property
-    def uses_attach(self) -> bool:
-        """Whether this mode defines its gradient at the fixed point (via :meth:`attach`)."""
-        return type(self).attach is not Gradient.attach
 
 
 def _convert(f, z, args):

@@ -1,0 +1,265 @@
+"""The open protocols of jdeq: the public base classes ``Solver`` and ``Gradient``.
+
+Both are frozen dataclasses registered as JAX pytrees (``Pytree``): options are static fields,
+arrays declared with :func:`leaf_field` are leaves, so a config crosses ``jit``/``vmap``/``grad``
+and can carry trainable weights. A user's subclass works everywhere a built-in does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._flatten import batch_layout
+from jdeq._loop import run_loop, solve_rows
+from jdeq._stats import Solution
+
+__all__ = ["Gradient", "Pytree", "Solver", "check_maxiter", "leaf_field"]
+
+_STOP_MODES = ("abs", "rel")
+
+
+def _is_concrete_number(x) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def check_maxiter(maxiter, *, name: str = "maxiter") -> None:
+    """Raises unless ``maxiter`` is an integer >= 1: a Python int (or whole float), or an integer
+    scalar array; a traced value is checked for its dtype and shape only (its value is unknown)."""
+    if isinstance(maxiter, bool) or (isinstance(maxiter, float) and not maxiter.is_integer()):
+        raise TypeError(f"`{name}` must be an integer, got {maxiter!r}.")
+    if not _is_concrete_number(maxiter):
+        dtype = getattr(maxiter, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(maxiter) != 0:
+            what = f"dtype {dtype} and shape {jnp.shape(maxiter)}" if dtype is not None else repr(maxiter)
+            raise TypeError(f"`{name}` must be an integer (a Python int or an int scalar array), got {what}.")
+        try:
+            maxiter = int(maxiter)
+        except jax.errors.ConcretizationTypeError:
+            return  # traced: the run-time budget of a compiled function
+    if maxiter < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {maxiter}.")
+
+
+# Checks of the options that only some solvers have: name -> (predicate, what is expected).
+_OPTION_CHECKS = {
+    "damping": (lambda v: _is_concrete_number(v) and 0 < v <= 1, "in (0, 1]"),
+    "memory": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "ridge": (lambda v: _is_concrete_number(v) and v >= 0, "a number >= 0"),
+}
+
+
+def leaf_field(**kwargs):
+    """A solver or gradient option that holds arrays (a pytree leaf, e.g. learned weights), not
+    a static setting: ``params: Any = jdeq.leaf_field(default=None)``."""
+    metadata = dict(kwargs.pop("metadata", {}), leaf=True)
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+class Pytree:
+    """Makes every subclass a JAX pytree whose children are its ``leaf_field`` dataclass fields
+    and whose static part is all other fields (so a config can cross ``jit``/``vmap``/``grad``
+    and carry trainable arrays). Subclasses are frozen dataclasses; unflattening skips
+    ``__post_init__`` (children may be tracers or placeholders)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, cls._tree_flatten_with_keys, cls._tree_unflatten, cls._tree_flatten
+        )
+
+    def _split_fields(self):
+        fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
+        leaves = tuple(f.name for f in fields if f.metadata.get("leaf", False))
+        static = tuple(f.name for f in fields if not f.metadata.get("leaf", False))
+        return leaves, static
+
+    def _tree_flatten_with_keys(self):
+        leaves, static = self._split_fields()
+        children = [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in leaves]
+        return children, (leaves, tuple((n, getattr(self, n)) for n in static))
+
+    def _tree_flatten(self):
+        leaves, static = self._split_fields()
+        return [getattr(self, n) for n in leaves], (leaves, tuple((n, getattr(self, n)) for n in static))
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        leaves, static = aux
+        obj = object.__new__(cls)
+        for name, value in list(zip(leaves, children)) + list(static):
+            object.__setattr__(obj, name, value)
+        return obj
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Solver(Pytree):
+    """Base class of jdeq's forward solvers: subclass it to plug in your own iteration.
+
+    A solver is a frozen dataclass (a pytree: options are static fields, arrays declared with
+    :func:`jdeq.leaf_field` are leaves) with two methods on ``(batch, dim)`` matrices, one row
+    per example, run inside jdeq's shared per-example loop (residuals, freezing of converged
+    examples, lowest-residual iterate, budgets, ``jax.vmap`` and sharding support):
+
+    * ``init(z) -> state``: any pytree of arrays whose leading axis is the batch;
+    * ``update(state, k, z, fz) -> (z_next, state)``: ``k`` is the number of evaluations of
+      ``f`` so far (>= 1), ``fz = f(z)``.
+
+    A subclass works everywhere a built-in does: :func:`jdeq.fixed_point`, both Flax layers,
+    ``jdeq.Implicit(solver=...)``'s backward solve, ``jdeq.fixed_point_states`` and the
+    regularizers. Override :meth:`solve` only to replace the loop itself (as
+    ``jdeq.JaxoptSolver`` does).
+
+    Args:
+      tol: stop an example once its residual (see ``stop_mode``) is below ``tol``.
+      maxiter: budget of evaluations of ``f`` (the first one, at ``z0``, counts).
+      stop_mode: ``"rel"`` (default, scale-free) tests ``||f(z)-z|| / ||f(z)||``; ``"abs"``
+        tests ``||f(z)-z||``.
+      trace: record every iteration's residual in ``SolverStats.trace``.
+
+    Example:
+      >>> import dataclasses, jax.numpy as jnp, jdeq
+      >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+      ... class HalfStep(jdeq.Solver):
+      ...     def init(self, z):
+      ...         return ()
+      ...     def update(self, state, k, z, fz):
+      ...         return 0.5 * (z + fz), state
+      >>> sol = jdeq.fixed_point(lambda z, a: 0.5 * jnp.cos(z) + a, jnp.zeros((2, 3)),
+      ...                        jnp.ones((2, 3)), solver=HalfStep(tol=1e-6, maxiter=100))
+      >>> bool(sol.stats.converged.all())
+      True
+    """
+
+    tol: float = 1e-4
+    maxiter: int = 50
+    stop_mode: str = "rel"
+    trace: bool = False
+
+    def __post_init__(self):
+        if not _is_concrete_number(self.tol) or not self.tol > 0:
+            raise ValueError(f"`tol` must be a number > 0, got {self.tol!r}.")
+        if not isinstance(self.maxiter, numbers.Integral) or isinstance(self.maxiter, bool):
+            raise TypeError(f"`maxiter` must be an int, got {self.maxiter!r}.")
+        check_maxiter(self.maxiter)
+        if self.stop_mode not in _STOP_MODES:
+            raise ValueError(f"`stop_mode` must be one of {_STOP_MODES}, got {self.stop_mode!r}.")
+        if not isinstance(self.trace, bool):
+            raise TypeError(f"`trace` must be a bool, got {self.trace!r}.")
+        for field in dataclasses.fields(self):  # options that only some solvers have
+            if field.name in _OPTION_CHECKS:
+                ok, expected = _OPTION_CHECKS[field.name]
+                value = getattr(self, field.name)
+                if not ok(value):
+                    raise ValueError(f"`{field.name}` must be {expected}, got {value!r}.")
+
+    def init(self, z):
+        """The solver's state for the ``(batch, dim)`` starting point ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init(z) -> state.")
+
+    def update(self, state, k, z, fz):
+        """One step: ``(z_next, state)`` from the current iterate ``z`` and ``fz = f(z)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement update(state, k, z, fz) -> (z_next, state)."
+        )
+
+    static_budget = False  # True: the loop needs a static budget (maxiter baked into options)
+
+    def backward(self, **overrides):
+        """This solver with ``overrides`` (``tol``, ``stop_mode``, ``maxiter``) for the backward
+        (adjoint) solve of ``jdeq.Implicit``; the residual trace is switched off."""
+        return dataclasses.replace(self, **{"trace": False, **overrides})
+
+    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
+        """Solves ``z = F(z)`` row by row in the shared loop (see :func:`jdeq._loop.run_loop`).
+
+        Args:
+          F: the map on ``(batch, dim)`` matrices (rows independent).
+          z0: ``(batch, dim)`` start.
+          maxiter: run-time budget (None: ``self.maxiter``).
+          unrolled: differentiate through the iterations (a ``lax.scan``; static ``maxiter``).
+          snapshots: optional budgets at which to record the best iterate.
+
+        Returns:
+          ``(z, stats)`` (``+ snaps`` with ``snapshots``).
+        """
+        maxiter = self.maxiter if maxiter is None else maxiter
+        trace_len = None
+        if self.trace:
+            if not isinstance(maxiter, numbers.Integral):
+                raise ValueError(
+                    "`trace=True` needs a static `maxiter` (the trace has one column per "
+                    "iteration); pass a Python int, not a traced value."
+                )
+            trace_len = int(maxiter)
+        if unrolled:
+            return run_loop(self, F, z0, maxiter, trace_len=trace_len, unrolled=True, snapshots=snapshots)
+        return solve_rows(self, F, z0, maxiter, trace_len=trace_len, snapshots=snapshots)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradient(Pytree):
+    """Base class of gradient modes: how a DEQ's fixed point is differentiated.
+
+    A mode is a frozen dataclass (a pytree, like :class:`jdeq.Solver`). Most modes define the
+    gradient at the fixed point and implement one method, :meth:`attach`; the inherited
+    :meth:`solve` runs the forward solver without gradient and calls it. A mode that
+    differentiates the iterations themselves (``jdeq.Unrolled``) overrides :meth:`solve`
+    instead. A subclass works everywhere a built-in does (:func:`jdeq.fixed_point`, both Flax
+    layers, ``jdeq.fixed_point_states`` for ``attach``-based modes).
+
+    Example:
+      >>> import dataclasses, jax, jax.numpy as jnp, jdeq
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class OneStep(jdeq.Gradient):  # JFB written by hand: d f(z*, a) / da
+      ...     def attach(self, f, z_star, args, *, solver, maxiter, stats):
+      ...         z = jax.lax.stop_gradient(z_star)
+      ...         return jax.tree.map(lambda a, b: a + b - jax.lax.stop_gradient(b), z, f(z, args))
+      >>> f = lambda z, a: 0.5 * jnp.tanh(z) + a
+      >>> g = jax.grad(lambda a: jdeq.fixed_point(f, jnp.zeros((2, 3)), a,
+      ...              gradient=OneStep()).value.sum())(jnp.ones((2, 3)))
+    """
+
+    def solve(self, f, z0, args, *, solver, maxiter=None) -> Solution:
+        """The differentiable solve of ``z = f(z, args)`` (batched pytrees, as in
+        :func:`jdeq.fixed_point`).
+
+        Args:
+          f, z0, args: as in :func:`jdeq.fixed_point` (``z0``'s leaves have a batch axis).
+          solver: the forward :class:`jdeq.Solver`.
+          maxiter: run-time budget override, or None for ``solver.maxiter``.
+
+        Returns:
+          A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
+        """
+        layout = batch_layout(z0)
+        zm, stats = solver.solve(
+            layout.wrap(f, jax.lax.stop_gradient(args)),
+            layout.flatten(jax.lax.stop_gradient(z0)),
+            maxiter,
+        )
+        effective = solver.maxiter if maxiter is None else maxiter
+        value = self.attach(f, layout.unflatten(zm), args, solver=solver, maxiter=effective, stats=stats)
+        return Solution(value=value, stats=stats)
+
+    def attach(self, f, z_star, args, *, solver, maxiter, stats):
+        """Returns ``z_star`` (a stop-gradient fixed point) carrying this mode's derivative.
+
+        Args:
+          f, args: the cell and its arguments; the derivative flows to ``args``.
+          z_star: the forward solution (batched pytree).
+          solver: the forward solver; maxiter: its effective budget.
+          stats: the forward :class:`jdeq.SolverStats` (e.g. ``stats.nonfinite``).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement attach(...) or override solve(...)."
+        )
+
+    @property
+    def uses_attach(self) -> bool:
+        """Whether this mode defines its gradient at the fixed point (via :meth:`attach`)."""
+        return type(self).attach is not Gradient.attach
