@@ -120,18 +120,16 @@ class HyperSolver(nnx.Module):
         Returns:
           ``(z_star, stats)`` as ``deq(x)`` returns.
         """
-        f, state = _cell_fn(deq)
         if gradient is None:
             gradient = Implicit(solver=Anderson(tol=tol, maxiter=maxiter))
         stop_mode = getattr(deq.solver, "stop_mode", "rel")
-        sol = fixed_point(
-            f,
+        # the DEQ layer itself, with this call's solver and start (no second solve path)
+        return deq(
+            x,
             jax.lax.stop_gradient(self.init_z(x)),
-            (state, x),
             solver=self.solver(tol=tol, maxiter=maxiter, stop_mode=stop_mode),
             gradient=gradient,
         )
-        return sol.value, sol.stats
 
     def fit(
         self,
