@@ -87,8 +87,7 @@ def summarize(cfg, sets, runs: list[dict], seconds: float, command: str) -> dict
             continue
         rs = by[m]
         budget = int(m[10:]) if m.startswith("deq-budget") else cfg.deq_maxiter
-        conv["solver_iterations_per_depth"][m] = {str(d): models[m]["forward_iterations"] and
-                                                  _agg(rs, lambda r, d=d: r["compute"][big]["nsteps"][str(d)])
+        conv["solver_iterations_per_depth"][m] = {str(d): _agg(rs, lambda r, d=d: r["compute"][big]["nsteps"][str(d)])
                                                   for d in depths}
         kinds = ("converged", "limit_cycle", "slow", "irregular")
         conv["models"][m] = {

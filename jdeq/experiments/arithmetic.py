@@ -80,13 +80,13 @@ class Config:
     max_depth: int = 4
     train_max_depth: int = 1
     n_train: int = 20_000
-    n_test: int = 300
+    n_test: int = 200
     features: int = 48
     kernel: int = 2
     readout: str = "last"
     num_heads: int = 4
     untied_layers: int = 4
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 64
     lr: float = 1e-2
     model_lr: tuple = ()
@@ -101,9 +101,9 @@ class Config:
     unrolled_depth: int = 24
     baselines: tuple = ("transformer", "lstm")
     test_iters: tuple = (1, 2, 4, 8, 16, 24, 32, 64)
-    aa_examples: int = 400
+    aa_examples: int = 300
     aa_maxiter: int = 64
-    traj_examples: int = 200
+    traj_examples: int = 150
     traj_steps: int = 64
     eval_batch_size: int = 500
 
@@ -115,6 +115,15 @@ QUICK = Config(operands=4, max_depth=2, train_max_depth=1, n_train=512, n_test=6
                aa_maxiter=8, traj_examples=16, traj_steps=6, eval_batch_size=256)
 """Seconds-sized settings for the tests: a DEQ, a small-budget DEQ, the unrolled net and an LSTM
 through every measurement; nothing is learned."""
+
+
+def _save_partial(out: str, runs: list[dict]) -> None:
+    """Writes the records of the seeds done so far to ``out/runs.partial.json``."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "runs.partial.json"), "w") as fh:
+        json.dump(runs, fh)
 
 
 def _seed_job(cfg: Config, seed: int) -> list[dict]:
@@ -150,11 +159,14 @@ def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log
 
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(cfg.seeds)),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-            for records in pool.map(_seed_job, [cfg] * len(cfg.seeds), cfg.seeds):
-                runs.extend(records)
+            for job in concurrent.futures.as_completed([pool.submit(_seed_job, cfg, s) for s in cfg.seeds]):
+                runs.extend(job.result())
+                _save_partial(out, runs)
     else:
         for seed in cfg.seeds:
             runs.extend(run_seed(cfg, seed, sets, progress=progress, log=log))
+            _save_partial(out, runs)
+    runs.sort(key=lambda r: r["seed"])
     return arith_report.write(cfg, sets, runs, out, seconds=time.perf_counter() - t0, command=command)
 
 
