@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jdeq._loop import REL_EPS
 from jdeq._regularizers import _check_key
-from jdeq._solvers import Solver, anderson_mix, leaf_field, zeros_rows, anderson_record, anderson_weights
+from jdeq._solvers import Solver, anderson_mix, anderson_record, anderson_weights, leaf_field, zeros_history, zeros_rows
 
 __all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
 
@@ -175,11 +175,11 @@ class HyperAnderson(Solver):
                 )
 
     def init(self, z):
-        m, d = self.memory, z.shape[1]
+        m = self.memory
         col = zeros_rows(z, ())  # (n,), laid out like the batch
         return (
-            zeros_rows(z, (m, d)),
-            zeros_rows(z, (m, d)),
+            zeros_history(z, m),
+            zeros_history(z, m),
             zeros_rows(z, (m, m)),
             col + jnp.inf,  # residual before the last step
             col == 0,  # learned mixing still on for this example

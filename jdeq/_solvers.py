@@ -48,6 +48,25 @@ class FixedPointIteration(Solver):
         return z + self.damping * (fz - z), state
 
 
+def row_sharding(x: jax.Array):
+    """Output sharding of a per-row contraction over the feature axis of ``x`` (``(n, d)``):
+    the batch axis as ``x``'s, the other replicated. Under Explicit mesh axes with the feature
+    axis sharded (weights split along a model axis) the contraction is otherwise ambiguous; in
+    every other setting this is None (JAX decides)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    spec = jax.typeof(x).sharding.spec
+    return jax.sharding.PartitionSpec(spec[0] if len(spec) else None, None)
+
+
+def zeros_history(z: jax.Array, m: int) -> jax.Array:
+    """``(n, m, d)`` zeros laid out like ``z`` (``(n, d)``) on both its axes: a broadcast of
+    ``zeros_like(z)``, so that rows of ``z`` written into the history match its sharding (batch
+    axis and, with weights split along a model axis, the feature axis)."""
+    return jnp.broadcast_to(jnp.zeros_like(z)[:, None, :], (z.shape[0], m, z.shape[1]))
+
+
 def zeros_rows(z: jax.Array, shape: tuple[int, ...], dtype=None) -> jax.Array:
     """``(n, *shape)`` zeros laid out like the rows of ``z`` (``(n, d)``): a broadcast of a
     column of ``z``'s zeros, so a solver state keeps the batch sharding of ``z``. (Under
@@ -117,7 +136,7 @@ def anderson_record(xs, gs, gram, k, z, g):
     slot = (k - 1) % m
     xs = jax.lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
     gs = jax.lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
-    row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI)
+    row = jnp.einsum("nmd,nd->nm", gs, g, precision=_HI, out_sharding=row_sharding(g))
     gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=1)
     gram = jax.lax.dynamic_update_index_in_dim(gram, row, slot, axis=2)
     return xs, gs, gram, jnp.arange(m) < jnp.minimum(k, m)
@@ -163,7 +182,7 @@ class Anderson(Solver):
 
     def init(self, z):
         m = self.memory
-        return zeros_rows(z, (m, z.shape[1])), zeros_rows(z, (m, z.shape[1])), zeros_rows(z, (m, m))
+        return zeros_history(z, m), zeros_history(z, m), zeros_rows(z, (m, m))
 
     def update(self, state, k, z, fz):
         xs, gs, gram, valid = anderson_record(*state, k, z, fz - z)
@@ -195,7 +214,7 @@ class Broyden(Solver):
     memory: int = 20
 
     def init(self, z):
-        hist = zeros_rows(z, (self.memory, z.shape[1]))
+        hist = zeros_history(z, self.memory)
         zero = jnp.zeros_like(z)
         return hist, hist, z, zero, zero, zero
 
@@ -210,7 +229,7 @@ class Broyden(Solver):
         g = fz - z
 
         def apply(left, right, x):  # (-I + sum_i left_i right_i^T) x
-            coef = jnp.einsum("nmd,nd->nm", right, x, precision=_HI)
+            coef = jnp.einsum("nmd,nd->nm", right, x, precision=_HI, out_sharding=row_sharding(x))
             return jnp.einsum("nm,nmd->nd", coef, left, precision=_HI) - x
 
         dz, dg = z - z_prev, g - g_prev

@@ -5,11 +5,12 @@ Prints one JSON line per check: {"name", "ok", "detail"}."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The 8 devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8, set by the caller
+# (tests/test_explicit_sharding.py) in this process's environment: setting it here at import
+# would leak into any process that imports this module (pytest --doctest-modules does).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
