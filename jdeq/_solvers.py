@@ -53,11 +53,12 @@ def row_sharding(x: jax.Array):
     the batch axis as ``x``'s, the other replicated. Under Explicit mesh axes with the feature
     axis sharded (weights split along a model axis) the contraction is otherwise ambiguous; in
     every other setting this is None (JAX decides)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return None
-    spec = jax.typeof(x).sharding.spec
-    return jax.sharding.PartitionSpec(spec[0] if len(spec) else None, None)
+    spec = sharding.spec
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None, None))
 
 
 def zeros_history(z: jax.Array, m: int) -> jax.Array:
