@@ -24,7 +24,7 @@ The pieces, each usable on its own:
   Jacobian penalty ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every
   step or with a probability per step.
 - :func:`data_mesh`, :func:`model_mesh`, :func:`shard_batch`, :func:`replicate`,
-  :func:`param_shardings`, :func:`host_shard` (module :mod:`jdeq.train.sharding`):
+  :func:`param_shardings`, :func:`training_mesh`, :func:`host_shard` (module :mod:`jdeq.train.sharding`):
   data-parallel training on a ``jax.sharding.Mesh`` via ``fit(..., mesh=...)``, optionally
   with large weights split along a model axis (``model_axis=``), one host or many
   (``jax.distributed.initialize()``); ``evaluate`` and ``predict`` take the same options.
@@ -67,6 +67,7 @@ from jdeq.train.sharding import (
     replicate,
     replicated,
     shard_batch,
+    training_mesh,
 )
 from jdeq.train.step import TrainState, all_finite, make_train_step
 
@@ -102,4 +103,5 @@ __all__ = [
     "shard_batch",
     "solver_metrics",
     "split_output",
+    "training_mesh",
 ]

@@ -20,6 +20,7 @@ from jdeq.train.sharding import (
     host_value,
     param_shardings,
     replicated,
+    training_mesh,
 )
 
 __all__ = ["evaluate", "predict"]
@@ -43,8 +44,9 @@ def _place_state(model, mesh, data_axis, model_axis, min_shard_size):
     graphdef, state = nnx.split(model)
     if mesh is not None:
         check_mesh(mesh, data_axis, model_axis=model_axis)
+        mesh = training_mesh(mesh, model_axis)
         state = jax.device_put(state, param_shardings(state, mesh, model_axis=model_axis, min_size=min_shard_size))
-    return graphdef, state
+    return graphdef, state, mesh
 
 
 def evaluate(
@@ -92,7 +94,7 @@ def evaluate(
     """
     check_run_options(batch_size, call_kwargs, loss_fn=loss_fn)
     n = data_size(data)
-    graphdef, state = _place_state(model, mesh, data_axis, model_axis, min_shard_size)
+    graphdef, state, mesh = _place_state(model, mesh, data_axis, model_axis, min_shard_size)
     out_sharding = None
     if mesh is not None:
         size = mesh.shape[data_axis]
@@ -164,7 +166,7 @@ def predict(
     """
     check_run_options(batch_size, call_kwargs)
     n = inputs_size(inputs)
-    graphdef, state = _place_state(model, mesh, data_axis, model_axis, min_shard_size)
+    graphdef, state, mesh = _place_state(model, mesh, data_axis, model_axis, min_shard_size)
     size = min(batch_size, n)
     out_sharding = None
     if mesh is not None:

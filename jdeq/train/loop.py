@@ -25,7 +25,8 @@ from jdeq.train.checkpoint import restore_checkpoint, save_checkpoint
 from jdeq.train.evaluation import evaluate, host_metrics
 from jdeq.train.jacobian import JacReg, find_deqs
 from jdeq.train.losses import classification_loss
-from jdeq.train.sharding import MIN_SHARD_SIZE, batch_sharding, check_mesh, host_value, replicated, shard_batch
+from jdeq.train.sharding import (MIN_SHARD_SIZE, batch_sharding, check_mesh, host_value, replicated, shard_batch,
+                                 training_mesh)
 from jdeq.train.step import TrainState, make_train_step
 
 __all__ = ["History", "fit"]
@@ -206,6 +207,8 @@ def fit(
                                      data_axis, model_axis)
     data = {k: np.asarray(v) for k, v in data.items()}
     eval_data = dict(eval_data or {})
+    if mesh is not None:
+        mesh = training_mesh(mesh, model_axis)
     state = TrainState.create(model, optimizer)
     step_fn = make_train_step(loss_fn, optimizer, jac_reg=jac_reg, key=jax.random.key(seed))
     if mesh is None:

@@ -66,7 +66,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "MIN_SHARD_SIZE",
@@ -156,6 +156,38 @@ def check_mesh(mesh: Any, axis: str, batch_size: int | None = None, *, model_axi
             )
         if batch_size % jax.process_count():
             raise ValueError(f"`batch_size`={batch_size} must be a multiple of the {jax.process_count()} processes.")
+
+
+def training_mesh(mesh: Mesh, model_axis: str | None) -> Mesh:
+    """``mesh`` with ``model_axis`` turned into an Auto axis (every other axis as it was).
+
+    Under Explicit axes, JAX types every array by its sharding and asks the code to say how a
+    contraction over a sharded axis is laid out (``out_sharding=``). ``fit`` chooses where the
+    weights are split along ``model_axis`` (:func:`param_shardings`), so the model's code
+    cannot know it: the model axis is run as an Auto axis, where XLA places the all-gathers
+    and reductions of the split matmuls, while the data axis keeps the type the user gave it
+    (an Explicit data axis stays Explicit). Without a model axis, ``mesh`` is returned as is.
+
+    Args:
+      mesh: the user's mesh.
+      model_axis: the weight-splitting axis (or None).
+
+    Returns:
+      A mesh over the same devices and axis names.
+
+    Example:
+      >>> import jax
+      >>> from jax.sharding import AxisType
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+      >>> training_mesh(mesh, "model").axis_types
+      (Explicit, Auto)
+    """
+    if model_axis is None or model_axis not in mesh.shape:
+        return mesh
+    types = tuple(AxisType.Auto if name == model_axis else t for name, t in zip(mesh.axis_names, mesh.axis_types))
+    if types == tuple(mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
