@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 import jdeq
-from jdeq.experiments import argtypes as T
+from jdeq import argtypes as T
 from benchmarks import _common as C
 from jdeq.data import digits, mnist1d
 from jdeq.train import batch_indices, count_params
