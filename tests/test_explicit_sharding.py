@@ -44,7 +44,12 @@ CHECKS = (
 )
 
 
-@pytest.mark.parametrize("name", CHECKS)
+# one worker subprocess per axis type: under pytest-xdist the checks of one kind run on one
+# xdist worker (``--dist loadgroup`` in the Makefile), so each subprocess runs once, not once per
+# xdist worker that happens to draw one of its checks
+@pytest.mark.parametrize(
+    "name", [pytest.param(c, marks=pytest.mark.xdist_group(f"sharding_{c.split('/')[0]}")) for c in CHECKS]
+)
 def test_sharded_equals_one_device(name):
     results = _results(name.split("/")[0])
     assert name in results, f"check {name} did not run; ran: {sorted(results)}"

@@ -32,6 +32,7 @@ import _multiprocess_worker as W
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 300  # seconds per phase (a loaded 2-core CI box needs ~80): a hung collective fails, not hangs
 TOL = 1e-6  # one process vs two: the batch mean summed in another order (measured max 6e-8)
+pytestmark = pytest.mark.xdist_group("multiprocess")  # the module-scoped runs happen once, on one xdist worker
 
 
 def _free_port() -> int:

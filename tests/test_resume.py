@@ -25,7 +25,10 @@ from jdeq import train
 # When one read of a damaged checkpoint fails, orbax closes its asyncio loop while other
 # tensorstore reads are still pending; their callbacks then raise "Event loop is closed" on
 # the closed loop (harmless noise, reported by pytest as unraisable exceptions).
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.xdist_group("resume"),  # module-scoped runs: computed once, on one xdist worker
+]
 
 STEPS, EVERY = 8, 2
 KW = dict(steps=STEPS, batch_size=32, seed=3, log_every=1, checkpoint_every=EVERY, progress=False)

@@ -438,6 +438,9 @@ import jdeq  # noqa: E402
 from jdeq import train as T  # noqa: E402
 
 
+pytestmark = pytest.mark.xdist_group("sharding_8dev")  # the 8-device subprocess runs once, on one xdist worker
+
+
 @pytest.fixture(scope="module")
 def sharded():
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NDEV}", JAX_PLATFORMS="cpu")

@@ -39,3 +39,19 @@ def test_reference_and_error_metric():
     assert math.isclose(V.grad_error(g, ref), 0.01, rel_tol=1e-6)
     w = prob["params"]["w"].astype(float)
     assert max(abs(__import__("numpy").linalg.eigvals(w))) < 1  # a few slow modes, still contractive
+
+
+def test_accelerator_script_refuses_a_cpu_only_jax(tmp_path):
+    """``benchmarks/accelerator.sh`` (the GPU/TPU path) stops before any benchmark when JAX sees
+    only a CPU, so CPU figures are never filed as accelerator ones."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator.sh"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no accelerator" in proc.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == []  # nothing was run or written
