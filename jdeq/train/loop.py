@@ -221,17 +221,19 @@ def fit(
 
     history, elapsed, skip_state = History(), 0.0, None
     if checkpoint_dir is not None:
-        found = restore_checkpoint(checkpoint_dir, (state.params, state.opt_state))
+        found = restore_checkpoint(checkpoint_dir, _saved(state))
         if found is not None:
-            params, opt_state = found.tree
+            params, opt_state, *cache = found.tree
             state = state.replace(params=params, opt_state=opt_state,
                                   step=jax.device_put(jnp.int32(found.step), state.step.sharding))
+            if cache:
+                state = state.with_cache(cache[0])
             history = History(train=list(found.meta["train"]), eval=list(found.meta["eval"]),
                               resumed_from=found.step)
             elapsed, skip_state = float(found.meta["elapsed"]), found.meta.get("skips")
 
     def run_eval(step):
-        nnx.update(model, state.params)
+        nnx.update(model, state.params, state.cache())
         record = {"step": step}
         for name, arrays in eval_data.items():
             record[name] = evaluate(model, arrays, batch_size=eval_batch_size, loss_fn=loss_fn, mesh=mesh,
@@ -241,7 +243,7 @@ def fit(
     def save(step):
         if checkpoint_dir is not None:
             meta = {"train": history.train, "eval": history.eval, "elapsed": elapsed, "skips": skips.state()}
-            save_checkpoint(checkpoint_dir, step, (state.params, state.opt_state), meta=meta)
+            save_checkpoint(checkpoint_dir, step, _saved(state), meta=meta)
 
     skips = _SkipCounter(max_skipped_steps, skip_state)
     start = history.resumed_from or 0
@@ -274,12 +276,40 @@ def fit(
         raise
     finally:
         bar.close()
-        nnx.update(model, state.params)
+        nnx.update(model, state.params, state.cache())
     elapsed += time.perf_counter() - t0
     if eval_data and (not history.eval or history.eval[-1]["step"] != steps):
         run_eval(steps)
     save(steps)
     return history
+
+
+def _saved(state: TrainState) -> tuple:
+    """What a checkpoint of ``fit`` holds: ``(params, opt_state)``, and the warm-start caches
+    (``jdeq.nnx.CachedFixedPoint`` state) as a third entry when the model has any."""
+    cache = state.cache()
+    return (state.params, state.opt_state, cache) if jax.tree_util.tree_leaves(cache) else (state.params, state.opt_state)
+
+
+def _check_cache_index(model, data) -> None:
+    """A clear error when ``data["index"]`` does not fit the model's warm-start caches."""
+    from jdeq.nnx import FixedPointCache
+
+    caches = [m for _, m in nnx.iter_graph(model) if isinstance(m, FixedPointCache)]
+    if not caches or "index" not in data:
+        return
+    index = np.asarray(data["index"])
+    if index.dtype.kind not in "iu" or index.ndim != 1:
+        raise TypeError(f"`data['index']` must be a 1-D integer array of example indices, got {index.dtype} "
+                        f"of shape {index.shape}.")
+    if len(np.unique(index)) != len(index):
+        raise ValueError("`data['index']` must hold distinct example indices (one per example).")
+    for cache in caches:
+        if index.min() < 0 or index.max() >= cache.num_examples:
+            raise ValueError(
+                f"`data['index']` runs over [{index.min()}, {index.max()}] but the model's FixedPointCache "
+                f"holds {cache.num_examples} examples: build it with num_examples > {index.max()}."
+            )
 
 
 def _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, eval_data, eval_every, log_every,
@@ -309,6 +339,7 @@ def _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, ev
         raise ValueError(f"`batch_size`={batch_size} exceeds the {n} training examples.")
     for name, arrays in (eval_data or {}).items():
         data_size(arrays, name=f"eval_data[{name!r}]")
+    _check_cache_index(model, data)
     if jac_reg is not None:
         if not isinstance(jac_reg, JacReg):
             raise TypeError(f"`jac_reg` must be None or a jdeq.train.JacReg, got {jac_reg!r}.")

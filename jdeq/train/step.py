@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jdeq.nnx import CachedFixedPoint
 from jdeq.train.jacobian import JacReg, penalty, start_recording
 from jdeq.train.sharding import optimizer_shardings, param_shardings, replicated
 
@@ -37,7 +38,8 @@ class TrainState:
     Attributes:
       graphdef: the model's ``nnx.GraphDef`` (static: part of the tree's structure).
       params: the model's ``nnx.Param`` state (trained).
-      rest: the model's other state (RNG counters, ...): passed to the model, not updated.
+      rest: the model's other state (RNG counters, ...): passed to the model; only its
+        ``jdeq.nnx.CachedFixedPoint`` entries (warm-start caches) are updated by the step.
       opt_state: the optax state.
       step: int32 scalar, the number of steps taken (skipped ones included).
 
@@ -83,6 +85,15 @@ class TrainState:
         """A new module holding this state's parameters (``nnx.merge``)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
+    def cache(self):
+        """The warm-start caches of the model (its ``jdeq.nnx.CachedFixedPoint`` state, an
+        ``nnx.State``; empty for a model without a ``jdeq.nnx.FixedPointCache``)."""
+        return nnx.state(self.model(), CachedFixedPoint)
+
+    def with_cache(self, cache) -> "TrainState":
+        """A copy whose warm-start caches are ``cache`` (as returned by :meth:`cache`)."""
+        return self.replace(rest=_with_cache(self.graphdef, self.params, self.rest, cache))
+
     def replace(self, **changes) -> "TrainState":
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
@@ -117,6 +128,15 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _with_cache(graphdef, params, rest, cache):
+    """``rest`` with its ``CachedFixedPoint`` entries replaced by ``cache`` (same structure)."""
+    if not jax.tree_util.tree_leaves(cache):
+        return rest
+    net = nnx.merge(graphdef, params, rest)
+    nnx.update(net, cache)
+    return nnx.split(net, nnx.Param, ...)[2]
+
+
 def all_finite(tree) -> jax.Array:
     """Whether every entry of every leaf of ``tree`` is finite (a scalar bool array).
 
@@ -149,7 +169,10 @@ def make_train_step(
     never accepts a non-finite update and keeps the optimizer state's structure) and
     ``metrics["skipped"]`` is 1.0 (else 0.0). ``state.step`` advances either way. This is the
     step ``jdeq.train.fit`` runs, so a loop over it with fit's batches
-    (:func:`jdeq.train.batch_indices`) reaches fit's parameters.
+    (:func:`jdeq.train.batch_indices`) reaches fit's parameters. The model's warm-start caches
+    (``jdeq.nnx.FixedPointCache``, filled by ``deq(x, index=batch["index"])`` in ``loss_fn``)
+    are returned updated in ``state.rest`` (kept as they were on a skipped step); the rest of
+    ``state.rest`` is passed through unchanged.
 
     Args:
       loss_fn: ``loss_fn(model, batch) -> (loss, metrics)`` with ``model`` an ``nnx.Module``
@@ -192,22 +215,28 @@ def make_train_step(
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         def loss(params):
-            net = nnx.merge(state.graphdef, params, state.rest)
+            # copies: the model's state may be mutated in here (a FixedPointCache writes z*), and
+            # variables rebuilt by jit's trace cannot be mutated from the gradient's trace level
+            net = nnx.merge(state.graphdef, params, state.rest, copy=True)
             if jac_reg is None:
-                return loss_fn(net, batch)
+                value, metrics = loss_fn(net, batch)
+                return value, (metrics, nnx.state(net, CachedFixedPoint))
             records = start_recording(net) if jac_reg.active else []
             value, metrics = loss_fn(net, batch)
             reg = jnp.zeros((), jnp.result_type(value))
             if jac_reg.active:
                 reg = penalty(jac_reg, records, jax.random.fold_in(base_key, state.step)).astype(reg.dtype)
-            return value + reg, {**metrics, "jac_reg": reg}
+            return value + reg, ({**metrics, "jac_reg": reg}, nnx.state(net, CachedFixedPoint))
 
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        (value, (metrics, cache)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(value) & all_finite((grads, new_params, new_opt_state))
         params, opt_state = optax.tree.where(ok, (new_params, new_opt_state), (state.params, state.opt_state))
-        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        rest = state.rest
+        if jax.tree_util.tree_leaves(cache):  # a skipped step keeps the caches as they were
+            rest = _with_cache(state.graphdef, state.params, rest, optax.tree.where(ok, cache, state.cache()))
+        new_state = state.replace(params=params, rest=rest, step=state.step + 1)
         return new_state, {**metrics, "skipped": (~ok).astype(jnp.float32)}
 
     return train_step
