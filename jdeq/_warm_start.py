@@ -48,6 +48,39 @@ def check_index(index, num_examples: int, batch: int | None, *, name: str = "ind
             )
 
 
+def _explicit(x) -> jax.sharding.NamedSharding | None:
+    """``x``'s sharding when it lives on a mesh with Explicit axes (else None: JAX decides)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding
+
+
+def _rows_like(index, ndim: int):
+    """Under Explicit axes: the layout of rows gathered by ``index`` (batch axis as ``index``'s,
+    the others replicated); else None."""
+    sharding = _explicit(index)
+    if sharding is None:
+        return None
+    spec = sharding.spec
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None,
+                                                                                *([None] * (ndim - 1))))
+
+
+def _gather(table, index):
+    """``table[index]``; under Explicit axes laid out like ``index`` (a replicated table gathered by
+    sharded indices is otherwise an ambiguous sharding)."""
+    out = _rows_like(index, table.ndim)
+    return table[index] if out is None else table.at[index].get(out_sharding=out)
+
+
+def _scatter(table, index, rows):
+    """``table.at[index].set(rows)``; under Explicit axes the result keeps ``table``'s layout."""
+    out = _explicit(index) and _explicit(table)
+    return table.at[index].set(rows) if not out else table.at[index].set(rows, out_sharding=_explicit(table))
+
+
 def lookup(values: Any, filled: jax.Array, index: jax.Array, default: Any) -> Any:
     """The starting states of a batch: each example's cached ``z*`` where it has one, else its
     ``default`` (no gradient flows through the result).
@@ -69,10 +102,10 @@ def lookup(values: Any, filled: jax.Array, index: jax.Array, default: Any) -> An
       >>> z.tolist()
       [[4.0, 5.0], [0.0, 0.0]]
     """
-    hit = filled[index]
+    hit = _gather(filled, index)
 
     def one(cached, start):
-        row = cached[index].astype(start.dtype)
+        row = _gather(cached, index).astype(start.dtype)
         return jax.lax.stop_gradient(jnp.where(hit.reshape((-1,) + (1,) * (start.ndim - 1)), row, start))
 
     return jax.tree.map(one, values, default)
@@ -102,8 +135,8 @@ def store(values: Any, filled: jax.Array, index: jax.Array, z: Any, ok: jax.Arra
 
     def one(cached, new):
         new = jax.lax.stop_gradient(new).astype(cached.dtype)
-        old = cached[index]
-        return cached.at[index].set(jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old))
+        old = _gather(cached, index)
+        return _scatter(cached, index, jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old))
 
     values = jax.tree.map(one, values, z)
-    return values, filled.at[index].set(filled[index] | ok)
+    return values, _scatter(filled, index, _gather(filled, index) | ok)
