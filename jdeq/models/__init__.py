@@ -4,6 +4,7 @@ from jdeq.models import linen
 from jdeq.models._conv import conv_general_dilated, conv_same, flip_transpose
 from jdeq.models.dropout import VariationalDropout, dropout_mask, reset_dropout
 from jdeq.models.hypersolver import HyperSolver
+from jdeq.models.inr import DEQINR, SIREN, FourierFeatures, FourierMLP, SineCell
 from jdeq.models.mdeq import MDEQCell, MDEQClassifier
 from jdeq.models.mlp import MLPCell
 from jdeq.models.mondeq import MonDEQ, MonDEQClassifier, MonotoneConvCell, MonotoneDenseCell
@@ -18,6 +19,9 @@ from jdeq.models.transformer import (
 )
 
 __all__ = [
+    "DEQINR",
+    "FourierFeatures",
+    "FourierMLP",
     "HyperSolver",
     "LSTMClassifier",
     "MDEQCell",
@@ -28,6 +32,8 @@ __all__ = [
     "MonDEQClassifier",
     "MonotoneConvCell",
     "MonotoneDenseCell",
+    "SIREN",
+    "SineCell",
     "SpectralNorm",
     "TiedTransformerClassifier",
     "TransformerBlock",
