@@ -25,6 +25,7 @@ from jdeq._stats import Solution, SolverStats
 __all__ = ["Gradient", "Implicit", "JacobianFree", "LINEAR_SOLVERS", "Phantom", "Unrolled"]
 
 LINEAR_SOLVERS = ("gmres", "bicgstab", "normal_cg")  # jaxopt's, imported on first use
+SHINE_MODES = (None, "direct", "fallback", "refine")  # Implicit(shine=...)
 
 
 def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
@@ -139,8 +140,20 @@ class Implicit(Gradient):
     maxiter: int | None = None
     stop_mode: str | None = None
     callback: Callable[[SolverStats], Any] | None = None
+    shine: str | None = None
+    shine_tol: float = 0.1
 
     def __post_init__(self):
+        if self.shine not in SHINE_MODES:
+            raise ValueError(f"`shine` must be one of {SHINE_MODES}, got {self.shine!r}.")
+        if not (isinstance(self.shine_tol, numbers.Real) and not isinstance(self.shine_tol, bool)
+                and self.shine_tol > 0):
+            raise ValueError(f"`shine_tol` must be a number > 0, got {self.shine_tol!r}.")
+        if self.shine is not None and isinstance(self.solver, str):
+            raise ValueError(
+                f"`shine={self.shine!r}` needs jdeq's per-example backward loop (solver=None or "
+                f"a jdeq solver), not jaxopt's {self.solver!r}."
+            )
         s = self.solver
         if not (s is None or isinstance(s, Solver) or (isinstance(s, str) and s in LINEAR_SOLVERS)):
             raise ValueError(
@@ -166,7 +179,8 @@ class Implicit(Gradient):
         if isinstance(self.solver, str):
             name, tol = self.solver, self.tol if self.tol is not None else forward_solver.tol
 
-            def solve(matvec, b, maxiter, ok):
+            def solve(matvec, b, maxiter, ok, fstate=None, transpose=False):
+                del fstate, transpose  # (shine is rejected with jaxopt's solvers)
                 layout = batch_layout(b, name="cotangent")
                 b = _zero_rows(ok, b)
                 x = linear_solve(name, matvec, b, tol=tol, maxiter=maxiter)
@@ -198,7 +212,9 @@ class Implicit(Gradient):
             overrides["maxiter"] = int(static_maxiter)  # e.g. jaxopt's loops: a static budget
         solver = base.backward(**overrides)
 
-        def solve(matvec, b, maxiter, ok):
+        mode, shine_tol = self.shine, self.shine_tol
+
+        def solve(matvec, b, maxiter, ok, fstate=None, transpose=False):
             layout = batch_layout(b, name="cotangent")
             bm = jnp.where(ok[:, None], layout.flatten(b), 0)
 
@@ -206,7 +222,14 @@ class Implicit(Gradient):
                 return bm + um - layout.flatten(matvec(layout.unflatten(um)))
 
             run_maxiter = None if static_budget else maxiter  # static: in the options
-            um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), run_maxiter)
+            if mode is None or fstate is None:
+                um, stats = solver.solve(fixed_point_form, jnp.zeros_like(bm), run_maxiter)
+            else:  # SHINE: the forward solver's estimate of the solution
+                u0 = forward_solver.inverse_estimate(fstate, bm, transpose=transpose)
+                um, stats = _shine_solve(
+                    mode, shine_tol, solver, fixed_point_form, bm, u0, run_maxiter,
+                    want_stats=callback is not None,
+                )
             bad = stats.nonfinite | ~ok  # the loop already flags non-finite: no extra pass
             um = jnp.where(bad[:, None], 0, um)
             if callback is not None:
@@ -218,14 +241,31 @@ class Implicit(Gradient):
 
         return solve
 
-    def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
+    def uses_forward_state(self, solver) -> bool:
+        """True with ``shine``: the forward solver's final state is carried to :meth:`attach`.
+        Raises ``ValueError`` (naming ``shine``) if ``solver`` keeps no inverse-Jacobian
+        estimate."""
+        if self.shine is None:
+            return False
+        if not (isinstance(solver, Solver) and solver.has_inverse_estimate):
+            raise ValueError(
+                f"`shine={self.shine!r}` reuses the forward solver's inverse-Jacobian estimate, "
+                f"which {type(solver).__name__} does not keep: use solver=jdeq.Broyden(...) or "
+                "jdeq.Anderson(...) for the forward solve, or drop `shine`."
+            )
+        return True
+
+    def attach(self, f, z_star, args, *, solver, maxiter, stats=None, forward_state=None):
         """Returns ``z_star`` carrying the implicit gradient (examples flagged in
-        ``stats.nonfinite`` get a zero tangent/cotangent)."""
+        ``stats.nonfinite`` get a zero tangent/cotangent). ``forward_state``: the forward
+        solver's final state, for ``shine`` (without it the default backward runs)."""
         fn, params = _convert(f, z_star, args)
         if self.maxiter is not None:
             maxiter = self.maxiter
         elif isinstance(self.solver, Solver):
             maxiter = self.solver.maxiter
+        if self.shine is None:
+            forward_state = None
         return _implicit_identity(
             fn,
             self._linear_solver(solver, maxiter),
@@ -233,21 +273,70 @@ class Implicit(Gradient):
             params,
             jnp.asarray(maxiter, jnp.int32),
             _ok_mask(z_star, stats),
+            forward_state,
         )
 
 
+def _shine_solve(mode, shine_tol, solver, F, bm, u0, maxiter, *, want_stats):
+    """The backward solve of ``u = F(u)`` (``F(u) = b + u - A u``) from SHINE's estimate ``u0``.
+
+    ``"direct"``: ``u0`` itself (stats only if asked: one more matvec). ``"refine"``: the
+    solver's iterations started at ``u0``. ``"fallback"``: one matvec checks each example's
+    residual ``||b - A u0|| / ||b||``; an example at most ``shine_tol`` keeps ``u0``, the others
+    run the full solve from zero (skipped when every example passed). A non-finite estimate
+    counts as failed (``"direct"``: the example is flagged non-finite).
+
+    Returns:
+      ``(u, stats)``; ``nsteps`` counts matvecs (1 for an example accepted by the check).
+    """
+    finite = jnp.all(jnp.isfinite(u0), axis=1)
+    u0 = jnp.where(finite[:, None], u0, 0)
+    if mode == "refine":
+        return solver.solve(F, u0, maxiter)
+    n = bm.shape[0]
+    zeros_i = jnp.zeros((n,), jnp.int32)
+    if mode == "direct":
+        if not want_stats:
+            return u0, SolverStats(zeros_i, None, None, None, ~finite)
+        abs_res, rel_res = residuals(u0, F(u0))
+        metric = rel_res if solver.stop_mode == "rel" else abs_res
+        return u0, SolverStats(zeros_i, abs_res, rel_res, (metric < solver.tol) & finite, ~finite)
+    fu0 = F(u0)  # "fallback": one matvec, the residual of the estimate
+    abs0, rel0 = residuals(u0, fu0)
+    scale = jnp.linalg.norm(bm, axis=1)
+    accept = finite & (abs0 <= shine_tol * scale)
+    start = jnp.where(accept[:, None], u0, 0)
+
+    def run(start):  # accepted examples are fixed points of this map: frozen from the start
+        return solver.solve(lambda um: jnp.where(accept[:, None], um, F(um)), start, maxiter)
+
+    def skip(start):
+        ones = jnp.ones((n,), bool)
+        return start, SolverStats(zeros_i, abs0, rel0, ones, ~ones)
+
+    um, stats = jax.lax.cond(jnp.any(~accept), run, skip, start)
+    stats = SolverStats(
+        nsteps=jnp.where(accept, 1, stats.nsteps + 1),
+        abs_residual=jnp.where(accept, abs0, stats.abs_residual),
+        rel_residual=jnp.where(accept, rel0, stats.rel_residual),
+        converged=accept | stats.converged,
+        nonfinite=~accept & stats.nonfinite,
+    )
+    return um, stats
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _implicit_identity(fn, solve, z_star, params, maxiter, ok):
-    del fn, solve, params, maxiter, ok
+def _implicit_identity(fn, solve, z_star, params, maxiter, ok, fstate=None):
+    del fn, solve, params, maxiter, ok, fstate
     return z_star
 
 
 @_implicit_identity.defjvp
 def _implicit_jvp(fn, solve, primals, tangents):
-    z_star, params, maxiter, ok = primals
-    _, dparams, _, _ = tangents
+    z_star, params, maxiter, ok, fstate = primals
+    _, dparams, _, _, _ = tangents
     # Re-enter the rule so that z* is itself differentiable when this rule is (2nd order).
-    z_star = _implicit_identity(fn, solve, z_star, params, maxiter, ok)
+    z_star = _implicit_identity(fn, solve, z_star, params, maxiter, ok, fstate)
     _, rhs = jax.jvp(lambda p: fn(z_star, p), (params,), (dparams,))
     _, jz = jax.linearize(lambda z: fn(z, params), z_star)
     # ``solve`` zeroes the examples that are not ``ok`` (or whose own solve went non-finite)
@@ -255,8 +344,8 @@ def _implicit_jvp(fn, solve, primals, tangents):
     dz = jax.lax.custom_linear_solve(
         lambda v: _tree_sub(v, jz(v)),
         rhs,
-        solve=lambda mv, b: solve(mv, b, maxiter, ok),
-        transpose_solve=lambda mv, b: solve(mv, b, maxiter, ok),
+        solve=lambda mv, b: solve(mv, b, maxiter, ok, fstate, False),
+        transpose_solve=lambda mv, b: solve(mv, b, maxiter, ok, fstate, True),
     )
     return z_star, dz
 

@@ -57,6 +57,7 @@ def run_loop(
     trace_len: int | None = None,
     unrolled: bool = False,
     snapshots=None,
+    keep_state: bool = False,
 ):
     """Solves ``z = F(z)`` row by row.
 
@@ -71,10 +72,14 @@ def run_loop(
       snapshots: optional ``(states,)`` int array of evaluation budgets ``n_j``; snapshot ``j``
         is, per example, the iterate this loop would return with ``maxiter = n_j`` (the best
         iterate after ``n_j`` evaluations, or the final one if the loop stopped earlier).
+      keep_state: also return the solver's final state, each example's frozen at its own last
+        step (what ``jdeq.Implicit(shine=...)`` reuses). Only then is the state masked per
+        example each iteration; by default nothing of it leaves the loop.
 
     Returns:
       ``(value, stats)``, or ``(value, stats, snaps)`` with ``snaps`` of shape
-      ``(states, batch, dim)`` when ``snapshots`` is given. ``value`` is, per example,
+      ``(states, batch, dim)`` when ``snapshots`` is given; with ``keep_state`` the solver
+      state is appended last. ``value`` is, per example,
       ``F(z_b)`` with ``z_b`` the lowest-residual finite iterate (the evaluation the loop
       already made there, so ``maxiter = L`` plain steps return exactly ``F`` applied ``L``
       times to ``z0``); for an example flagged non-finite, ``z_b`` itself (``z0`` when no
@@ -110,6 +115,14 @@ def run_loop(
     def step(c: _Carry) -> _Carry:
         z_next, state = solver.update(c.state, c.k, c.z, c.fz)
         act = c.active[:, None]
+        if keep_state:  # a converged example keeps the state of its own last step
+            state = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(
+                    jnp.reshape(c.active, (-1,) + (1,) * (jnp.ndim(new) - 1)), new, old
+                ),
+                state,
+                c.state,
+            )
         z_next = jnp.where(act, z_next, c.z)
         fz_next = jnp.where(act, F(z_next), c.fz)
         abs_res, rel_res = residuals(z_next, fz_next)
@@ -165,9 +178,8 @@ def run_loop(
     # An example that met a non-finite value returns z_b itself, where f is known to be finite
     # (f(z_b) may be the point past which f is not), so that no derivative is taken there.
     value = jnp.where(stats.nonfinite[:, None], carry.best_z, carry.best_fz)
-    if snapshots is not None:
-        return value, stats, carry.snaps
-    return value, stats
+    out = (value, stats) if snapshots is None else (value, stats, carry.snaps)
+    return out + (carry.state,) if keep_state else out
 
 
 # ----------------------------------------------------------------------------- jax.vmap support
@@ -185,7 +197,7 @@ def _hoist(F, z0):
     return Fc, list(closed.consts)
 
 
-def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None):
+def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None, keep_state=False):
     """:func:`run_loop` (not unrolled) with a batching rule: under ``jax.vmap`` the mapped
     axis is merged into the rows, so a vmapped solve is one batch-wide loop (the per-example
     semantics are unchanged: rows are independent problems) instead of JAX's generic
@@ -196,7 +208,7 @@ def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None):
     solver_leaves, solver_def = jax.tree_util.tree_flatten(solver)
     maxiter = jnp.asarray(maxiter, jnp.int32) if not isinstance(maxiter, int) else maxiter
     static_maxiter = maxiter if isinstance(maxiter, int) else None
-    return _rows_call(Fc, solver_def, trace_len, static_maxiter)(
+    return _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state)(
         z0, consts, solver_leaves, None if static_maxiter is not None else maxiter, snapshots
     )
 
@@ -211,12 +223,18 @@ def _mapped_zeros(consts, batched, v, dtype):
     return jnp.zeros((v, 1, 1), dtype)
 
 
-def _rows_call(Fc, solver_def, trace_len, static_maxiter):
+def _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state=False):
     def plain(z0, consts, solver_leaves, maxiter, snapshots):
         solver = jax.tree_util.tree_unflatten(solver_def, solver_leaves)
         budget = static_maxiter if static_maxiter is not None else maxiter
         return run_loop(
-            solver, lambda z: Fc(z, consts), z0, budget, trace_len=trace_len, snapshots=snapshots
+            solver,
+            lambda z: Fc(z, consts),
+            z0,
+            budget,
+            trace_len=trace_len,
+            snapshots=snapshots,
+            keep_state=keep_state,
         )
 
     call = jax.custom_batching.custom_vmap(plain)
@@ -238,7 +256,7 @@ def _rows_call(Fc, solver_def, trace_len, static_maxiter):
                 out = jax.vmap(Fc, in_axes=(0, c_axes))(zm.reshape(v, n, d), consts)
                 return out.reshape(v * n, d)
 
-            merged = _rows_call(Fb, solver_def, trace_len, static_maxiter)(
+            merged = _rows_call(Fb, solver_def, trace_len, static_maxiter, keep_state)(
                 z0.reshape(v * n, d), consts, solver_leaves, maxiter, snapshots
             )
             split = lambda x: x.reshape((v, n) + x.shape[1:])
@@ -247,6 +265,8 @@ def _rows_call(Fc, solver_def, trace_len, static_maxiter):
             if snapshots is not None:  # (states, v * n, d) -> (v, states, n, d)
                 snaps = merged[2].reshape((merged[2].shape[0], v, n, d))
                 out = out + (jnp.moveaxis(snaps, 1, 0),)
+            if keep_state:  # every leaf of a solver state has the rows as its leading axis
+                out = out + (jax.tree_util.tree_map(split, merged[-1]),)
         out_batched = jax.tree_util.tree_map(lambda _: True, out)
         return out, out_batched
 

@@ -168,12 +168,30 @@ class Solver(Pytree):
 
     static_budget = False  # True: the loop needs a static budget (maxiter baked into options)
 
+    def inverse_estimate(self, state, b, *, transpose: bool):
+        """SHINE (Ramzi et al. 2022): the forward solve's own estimate of ``(I - J)^{-1} b``
+        (``transpose=True``: ``(I - J)^{-T} b``), ``J = df/dz`` at the fixed point, from the
+        solver's final ``state`` (the loop's, per example; ``b`` is ``(batch, dim)``).
+
+        A solver that learns no such estimate (the default) raises ``NotImplementedError``;
+        :attr:`has_inverse_estimate` says which is the case. ``jdeq.Broyden`` and
+        ``jdeq.Anderson`` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no inverse-Jacobian estimate.")
+
+    @property
+    def has_inverse_estimate(self) -> bool:
+        """Whether :meth:`inverse_estimate` is implemented (``jdeq.Implicit(shine=...)``)."""
+        return type(self).inverse_estimate is not Solver.inverse_estimate
+
     def backward(self, **overrides):
         """This solver with ``overrides`` (``tol``, ``stop_mode``, ``maxiter``) for the backward
         (adjoint) solve of ``jdeq.Implicit``; the residual trace is switched off."""
         return dataclasses.replace(self, **{"trace": False, **overrides})
 
-    def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
+    def solve(
+        self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None, keep_state=False
+    ):
         """Solves ``z = F(z)`` row by row in the shared loop (see :func:`jdeq._loop.run_loop`).
 
         Args:
@@ -182,9 +200,10 @@ class Solver(Pytree):
           maxiter: run-time budget (None: ``self.maxiter``).
           unrolled: differentiate through the iterations (a ``lax.scan``; static ``maxiter``).
           snapshots: optional budgets at which to record the best iterate.
+          keep_state: also return the final solver state (each example's at its own last step).
 
         Returns:
-          ``(z, stats)`` (``+ snaps`` with ``snapshots``).
+          ``(z, stats)`` (``+ snaps`` with ``snapshots``, ``+ state`` with ``keep_state``).
         """
         maxiter = self.maxiter if maxiter is None else maxiter
         trace_len = None
@@ -196,8 +215,13 @@ class Solver(Pytree):
                 )
             trace_len = int(maxiter)
         if unrolled:
-            return run_loop(self, F, z0, maxiter, trace_len=trace_len, unrolled=True, snapshots=snapshots)
-        return solve_rows(self, F, z0, maxiter, trace_len=trace_len, snapshots=snapshots)
+            return run_loop(
+                self, F, z0, maxiter, trace_len=trace_len, unrolled=True, snapshots=snapshots,
+                keep_state=keep_state,
+            )
+        return solve_rows(
+            self, F, z0, maxiter, trace_len=trace_len, snapshots=snapshots, keep_state=keep_state
+        )
 
 
 
@@ -237,14 +261,28 @@ class Gradient(Pytree):
           A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
         """
         layout = batch_layout(z0)
-        zm, stats = solver.solve(
+        keep = self.uses_forward_state(solver)
+        out = solver.solve(
             layout.wrap(f, jax.lax.stop_gradient(args)),
             layout.flatten(jax.lax.stop_gradient(z0)),
             maxiter,
+            **({"keep_state": True} if keep else {}),
         )
+        zm, stats = out[:2]
+        # the forward solver's final state (e.g. Broyden's inverse-Jacobian estimate), only
+        # for a mode that asks for it: by default nothing of it leaves the loop
+        extra = {"forward_state": jax.lax.stop_gradient(out[2])} if keep else {}
         effective = solver.maxiter if maxiter is None else maxiter
-        value = self.attach(f, layout.unflatten(zm), args, solver=solver, maxiter=effective, stats=stats)
+        value = self.attach(
+            f, layout.unflatten(zm), args, solver=solver, maxiter=effective, stats=stats, **extra
+        )
         return Solution(value=value, stats=stats)
+
+    def uses_forward_state(self, solver) -> bool:
+        """Whether :meth:`solve` should pass the forward solver's final state to :meth:`attach`
+        (as ``forward_state=``); False by default (``jdeq.Implicit(shine=...)`` says True)."""
+        del solver
+        return False
 
     def attach(self, f, z_star, args, *, solver, maxiter, stats):
         """Returns ``z_star`` (a stop-gradient fixed point) carrying this mode's derivative.

@@ -153,6 +153,63 @@ def anderson_mix(alpha, xs, gs, damping):
     return mix(xs) + jnp.reshape(damping, (-1, 1)) * mix(gs)
 
 
+def _row_dot(hist, x):
+    """``<hist_i, x>`` per example: ``(n, m, d), (n, d) -> (n, m)``."""
+    return jnp.einsum("nmd,nd->nm", hist, x, precision=_HI, out_sharding=row_sharding(x))
+
+
+def _row_mix(coef, hist):
+    """``sum_i coef_i hist_i`` per example: ``(n, m), (n, m, d) -> (n, d)``."""
+    return jnp.einsum("nm,nmd->nd", coef, hist, precision=_HI)
+
+
+def anderson_inverse_estimate(xs, gs, gram, b, *, ridge: float, transpose: bool):
+    """``(I - J)^{-1} b`` (or ``(I - J)^{-T} b``) from an Anderson history, per example.
+
+    With ``g = f(z) - z`` and the secant pairs ``dX_i = x_i - x_r``, ``dG_i = g_i - g_r``
+    relative to the stored iterate ``r`` of smallest residual, the multisecant estimate of the
+    inverse Jacobian of ``g`` closest to ``-I`` that maps every ``dG_i`` to ``dX_i`` is
+    ``B = -I + (dX + dG) H^{-1} dG^T``, ``H = dG^T dG`` (read off the stored Gram matrix); this
+    is the inverse Jacobian that Anderson's type-II mixing steps with. ``(I - J)^{-1} ~ -B``
+    gives ``b - (dX + dG) H^{-1} dG^T b`` and, transposed, ``b - dG H^{-1} (dX + dG)^T b``.
+    Outside the span of the ``dG_i`` this is ``J = 0``: the estimate is only as good as the
+    history covers ``b``'s direction (hence ``jdeq.Implicit``'s residual check and fallback).
+
+    Args:
+      xs, gs, gram: Anderson's state (ring buffers ``(n, m, d)`` and Gram ``(n, m, m)``); empty
+        slots (zero residual) are ignored.
+      b: ``(n, d)`` right-hand side.
+      ridge: Tikhonov term of ``H``, relative to its diagonal.
+      transpose: estimate ``(I - J)^{-T} b``.
+
+    Returns:
+      ``(n, d)``.
+    """
+    m = gram.shape[-1]
+    diag = jnp.diagonal(gram, axis1=1, axis2=2)
+    valid = diag > 0
+    ref = jnp.argmin(jnp.where(valid, diag, jnp.inf), axis=1)
+    onehot = jax.nn.one_hot(ref, m, dtype=gram.dtype)  # (n, m)
+    use = (valid & (onehot == 0)).astype(gram.dtype)
+    # H_ij = <g_i - g_r, g_j - g_r> from the Gram matrix
+    g_ir = jnp.einsum("nij,nj->ni", gram, onehot)
+    g_rr = jnp.sum(g_ir * onehot, axis=1)
+    h = gram - g_ir[:, :, None] - g_ir[:, None, :] + g_rr[:, None, None]
+    h = h * use[:, :, None] * use[:, None, :]
+    hd = jnp.diagonal(h, axis1=1, axis2=2)
+    eye = jnp.eye(m, dtype=gram.dtype)
+    h = h + eye * ((ridge * hd + jnp.sqrt(jnp.finfo(gram.dtype).tiny))[:, :, None] * use[:, None, :]
+                   + (1.0 - use)[:, None, :])
+    xg = xs + gs
+    left, right = (gs, xg) if transpose else (xg, gs)  # b - left H^{-1} right^T b
+    c = _row_dot(right, b)
+    c = (c - jnp.sum(c * onehot, axis=1, keepdims=True)) * use
+    w = _spd_solve(h, c)
+    # sum_i w_i (left_i - left_r)
+    lw = _row_mix(w, left) - _row_mix(onehot * jnp.sum(w, axis=1, keepdims=True), left)
+    return b - lw
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Anderson(Solver):
     """Anderson acceleration (type II), per example, with an incrementally updated Gram matrix.
@@ -184,6 +241,12 @@ class Anderson(Solver):
     def init(self, z):
         m = self.memory
         return zeros_history(z, m), zeros_history(z, m), zeros_rows(z, (m, m))
+
+    def inverse_estimate(self, state, b, *, transpose: bool):
+        """SHINE's analogue for Anderson: the multisecant ("type-II") inverse-Jacobian estimate
+        of the stored history, ``(I - J)^{-1} b`` (``transpose``: ``(I - J)^{-T} b``); see
+        :func:`anderson_inverse_estimate`."""
+        return anderson_inverse_estimate(*state, b, ridge=self.ridge, transpose=transpose)
 
     def update(self, state, k, z, fz):
         xs, gs, gram, valid = anderson_record(*state, k, z, fz - z)
@@ -218,6 +281,16 @@ class Broyden(Solver):
         hist = zeros_history(z, self.memory)
         zero = jnp.zeros_like(z)
         return hist, hist, z, zero, zero, zero
+
+    def inverse_estimate(self, state, b, *, transpose: bool):
+        """SHINE (Ramzi et al. 2022): with the final estimate ``B = -I + sum_i u_i v_i^T`` of
+        the inverse Jacobian of ``g = f(z) - z``, ``(I - J)^{-1} = -(J - I)^{-1} ~ -B`` gives
+        ``b - sum_i u_i <v_i, b>`` and, transposed (the adjoint), ``b - sum_i v_i <u_i, b>``.
+        Rank-one terms not yet written (zeros) add nothing."""
+        us, vs, _, _, u_new, v_new = state
+        left, right = (vs, us) if transpose else (us, vs)
+        l_new, r_new = (v_new, u_new) if transpose else (u_new, v_new)
+        return b - _row_mix(_row_dot(right, b), left) - l_new * jnp.sum(r_new * b, axis=1, keepdims=True)
 
     def update(self, state, k, z, fz):
         us, vs, z_prev, g_prev, u_new, v_new = state

@@ -1,0 +1,313 @@
+"""SHINE (``jdeq.Implicit(shine=...)``): the forward solver's inverse-Jacobian estimate reused in
+the backward pass. Checks the estimates themselves (secant conditions, transpose consistency,
+per-example freezing), each mode's gradient against a tight float64 reference, forward mode,
+jit / vmap, bad input, and the benchmark's quick mode."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+import jdeq
+from jdeq._loop import run_loop
+
+N, D = 3, 6
+
+
+def cell(z, p):
+    return jnp.tanh(z @ p["W"].T + p["x"])
+
+
+def make_params(seed=0, w_norm=0.8, n=N):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(D, D))
+    W = w_norm * W / np.linalg.norm(W, 2)
+    return {"W": jnp.asarray(W), "x": jnp.asarray(rng.normal(size=(n, D)))}
+
+
+def readout(z):
+    w = jnp.asarray(np.random.default_rng(7).normal(size=z.shape[-1]), z.dtype)
+    return jnp.sum(jnp.sin(z) * w)
+
+
+def loss(p, solver, gradient):
+    z = jdeq.fixed_point(cell, jnp.zeros_like(p["x"]), p, solver=solver, gradient=gradient).value
+    return readout(z)
+
+
+FWD = {"broyden": jdeq.Broyden(tol=1e-10, maxiter=60), "anderson": jdeq.Anderson(tol=1e-10, maxiter=60)}
+TIGHT_BWD = dict(tol=1e-12, maxiter=300)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+
+
+def _rel(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _final_state(solver, p):
+    """The forward solve's (value, stats, final state) on ``cell``."""
+    return run_loop(solver, lambda z: cell(z, p), jnp.zeros_like(p["x"]), solver.maxiter, keep_state=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _estimate(solver, state, b, transpose):
+    return solver.inverse_estimate(state, b, transpose=transpose)
+
+
+def _exact_inverse(p, z, transpose):
+    """Dense ``(I - J)^{-1}`` (or its transpose) per example at ``z`` (the value ``f(z_b)``)."""
+    s = 1.0 - jnp.tanh(z @ p["W"].T + p["x"]) ** 2  # J = diag(s) W  per example
+    a = jnp.eye(D)[None] - s[:, :, None] * p["W"][None]
+    a = jnp.swapaxes(a, 1, 2) if transpose else a
+    return jnp.linalg.inv(a)
+
+
+# ----------------------------------------------------------------------------- the estimates
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_estimate_transpose_is_the_adjoint(name):
+    """<(I-J)^{-T}-estimate b1, b2> == <b1, (I-J)^{-1}-estimate b2> per example: the two
+    directions come from one linear operator."""
+    with jax.enable_x64(True):
+        solver = FWD[name]
+        p = make_params()
+        _, _, state = _final_state(solver, p)
+        rng = np.random.default_rng(3)
+        b1, b2 = (jnp.asarray(rng.normal(size=(N, D))) for _ in range(2))
+        lhs = jnp.sum(_estimate(solver, state, b1, True) * b2, axis=1)
+        rhs = jnp.sum(b1 * _estimate(solver, state, b2, False), axis=1)
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-6)
+        assert not np.allclose(_estimate(solver, state, b1, True), b1)  # not the identity
+
+
+def test_broyden_estimate_meets_the_latest_secant_condition():
+    """After the update that saw the pair (dz, dg), the estimate maps -dg to dz:
+    (I - J)^{-1} (-dg) ~ -B (-dg) = dz (Sherman-Morrison's secant condition)."""
+    with jax.enable_x64(True):
+        solver = jdeq.Broyden(memory=3)
+        p = make_params()
+        z = jnp.asarray(np.random.default_rng(1).normal(size=(N, D)))
+        state = solver.init(z)
+        pairs = []
+        for k in range(1, 7):  # more steps than memory: the ring buffer wraps
+            fz = cell(z, p)
+            pairs.append((z, fz - z))
+            z, state = solver.update(state, k, z, fz)
+        (z0, g0), (z1, g1) = pairs[-2:]
+        est = _estimate(solver, state, -(g1 - g0), False)
+        np.testing.assert_allclose(est, z1 - z0, rtol=1e-8, atol=1e-12)
+
+
+def test_anderson_estimate_meets_every_secant_condition():
+    """For a linear f the Anderson estimate is exact on the span of the residual differences:
+    (I - J)^{-1} (-(g_i - g_r)) = x_i - x_r for every stored pair."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(2)
+        A = jnp.asarray(0.5 * rng.normal(size=(D, D)) / np.sqrt(D))
+        c = jnp.asarray(rng.normal(size=(N, D)))
+        f = lambda z: z @ A.T + c  # noqa: E731
+        solver = jdeq.Anderson(memory=4, ridge=0.0, tol=1e-14, maxiter=5)
+        _, _, (xs, gs, gram) = run_loop(solver, f, jnp.zeros((N, D)), 5, keep_state=True)
+        # with ridge 0, -(g_i - g_r) = (I - A)(x_i - x_r) maps back to x_i - x_r
+        for i in range(4):
+            for r in range(4):
+                if i == r:
+                    continue
+                b = (jnp.eye(D) - A) @ (xs[:, i] - xs[:, r]).T
+                est = _estimate(solver, (xs, gs, gram), b.T, False)
+                np.testing.assert_allclose(est, xs[:, i] - xs[:, r], rtol=1e-6, atol=1e-9)
+
+
+def test_forward_state_is_frozen_per_example():
+    """An example that converges early keeps the solver state of its own last step: the same
+    estimate as when it is solved alone (without the freeze, later no-op steps of the batch
+    would overwrite its history)."""
+    with jax.enable_x64(True):
+        solver = jdeq.Broyden(tol=1e-9, maxiter=60, memory=3)
+        p = make_params()
+        p_easy = {"W": p["W"], "x": p["x"].at[0].set(0.0)}  # z* = 0: converges at once
+        z_all, stats, state_all = _final_state(solver, p_easy)
+        assert stats.nsteps[0] < stats.nsteps[1]
+        _, _, state_one = _final_state(solver, {"W": p["W"], "x": p_easy["x"][:1]})
+        b = jnp.asarray(np.random.default_rng(0).normal(size=(N, D)))
+        est_all = _estimate(solver, state_all, b, True)[0]
+        est_one = _estimate(solver, state_one, b[:1], True)[0]
+        np.testing.assert_allclose(est_all, est_one, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_estimate_approximates_the_exact_adjoint(name):
+    """At a converged forward solve the estimate is a useful (not exact) adjoint: closer to
+    the exact (I - J)^{-T} b than JFB's b is (the estimate is only accurate on the directions
+    the solver explored)."""
+    with jax.enable_x64(True):
+        solver = FWD[name]
+        p = make_params()
+        z, _, state = _final_state(solver, p)
+        b = jnp.asarray(np.random.default_rng(5).normal(size=(N, D)))
+        exact = jnp.einsum("nij,nj->ni", _exact_inverse(p, z, transpose=True), b)
+        est = _estimate(solver, state, b, True)
+        assert np.linalg.norm(est - exact) < 0.9 * np.linalg.norm(b - exact)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+_loss_grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))
+
+
+def _reference(p, name):
+    return _loss_grad(p, FWD[name], jdeq.Implicit(**TIGHT_BWD))
+
+
+def _direct_by_hand(p, solver):
+    """SHINE's gradient written out: u = estimate(dL/dz*), then one VJP of f to the params."""
+    z, _, state = _final_state(solver, p)
+    g = jax.grad(readout)(z)
+    u = _estimate(solver, state, g, True)
+    _, vjp = jax.vjp(lambda q: cell(z, q), p)
+    return vjp(u)[0]
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_direct_is_the_estimate_then_one_vjp(name):
+    with jax.enable_x64(True):
+        p = make_params()
+        got = _loss_grad(p, FWD[name], jdeq.Implicit(shine="direct"))
+        want = _direct_by_hand(p, FWD[name])
+        assert _rel(got, want) < 1e-10
+        ref = _reference(p, name)
+        jfb = _loss_grad(p, FWD[name], jdeq.JacobianFree())
+        # an estimate (not exact), better than dropping (I - J)^{-T} altogether
+        assert 1e-6 < _rel(got, ref) < _rel(jfb, ref)
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_refine_reaches_the_exact_gradient(name):
+    with jax.enable_x64(True):
+        p = make_params()
+        ref = _reference(p, name)
+        got = _loss_grad(p, FWD[name], jdeq.Implicit(shine="refine", tol=1e-10, maxiter=300))
+        assert _rel(got, ref) < 1e-8
+
+
+def test_fallback_per_example():
+    """shine_tol between the examples' estimate residuals: the accepted examples get the
+    estimate (as "direct"), the others the full solve (as the reference); with a tiny
+    shine_tol every example falls back, with a huge one none does."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["broyden"]
+        ref = _reference(p, "broyden")
+        direct = _loss_grad(p, solver, jdeq.Implicit(shine="direct"))
+        # each example's residual ||g - (I - J^T) u0|| / ||g||
+        z, _, state = _final_state(solver, p)
+        g = jax.grad(readout)(z)
+        u0 = _estimate(solver, state, g, True)
+        jt = jnp.einsum("nij,nj->ni", jnp.linalg.inv(_exact_inverse(p, z, transpose=True)), u0)
+        res = np.asarray(jnp.linalg.norm(g - jt, axis=1) / jnp.linalg.norm(g, axis=1))
+        cut = float(np.median(res))
+        accept = res <= cut
+        assert accept.any() and not accept.all()
+        seen = []
+        grad = _loss_grad(p, solver, jdeq.Implicit(shine="fallback", shine_tol=cut, tol=1e-12, maxiter=300,
+                                                   callback=lambda s: seen.append(np.asarray(s.nsteps))))
+        jax.effects_barrier()
+        # d loss / d x_i involves example i only
+        np.testing.assert_allclose(grad["x"][accept], direct["x"][accept], rtol=1e-10)
+        np.testing.assert_allclose(grad["x"][~accept], ref["x"][~accept], rtol=1e-7)
+        assert (seen[-1][accept] == 1).all() and (seen[-1][~accept] > 2).all()
+        for shine_tol, want in ((1e-14, ref), (1e6, direct)):
+            got = _loss_grad(p, solver, jdeq.Implicit(shine="fallback", shine_tol=shine_tol, **TIGHT_BWD))
+            assert _rel(got, want) < 1e-8, shine_tol
+
+
+def test_forward_mode_refine_and_direct():
+    """jax.jvp uses the non-transposed estimate: refine matches the exact tangent, direct is
+    the estimate applied to df/dp . dp."""
+    with jax.enable_x64(True):
+        p = make_params()
+        solver = FWD["broyden"]
+        dp = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * 0.1, p)
+        sol = lambda q, grad: jdeq.fixed_point(cell, jnp.zeros_like(q["x"]), q, solver=solver,  # noqa: E731
+                                               gradient=grad).value
+        jvp = jax.jit(lambda q, t, grad: jax.jvp(lambda r: sol(r, grad), (q,), (t,))[1], static_argnums=2)
+        ref = jvp(p, dp, jdeq.Implicit(**TIGHT_BWD))
+        assert _rel(jvp(p, dp, jdeq.Implicit(shine="refine", **TIGHT_BWD)), ref) < 1e-8
+        z, _, state = _final_state(solver, p)
+        rhs = jax.jvp(lambda q: cell(z, q), (p,), (dp,))[1]
+        want = _estimate(solver, state, rhs, False)
+        assert _rel(jvp(p, dp, jdeq.Implicit(shine="direct")), want) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["direct", "fallback"])
+def test_vmap_of_per_example_code_matches_batched(mode):
+    """Per-example solves under jax.vmap (the loop's custom batching rule) carry each example's
+    own state: same gradient as the batched call."""
+    with jax.enable_x64(True):
+        p = make_params()
+        grad = jdeq.Implicit(shine=mode, shine_tol=0.3, **TIGHT_BWD)
+        solver = FWD["broyden"]
+
+        def one(q):
+            def per(x):
+                return jdeq.fixed_point(cell, jnp.zeros(D), {"W": q["W"], "x": x}, solver=solver,
+                                        gradient=grad, batched=False).value
+            return readout(jax.vmap(per)(q["x"]))
+
+        got = jax.jit(jax.grad(one))(p)
+        want = _loss_grad(p, solver, grad)
+        assert _rel(got, want) < 1e-9
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shine": "yes"}, "`shine`"),
+        ({"shine": True}, "`shine`"),
+        ({"shine": "direct", "solver": "gmres"}, "`shine="),
+        ({"shine": "fallback", "shine_tol": 0.0}, "`shine_tol`"),
+        ({"shine": "fallback", "shine_tol": "big"}, "`shine_tol`"),
+    ],
+)
+def test_bad_options_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jdeq.Implicit(**kwargs)
+
+
+def test_shine_needs_a_solver_with_an_estimate():
+    p = make_params()
+    with pytest.raises(ValueError, match="`shine='direct'`.*FixedPointIteration"):
+        jax.grad(loss)(p, jdeq.FixedPointIteration(), jdeq.Implicit(shine="direct"))
+
+
+def test_default_path_keeps_no_state():
+    """Without shine the forward loop neither masks nor returns the solver state."""
+    p = make_params()
+    solver = jdeq.Broyden(maxiter=5)
+
+    def loop_eqns(keep):
+        jaxpr = jax.make_jaxpr(lambda x: run_loop(solver, lambda z: cell(z, {"W": p["W"], "x": x}),
+                                                  jnp.zeros_like(x), 5, keep_state=keep))(p["x"])
+        (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+        return len(loop.params["body_jaxpr"].jaxpr.eqns), len(jaxpr.jaxpr.outvars)
+
+    (body_off, out_off), (body_on, out_on) = loop_eqns(False), loop_eqns(True)
+    assert body_on > body_off and out_on > out_off
+    assert not jdeq.Implicit().uses_forward_state(jdeq.FixedPointIteration())
+    assert jdeq.Implicit(shine="refine").uses_forward_state(solver)
