@@ -218,6 +218,8 @@ def test_bad_input_names_the_argument(data):
         jdeq.nnx.FixedPointCache(0, (H,))
     with pytest.raises(TypeError, match="`shape`"):
         jdeq.nnx.FixedPointCache(4, "16")
+    with pytest.raises(ValueError, match="`index` needs `batched=True`"):
+        model.deq(x[0], index=jnp.arange(1), batched=False)
     small = _CachedDEQ(num_examples=N // 2)  # a cache of the wrong size for the data
     with pytest.raises(ValueError, match="`data\\['index'\\]` runs over \\[0, 63\\].*holds 32 examples"):
         T.fit(small, optax.adam(1e-2), data, steps=1, batch_size=8, loss_fn=_loss, progress=False)
