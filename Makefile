@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: bench test test-suite test-floors docs
+.PHONY: bench test test-suite test-floors docs mutation
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ test-suite: $(PY)
 # their own (cached under .cache/floors; the first run downloads the wheels).
 test-floors: $(PY)
 	$(PY) .ci/floors.py
+
+# Mutation testing of the covered modules (.ci/mutation.py; hours on 2 cores, not part of
+# `make test`): writes docs/mutation.md and docs/mutation.json. MODULES=... runs a subset.
+mutation: $(PY)
+	$(PIP) install -e ".[dev,mutation]"
+	$(PY) .ci/mutation.py $(MODULES)
 
 # The API reference site (mkdocs.yml) into site/.
 docs: $(PY)

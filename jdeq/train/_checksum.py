@@ -63,7 +63,14 @@ def _readable(x) -> bool:
     return not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated
 
 
+def _dtype_name(x) -> str:
+    """``"float32"``, ``"bfloat16"``, ... and ``"key<fry>"`` for typed PRNG keys."""
+    return str(x.dtype)
+
+
 def _crc32(x) -> int:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
     a = np.require(host_value(x), requirements="C")  # (ascontiguousarray makes 0-d 1-d)
     return zlib.crc32(a.reshape(-1).view(np.uint8))
 
@@ -94,7 +101,7 @@ def _device_hashes(xs: list) -> list[int]:
 
 def fingerprint(leaves) -> list[dict]:
     """Shape, dtype and checksum (``crc32`` or, for arrays split over processes, ``hash32``)."""
-    out = [{"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))} for x in leaves]
+    out = [{"shape": list(np.shape(x)), "dtype": _dtype_name(x)} for x in leaves]
     split = [i for i, x in enumerate(leaves) if not _readable(x)]
     for i, h in zip(split, _device_hashes([leaves[i] for i in split]) if split else []):
         out[i]["hash32"] = h
@@ -110,7 +117,7 @@ def mismatch(leaves, expected: list[dict]) -> int | None:
     hashed = [i for i, e in enumerate(expected) if e.get("hash32") is not None]
     hashes = dict(zip(hashed, _device_hashes([leaves[i] for i in hashed]) if hashed else []))
     for i, (x, entry) in enumerate(zip(leaves, expected)):
-        if (list(np.shape(x)), str(np.dtype(x.dtype))) != (list(entry["shape"]), str(entry["dtype"])):
+        if (list(np.shape(x)), _dtype_name(x)) != (list(entry["shape"]), str(entry["dtype"])):
             return i
         if i in hashes:
             ok = hashes[i] == int(entry["hash32"])

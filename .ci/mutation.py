@@ -1,0 +1,194 @@
+"""Mutation testing of jdeq (``make mutation``; not part of ``make test``).
+
+mutmut (3.x) plants one small change at a time (a flipped comparison, a dropped argument, a
+changed constant) in a module and runs that module's tests against it; a mutant that leaves
+every test green "survived": a behaviour nobody checks. This script runs mutmut once per
+covered module, each in its own copy of the working tree under ``.cache/mutation/`` with the
+module's own test selection (``MODULES`` below), so a module's mutants run only the tests
+meant for it; mutmut narrows further to the tests that executed the mutated function.
+
+JAX note: mutmut's default ``fork`` isolation forks every mutant from a process that has
+already run the tests, so every jitted function is compiled and cached there unmutated, and a
+mutant inside a traced function is never traced: it "survives" whatever the tests say. The
+``forkserver`` isolation with no warm-up starts each mutant from a process that has compiled
+nothing; that is what this script configures.
+
+Results go to ``docs/mutation.md`` (score per module, every surviving mutant as a diff, the
+equivalent mutants with their reasons) and ``docs/mutation.json``. A module not run this time
+keeps its last recorded results (with the commit they were measured at). Equivalent mutants
+(no observable behaviour changes) are listed with the reason in ``.ci/mutation_equivalent.toml``
+and are left out of the score: ``killed / (mutants - equivalent)``.
+
+Usage::
+
+    python .ci/mutation.py                       # every module in MODULES
+    python .ci/mutation.py jdeq/train/_checksum.py --max-children 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "mutation"
+DOC_MD = ROOT / "docs" / "mutation.md"
+DOC_JSON = ROOT / "docs" / "mutation.json"
+EQUIVALENT = ROOT / ".ci" / "mutation_equivalent.toml"
+
+# module -> the tests that hold its promises (pytest node ids or files; "-k" expressions allowed
+# as a trailing ["-k", "expr"]). Keep each selection fast: every mutant runs (part of) it.
+MODULES: dict[str, list[str]] = {
+    "jdeq/train/_checksum.py": [
+        "tests/test_train.py::test_split_array_checksum_depends_on_values_and_positions",
+        "tests/test_promises.py", "-k", "checksum",
+    ],
+    "jdeq/_cells.py": [
+        "tests/test_protocols.py", "tests/test_divergence.py", "-k", "nan or nonfinite",
+    ],
+}
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def tracked_files() -> list[str]:
+    """The files of the working tree that git would commit (tracked or new, not ignored)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         check=True, capture_output=True).stdout
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
+def prepare(module: str, tests: list[str]) -> Path:
+    """A fresh copy of the working tree for ``module``, with its [tool.mutmut] section."""
+    work = WORK / re.sub(r"[^A-Za-z0-9]+", "_", module).strip("_")
+    if work.exists():
+        shutil.rmtree(work)
+    for f in tracked_files():
+        dst = work / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst)
+    pyproject = (work / "pyproject.toml").read_text()
+    pyproject = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject)
+    section = {
+        "source_paths": ["jdeq/"],
+        "only_mutate": [module],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+        "process_isolation": "forkserver",
+        "forkserver_warmup": "none",
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    (work / "pyproject.toml").write_text(pyproject.rstrip() + "\n" + "\n".join(lines) + "\n")
+    return work
+
+
+def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def run_module(module: str, tests: list[str], max_children: int, timeout: float) -> dict:
+    work = prepare(module, tests)
+    start = time.perf_counter()
+    try:
+        mutmut(work, "run", "--max-children", str(max_children), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{module}: stopped after {timeout:.0f} s; unchecked mutants are reported as such", flush=True)
+    elapsed = time.perf_counter() - start
+    status = {}
+    for line in mutmut(work, "results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            status[m.group(1)] = m.group(2).strip()
+    diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
+    return {"module": module, "tests": tests, "seconds": round(elapsed), "status": status, "survivors": diffs,
+            "commit": _commit()}
+
+
+def _diff(text: str) -> str:
+    return "\n".join(ln for ln in text.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++")))
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def score(result: dict, equivalent: dict[str, str]) -> dict:
+    st = result["status"]
+    eq = [n for n, s in st.items() if s == "survived" and n in equivalent]
+    killed = sum(s in KILLED for s in st.values())
+    survived = [n for n, s in st.items() if s == "survived" and n not in equivalent]
+    other = {s for s in st.values() if s not in KILLED and s != "survived"}
+    unchecked = sum(s not in KILLED and s != "survived" for s in st.values())
+    denominator = len(st) - len(eq)
+    return {"mutants": len(st), "killed": killed, "survived": len(survived), "equivalent": len(eq),
+            "unchecked": unchecked, "unchecked_kinds": sorted(other),
+            "score": killed / denominator if denominator else 1.0}
+
+
+def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
+    DOC_JSON.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    lines = [
+        "# Mutation score",
+        "",
+        "Written by `make mutation` (`.ci/mutation.py`, mutmut 3): each module's mutants run against its",
+        "own test selection. Score = killed / (mutants - equivalent); *unchecked* counts mutants that",
+        "did not run to a verdict (no test reached them, or the run was stopped); they count as not",
+        "killed. Equivalent mutants and their reasons: `.ci/mutation_equivalent.toml`.",
+        "",
+        "| module | mutants | killed | survived | equivalent | unchecked | score | commit | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for module, r in sorted(results.items()):
+        s = score(r, equivalent)
+        lines.append(f"| `{module}` | {s['mutants']} | {s['killed']} | {s['survived']} | {s['equivalent']} | "
+                     f"{s['unchecked']} | {s['score']:.0%} | {r['commit']} | {r['seconds'] / 60:.0f} |")
+    for module, r in sorted(results.items()):
+        survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
+        eq = {n: equivalent[n] for n in r["status"] if n in equivalent}
+        lines += ["", f"## `{module}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
+        if survivors:
+            lines += ["Surviving mutants:", ""]
+            for name, diff in sorted(survivors.items()):
+                lines += [f"- `{name}`", "", "  ```diff", *("  " + ln for ln in diff.splitlines()), "  ```"]
+        else:
+            lines.append("No surviving mutant outside the equivalent ones.")
+        if eq:
+            lines += ["", "Equivalent mutants:", ""] + [f"- `{n}`: {why}" for n, why in sorted(eq.items())]
+    DOC_MD.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help="modules to run (default: every module in MODULES)")
+    p.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per module before it is stopped")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        p.error(f"not in MODULES: {unknown}; known: {sorted(MODULES)}")
+    equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+    results = json.loads(DOC_JSON.read_text()) if DOC_JSON.exists() else {}
+    for module in args.modules or list(MODULES):
+        print(f"mutation: {module} ...", flush=True)
+        results[module] = run_module(module, MODULES[module], args.max_children, args.timeout)
+        write_docs(results, equivalent)  # after every module: a stopped run keeps what it measured
+        s = score(results[module], equivalent)
+        print(f"  {s['killed']}/{s['mutants'] - s['equivalent']} killed ({s['score']:.0%}), "
+              f"{s['survived']} survived, {s['unchecked']} unchecked", flush=True)
+    print(f"wrote {DOC_MD.relative_to(ROOT)} and {DOC_JSON.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
