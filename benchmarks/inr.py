@@ -17,9 +17,10 @@ Training: Adam on minibatches of pixels (``jdeq.train.batch_indices``: each epoc
 pixel once), MSE loss, the jitted ``jdeq.train.make_train_step`` (which returns the updated
 cache). Every ``--eval-every`` steps: PSNR of the whole image (DEQs solved from a cold start
 to the same tolerance, so the two DEQ variants are judged alike), the wall time of the training
-steps so far (compilation and evaluation excluded; the variants of one seed run one after the
-other in the same process), and the mean forward NFE (cell evaluations per pixel) of the
-training steps since the last evaluation. Training memory: XLA's ``memory_analysis`` of the
+steps so far (each step blocked until done; compilation and evaluation excluded; the models of one seed
+train in the same process with their steps interleaved, so a busy machine slows them alike), and the mean forward NFE (cell evaluations per pixel) of the
+training steps since the last evaluation. The step donates its state (the cache is updated in
+place). Training memory: XLA's ``memory_analysis`` of the
 compiled step (temporaries + arguments). Seeds change the initialization and the batch order.
 
 Run: ``python -m benchmarks.inr`` (``--size``, ``--steps``, ``--seeds``, ``--quick``).
@@ -82,51 +83,69 @@ def mse_loss(model, batch, *, warm: bool):
     return loss, {"loss": loss, **jdeq.train.solver_metrics(stats)}
 
 
-def run(name: str, args, data: dict, seed: int) -> dict:
-    """Trains one model; returns its curves, memory and timings."""
-    n = data["index"].shape[0]
-    model = build(name, args, n, seed)
-    opt = optax.adam(args.lr)
-    state = jdeq.train.TrainState.create(model, opt)
+class _Run:
+    """One model's training state, compiled step, evaluation and records."""
 
-    step_fn = jdeq.train.make_train_step(functools.partial(mse_loss, warm=name == "deq_warm"), opt)
+    def __init__(self, name: str, args, data: dict, device_data: dict, seed: int):
+        self.name, self.args, self.data, self.data_on_device = name, args, data, device_data
+        model = build(name, args, data["index"].shape[0], seed)
+        opt = optax.adam(args.lr)
+        self.state = jdeq.train.TrainState.create(model, opt)
+        step_fn = jdeq.train.make_train_step(functools.partial(mse_loss, warm=name == "deq_warm"), opt)
+        first = {k: v[: args.batch_size] for k, v in device_data.items()}
+        # the state is donated: the cache (and parameters) are updated in place, not copied each step
+        self.step, memory, _ = compile_with_memory(step_fn, self.state, first, donate_argnums=0)
+        eval_kw = {"maxiter": args.eval_maxiter} if name.startswith("deq") else {}
+
+        def predict(state, coords):
+            rgb, stats = state.model()(coords, **eval_kw)
+            return rgb, (stats.nsteps.mean() if stats is not None else jnp.float32(0))
+
+        self.predict = jax.jit(predict)
+        self.curve, self.nfe, self.elapsed = [], [], 0.0
+        self.record = {"name": name, "seed": seed, "params": jdeq.train.count_params(model),
+                       "memory_bytes": (memory["temp"] or 0) + (memory["argument"] or 0), "memory": memory}
+
+    def train_step(self, batch) -> None:
+        t0 = time.perf_counter()
+        self.state, metrics = self.step(self.state, batch)
+        jax.block_until_ready(self.state)
+        self.elapsed += time.perf_counter() - t0
+        self.metrics = metrics
+        self.nfe.append(metrics.get("nsteps", jnp.float32(0)))
+
+    def evaluate(self, step: int) -> None:
+        rgb, eval_nfe = self.predict(self.state, self.data_on_device["coords"])
+        self.curve.append({"step": step, "time": self.elapsed, "psnr": image.psnr(np.asarray(rgb), self.data["pixels"]),
+                           "train_nfe": float(np.mean([float(x) for x in self.nfe])),
+                           "eval_nfe": float(eval_nfe), "loss": float(self.metrics["loss"])})
+        self.nfe = []
+
+    def result(self) -> dict:
+        r, curve = self.record, self.curve
+        r.update(curve=curve, final_psnr=curve[-1]["psnr"], time=self.elapsed,
+                 ms_per_step=1e3 * self.elapsed / self.args.steps)
+        if self.name.startswith("deq"):
+            r["mean_train_nfe"] = float(np.mean([c["train_nfe"] for c in curve]))
+            r["late_train_nfe"] = float(np.mean([c["train_nfe"] for c in curve[len(curve) // 2 :]]))
+        return r
+
+
+def run_seed(names, args, data: dict, seed: int) -> list[dict]:
+    """Trains every model of ``names`` at ``seed``, their steps interleaved (step ``k`` of each
+    model, in an order rotated every step), so a busy machine slows them alike."""
     device_data = {k: jnp.asarray(v) for k, v in data.items()}
-    first = {k: v[: args.batch_size] for k, v in device_data.items()}
-    compiled, memory, _ = compile_with_memory(step_fn, state, first)
-    eval_kw = {"maxiter": args.eval_maxiter} if name.startswith("deq") else {}
-
-    @jax.jit
-    def predict(state, coords):
-        rgb, stats = state.model()(coords, **eval_kw)
-        return rgb, (stats.nsteps.mean() if stats is not None else jnp.float32(0))
-
-    curve, nfe_acc, elapsed = [], [], 0.0
-    record = {"name": name, "seed": seed, "params": jdeq.train.count_params(model),
-              "memory_bytes": (memory["temp"] or 0) + (memory["argument"] or 0), "memory": memory}
+    runs = [_Run(name, args, data, device_data, seed) for name in names]
+    n = data["index"].shape[0]
     for step in range(args.steps):
         idx = jdeq.train.batch_indices(n, args.batch_size, step, seed=seed)
         batch = {k: v[idx] for k, v in device_data.items()}
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        for k in range(len(runs)):
+            runs[(step + k) % len(runs)].train_step(batch)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            jax.block_until_ready(state)
-        elapsed += time.perf_counter() - t0
-        nfe_acc.append(metrics.get("nsteps", jnp.float32(0)))
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            rgb, eval_nfe = predict(state, device_data["coords"])
-            curve.append({"step": step + 1, "time": elapsed, "psnr": image.psnr(np.asarray(rgb), data["pixels"]),
-                          "train_nfe": float(np.mean([float(x) for x in nfe_acc])),
-                          "eval_nfe": float(eval_nfe), "loss": float(metrics["loss"])})
-            nfe_acc = []
-    record["curve"] = curve
-    record["final_psnr"] = curve[-1]["psnr"]
-    record["time"] = elapsed
-    record["ms_per_step"] = 1e3 * elapsed / args.steps
-    if name.startswith("deq"):
-        record["mean_train_nfe"] = float(np.mean([c["train_nfe"] for c in curve]))
-        late = curve[len(curve) // 2 :]
-        record["late_train_nfe"] = float(np.mean([c["train_nfe"] for c in late]))
-    return record
+            for r in runs:
+                r.evaluate(step + 1)
+    return [r.result() for r in runs]
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -214,9 +233,8 @@ def main(argv=None) -> dict:
     data = image.load(args.size)
     records = []
     for seed in range(args.seeds):
-        for name in models:
-            r = run(name, args, data, seed)
-            flush_print(f"seed {seed} {name:9s} params {r['params']:6d}  PSNR {r['final_psnr']:6.2f} dB  "
+        for r in run_seed(models, args, data, seed):
+            flush_print(f"seed {seed} {r['name']:9s} params {r['params']:6d}  PSNR {r['final_psnr']:6.2f} dB  "
                         f"{r['ms_per_step']:.2f} ms/step" + (f"  train NFE {r['mean_train_nfe']:.1f}"
                                                             if "mean_train_nfe" in r else ""))
             records.append(r)
