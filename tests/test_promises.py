@@ -219,3 +219,38 @@ def test_checksums_catch_a_change_of_shape_or_dtype_with_equal_bytes():
     assert _checksum.mismatch([jax.lax.bitcast_convert_type(x, jnp.float32)], prints) == 0
     assert _checksum.mismatch([x, x], prints + prints) is None
     assert _checksum.mismatch([x, x + 1], prints + prints) == 1  # the index of the first mismatch
+
+
+# ---- fit's skip rule: "a step whose loss, gradients, updated parameters or updated optimizer
+# state hold a NaN/inf is skipped" (each part alone; tests/test_train.py covers the rest) --------
+
+
+@jax.custom_vjp
+def _nan_gradient(x):
+    return x
+
+
+_nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
+
+
+@pytest.mark.parametrize("bad", ["loss_only", "gradients_only"])
+def test_step_skips_when_only_the_loss_or_only_the_gradients_are_nonfinite(bad):
+    import optax
+
+    from jdeq import train as T
+
+    def loss_fn(model, batch):
+        pred = model(batch["x"])
+        if bad == "gradients_only":
+            pred = _nan_gradient(pred)
+        loss = jnp.mean((pred - batch["y"]) ** 2)
+        if bad == "loss_only":
+            loss = loss + jax.lax.stop_gradient(jnp.inf)  # the gradients stay finite
+        return loss, {"loss": loss}
+
+    opt = optax.sgd(0.1)
+    state = T.TrainState.create(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), opt)
+    new, metrics = jax.jit(T.make_train_step(loss_fn, opt))(state, {"x": jnp.ones((4, 2)), "y": jnp.zeros((4, 1))})
+    assert float(metrics["skipped"]) == 1.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
