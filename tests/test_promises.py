@@ -254,3 +254,13 @@ def test_step_skips_when_only_the_loss_or_only_the_gradients_are_nonfinite(bad):
     assert float(metrics["skipped"]) == 1.0
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_crc32_depends_on_values_not_on_memory_layout():
+    from jdeq.train import _checksum
+
+    c = np.arange(12, dtype=np.float32).reshape(3, 4)
+    f = np.asfortranarray(c)
+    t = np.ascontiguousarray(c.T).T  # a transposed view: neither C- nor F-ordered copy of c
+    assert _checksum.fingerprint([c]) == _checksum.fingerprint([f]) == _checksum.fingerprint([t])
+    assert _checksum.fingerprint([np.float32(3.0)])[0]["crc32"] == _checksum.fingerprint([np.array([3.0], np.float32)])[0]["crc32"]

@@ -71,8 +71,8 @@ def _dtype_name(x) -> str:
 def _crc32(x) -> int:
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
-    a = np.require(host_value(x), requirements="C")  # (ascontiguousarray makes 0-d 1-d)
-    return zlib.crc32(a.reshape(-1).view(np.uint8))
+    flat = np.reshape(host_value(x), -1)  # C order: a copy for any other memory layout
+    return zlib.crc32(flat.view(np.uint8))
 
 
 def _hash_all(xs: tuple) -> jax.Array:
