@@ -98,6 +98,7 @@ def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
 
 
 def run_module(module: str, tests: list[str], max_children: int, timeout: float) -> dict:
+    commit = _commit()  # the code the copy was made from
     work = prepare(module, tests)
     start = time.perf_counter()
     try:
@@ -112,7 +113,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float)
             status[m.group(1)] = m.group(2).strip()
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
     return {"module": module, "tests": tests, "seconds": round(elapsed), "status": status, "survivors": diffs,
-            "commit": _commit()}
+            "commit": commit}
 
 
 def _diff(text: str) -> str:
