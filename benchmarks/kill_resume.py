@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import flush_print, format_table, header, machine, out_dir_arg, plot_lines, write_json
+from jdeq import argtypes as T
 
 __all__ = ["compare", "main", "run_worker", "trial"]
 
@@ -107,17 +108,14 @@ def trial(workdir, reference, *, window: float, kills: int, steps: int, every: i
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--kills", type=int, default=3, help="kills per trial (default 3)")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--every", type=int, default=1, help="checkpoint period in steps (default 1)")
+    p.add_argument("--trials", type=T.positive_int, default=20)
+    p.add_argument("--kills", type=T.positive_int, default=3, help="kills per trial (default 3)")
+    p.add_argument("--steps", type=T.positive_int, default=16)
+    p.add_argument("--every", type=T.positive_int, default=1, help="checkpoint period in steps (default 1)")
     p.add_argument("--model", default="deq", choices=["deq", "mlp"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
+    p.add_argument("--seed", type=T.nonneg_int, default=0, help="seed of the kill delays")
     out_dir_arg(p)
     a = p.parse_args(argv)
-    for name in ("trials", "kills", "steps", "every"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {getattr(a, name)}.")
 
     info = machine()
     flush_print(header(info, "kill/resume: SIGKILL at random moments, restart, compare bitwise"))

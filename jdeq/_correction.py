@@ -21,16 +21,16 @@ Semantics in jdeq (one solve, no extra evaluations of ``f`` in the forward pass)
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._fixed_point import _check_f, raise_on_failure
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient, Phantom
-from jdeq._solvers import Anderson, Solver, check_maxiter
+from jdeq._solvers import Anderson, Solver
 from jdeq._stats import Solution
 
 __all__ = ["correction_loss", "correction_weights", "fixed_point_states"]
@@ -38,22 +38,33 @@ __all__ = ["correction_loss", "correction_weights", "fixed_point_states"]
 _WEIGHTS = ("exp", "linear", "const")
 
 
+def _int_list(values) -> list[int] | None:
+    """``[int(v) for v in values]`` when every entry is an int (or an integer scalar array);
+    None otherwise (bools and floats are not budgets)."""
+    try:
+        out = []
+        for v in values:
+            if not (V.is_int(v) or (jnp.shape(v) == () and jnp.issubdtype(jnp.result_type(v), jnp.integer))):
+                return None
+            out.append(int(v))
+        return out
+    except TypeError:  # not iterable
+        return None
+
+
 def _budgets(states, maxiter):
     """``(k,)`` int32 budgets: evenly spaced up to ``maxiter`` (int ``states``) or given."""
-    if isinstance(states, numbers.Integral) and not isinstance(states, bool):
-        if states < 1:
-            raise ValueError(f"`states` must be an int >= 1 or a sequence of budgets, got {states}.")
+    if V.is_int(states):
+        states = V.positive_int(states, "states")
         j = jnp.arange(1, states + 1, dtype=jnp.int32)
         m = jnp.asarray(maxiter, jnp.int32)
         return (j * m + states - 1) // states  # ceil(j * maxiter / k)
-    try:
-        if isinstance(states, (str, bytes)):
-            raise TypeError
-        budgets = [int(b) for b in states]
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`states` must be an int or a sequence of ints (evaluation budgets), got {states!r}."
-        ) from None
+    budgets = None if isinstance(states, (str, bytes)) else _int_list(states)
+    if budgets is None:
+        raise V.BadType(
+            f"`states` must be an int or a sequence of ints (evaluation budgets), got {states!r}.",
+            name="states", expected="an int or a sequence of ints", value=states,
+        )
     if not budgets or budgets[0] < 1 or any(b >= c for b, c in zip(budgets, budgets[1:])):
         raise ValueError(
             f"`states` as budgets must be a non-empty, strictly increasing sequence of ints >= 1, "
@@ -104,11 +115,8 @@ def fixed_point_states(
     Reference: Geng, Zhang, Bai, Wang & Lin, "On Training Implicit Models", NeurIPS 2021;
     Bai, Koltun & Kolter, "Deep Equilibrium Optical Flow Estimation", CVPR 2022.
     """
-    if not isinstance(solver, Solver):
-        raise TypeError(
-            "`solver` must be a jdeq.Solver run in jdeq's own loop (FixedPointIteration, "
-            f"Anderson, Broyden or a subclass) for fixed_point_states, got {solver!r}."
-        )
+    V.instance(solver, "solver", Solver, "a jdeq.Solver run in jdeq's own loop (FixedPointIteration, "
+               "Anderson, Broyden or a subclass) for fixed_point_states")
     if not isinstance(gradient, Gradient) or not gradient.uses_attach:
         raise TypeError(
             "`gradient` must be a jdeq.Gradient defined at the fixed point (jdeq.Phantom, "
@@ -118,7 +126,7 @@ def fixed_point_states(
     layout = batch_layout(z0)
     _check_f(f, z0, args)
     if maxiter is not None:
-        check_maxiter(maxiter)
+        V.budget(maxiter)
     effective = solver.maxiter if maxiter is None else maxiter
     budgets = _budgets(states, effective)
     args_ng = jax.lax.stop_gradient(args)
@@ -160,12 +168,9 @@ def correction_weights(num_states: int, kind: str = "exp", *, gamma: float = 0.8
       >>> jdeq.correction_weights(3, "exp", gamma=0.5).tolist()
       [0.25, 0.5, 1.0]
     """
-    if not isinstance(num_states, numbers.Integral) or isinstance(num_states, bool) or num_states < 1:
-        raise ValueError(f"`num_states` must be an int >= 1, got {num_states!r}.")
-    if kind not in _WEIGHTS:
-        raise ValueError(f"`kind` must be one of {_WEIGHTS}, got {kind!r}.")
-    if not isinstance(gamma, numbers.Real) or not 0 < gamma <= 1:
-        raise ValueError(f"`gamma` must be in (0, 1], got {gamma!r}.")
+    V.positive_int(num_states, "num_states")
+    V.one_of(kind, "kind", _WEIGHTS)
+    V.number(gamma, "gamma", 0, 1, lo_open=True)
     j = jnp.arange(1, num_states + 1, dtype=jnp.float32)
     if kind == "exp":
         return jnp.asarray(gamma, jnp.float32) ** (num_states - j)
@@ -203,8 +208,7 @@ def correction_loss(
       >>> float(total), losses.tolist()
       (0.5, [1.0, 0.0])
     """
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable, got {loss_fn!r}.")
+    V.callable_(loss_fn, "loss_fn", usage="loss_fn(state, *loss_args)")
     states = tuple(states)
     if not states:
         raise ValueError("`states` must hold at least one state.")

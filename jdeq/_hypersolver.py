@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._loop import REL_EPS
-from jdeq._regularizers import _check_key
 from jdeq._solvers import Solver, anderson_mix, anderson_record, anderson_weights, leaf_field, zeros_history, zeros_rows
 
 __all__ = ["HyperAnderson", "hyper_loss", "init_mixer", "mixer_features"]
@@ -92,11 +91,9 @@ def init_mixer(key, memory: int = 5, hidden: int = 32, dtype=jnp.float32) -> dic
       >>> params["w1"].shape
       (40, 32)
     """
-    _check_key(key)
-    if not isinstance(memory, numbers.Integral) or memory < 1:
-        raise ValueError(f"`memory` must be an int >= 1, got {memory!r}.")
-    if not isinstance(hidden, numbers.Integral) or hidden < 1:
-        raise ValueError(f"`hidden` must be an int >= 1, got {hidden!r}.")
+    V.key(key)
+    V.positive_int(memory, "memory")
+    V.positive_int(hidden, "hidden")
     n_in = memory * memory + 3 * memory
     w1 = jax.random.normal(key, (n_in, hidden), dtype) / math.sqrt(n_in)
     return {
@@ -158,13 +155,9 @@ class HyperAnderson(Solver):
     __hash__ = object.__hash__
 
     def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.ridge, numbers.Real) or self.ridge < 0:
-            raise ValueError(f"`ridge` must be a number >= 0, got {self.ridge!r}.")
-        if self.learned_steps is not None and (
-            not isinstance(self.learned_steps, numbers.Integral) or self.learned_steps < 0
-        ):
-            raise ValueError(f"`learned_steps` must be None or an int >= 0, got {self.learned_steps!r}.")
+        super().__post_init__()  # tol, maxiter, stop_mode, memory, ridge, damping
+        V.nonnegative_int(self.learned_steps, "learned_steps", none=True)
+        V.boolean(self.safeguard, "safeguard")
         if self.params is not None:
             w1 = self.params.get("w1") if isinstance(self.params, dict) else None
             n_in = self.memory * self.memory + 3 * self.memory
@@ -242,10 +235,8 @@ def hyper_loss(f, z0, args, solver: HyperAnderson, *, steps: int) -> jax.Array:
       ...                                  jdeq.HyperAnderson(params=p), steps=8)
       >>> g = jax.grad(loss)(jdeq.init_mixer(jax.random.key(0)))
     """
-    if not isinstance(solver, HyperAnderson):
-        raise TypeError(f"`solver` must be a jdeq.HyperAnderson, got {solver!r}.")
-    if not isinstance(steps, numbers.Integral) or steps < 2:
-        raise ValueError(f"`steps` must be an int >= 2, got {steps!r}.")
+    V.instance(solver, "solver", HyperAnderson, "a jdeq.HyperAnderson")
+    V.integer(steps, "steps", 2)
     if jnp.ndim(z0) != 2:
         raise ValueError(f"`z0` must be a (batch, dim) array, got shape {jnp.shape(z0)}.")
     args = jax.lax.stop_gradient(args)

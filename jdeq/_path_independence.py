@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._fixed_point import fixed_point
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Implicit
@@ -45,13 +46,13 @@ def initial_states(kind: str, like, key=None, *, scale: float = 1.0):
       >>> bool((z0[2:] == 0).all()) and bool((z0[:2] != 0).all())
       True
     """
-    if kind not in _KINDS:
-        raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}.")
+    V.one_of(kind, "kind", _KINDS)
     leaves, treedef = jax.tree_util.tree_flatten(like)
     if kind == "zeros":
         return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(x.shape, x.dtype) for x in leaves])
     if key is None:
         raise ValueError(f"`key` is needed for kind={kind!r} (a jax.random key).")
+    V.key(key)
     keys = jax.random.split(key, len(leaves))
     out = []
     for k, x in zip(keys, leaves):

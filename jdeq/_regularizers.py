@@ -14,12 +14,12 @@ batch is block diagonal and one batched JVP gives every example's ``J_b v_b`` at
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 
 __all__ = ["jacobian_frobenius", "jacobian_penalty", "spectral_radius"]
@@ -27,24 +27,9 @@ __all__ = ["jacobian_frobenius", "jacobian_penalty", "spectral_radius"]
 _NOISE = ("normal", "rademacher")
 
 
-def _check_key(key) -> None:
-    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
-        key.dtype == jnp.uint32 and key.shape == (2,)
-    ))):
-        raise TypeError(
-            f"`key` must be a JAX PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got {key!r}."
-        )
-
-
-def _check_positive_int(value, name: str) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-
-
 def _prepare(f, z, args):
     """``(layout, F)`` with ``F`` the map on the flat ``(batch, dim)`` matrix."""
-    if not callable(f):
-        raise TypeError(f"`f` must be callable as f(z, args), got {f!r}.")
+    V.callable_(f, "f", usage="f(z, args)")
     layout = batch_layout(z, name="z")
     return layout, layout.wrap(f, args)
 
@@ -97,10 +82,9 @@ def jacobian_frobenius(
     Regularization", ICML 2021; Hutchinson, "A stochastic estimator of the trace of the influence
     matrix", 1990.
     """
-    _check_key(key)
-    _check_positive_int(num_samples, "num_samples")
-    if noise not in _NOISE:
-        raise ValueError(f"`noise` must be one of {_NOISE}, got {noise!r}.")
+    V.key(key)
+    V.positive_int(num_samples, "num_samples")
+    V.one_of(noise, "noise", _NOISE)
     layout, F = _prepare(f, z, args)
     zm = layout.flatten(z)
     shape = (num_samples,) + zm.shape
@@ -134,7 +118,9 @@ def jacobian_penalty(
       f, z, args, num_samples, noise: as in :func:`jacobian_frobenius`.
       key: PRNG key; split internally between the coin flip and the probes.
       gamma: weight of the term (``>= 0``).
-      prob: probability in (0, 1] that this call computes the term.
+      prob: probability in (0, 1] that this call computes the term (0 is rejected: to switch
+        the term off, pass ``gamma=0`` or do not call it; ``jdeq.train.JacReg`` has the same
+        rule).
 
     Returns:
       A scalar (float of ``z``'s dtype), to be added to the task loss.
@@ -151,13 +137,10 @@ def jacobian_penalty(
 
     Reference: Bai, Koltun & Kolter, ICML 2021 (they apply the term with a probability per step).
     """
-    if not isinstance(gamma, (numbers.Real, jax.Array)) or (
-        isinstance(gamma, numbers.Real) and not gamma >= 0  # NaN too
-    ):
-        raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
-    if not isinstance(prob, numbers.Real) or not 0 < prob <= 1:
-        raise ValueError(f"`prob` must be in (0, 1], got {prob!r}.")
-    _check_key(key)
+    if not isinstance(gamma, jax.Array):  # an array (a schedule's value) may be traced
+        V.nonnegative_number(gamma, "gamma")
+    V.probability(prob, "prob")
+    V.key(key)
     coin, probes = jax.random.split(key)
 
     def term(_):
@@ -210,9 +193,8 @@ def spectral_radius(
 
     Reference: the power method (von Mises, 1929); used to monitor DEQs in Bai et al. 2021.
     """
-    _check_key(key)
-    if not isinstance(iters, numbers.Integral) or isinstance(iters, bool) or iters < 2:
-        raise ValueError(f"`iters` must be an int >= 2, got {iters!r}.")
+    V.key(key)
+    V.integer(iters, "iters", 2)
     layout, F = _prepare(f, jax.lax.stop_gradient(z), jax.lax.stop_gradient(args))
     zm = jax.lax.stop_gradient(layout.flatten(z))
     _, jvp = jax.linearize(F, zm)

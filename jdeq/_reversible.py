@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient
 from jdeq._loop import residuals
@@ -150,13 +150,6 @@ def _forward(beta, tol, pick, F, z0, maxiter, *, unrolled=False, trace_len=None)
     return value, stats, (carry.y, carry.z, carry.steps, carry.best_n)
 
 
-def _check_beta(beta) -> None:
-    if not isinstance(beta, numbers.Real) or isinstance(beta, bool) or not 0 < beta < 1:
-        raise ValueError(
-            f"`beta` must be a number in (0, 1) (the step divides by 1 - beta to invert), got {beta!r}."
-        )
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReversibleIteration(Solver):
     """The algebraically reversible fixed-point iteration of McCallum et al. (2025), per example.
@@ -198,7 +191,7 @@ class ReversibleIteration(Solver):
     beta: float = 0.8
 
     def __post_init__(self):
-        _check_beta(self.beta)
+        V.fraction(self.beta, "beta")  # in (0, 1): the inverse step divides by 1 - beta
         super().__post_init__()
 
     def init(self, z):  # pragma: no cover - the solver has its own loop
@@ -233,7 +226,7 @@ class ReversibleIteration(Solver):
         maxiter = self.maxiter if maxiter is None else maxiter
         trace_len = None
         if self.trace:
-            if not isinstance(maxiter, numbers.Integral):
+            if not V.is_int(maxiter):
                 raise ValueError("`trace=True` needs a static `maxiter`; pass a Python int.")
             trace_len = int(maxiter)
         pick = 0 if self.stop_mode == "abs" else 1

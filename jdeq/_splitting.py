@@ -37,12 +37,12 @@ TAC 2017 (the contraction factors).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._fixed_point import fixed_point
 from jdeq._gradients import Implicit
 from jdeq._solvers import FixedPointIteration, Solver
@@ -99,25 +99,13 @@ class MonotoneProblem:
     prox: Callable[[Any, Any], Any] = relu_prox
 
     def __post_init__(self):
-        if not callable(self.linear):
-            raise TypeError(f"`linear` must be callable as linear(z, args), got {self.linear!r}.")
-        m = self.monotonicity
-        if not isinstance(m, numbers.Real) or isinstance(m, bool) or not m > 0:
-            raise ValueError(f"`monotonicity` must be a number > 0, got {m!r}.")
-        if self.lipschitz is not None and not callable(self.lipschitz):
-            raise TypeError(f"`lipschitz` must be None or callable, got {self.lipschitz!r}.")
+        V.callable_(self.linear, "linear", usage="linear(z, args)")
+        V.positive_number(self.monotonicity, "monotonicity")
+        V.callable_(self.lipschitz, "lipschitz", usage="lipschitz(args)", none=True)
         r = self.resolvent
         if r is not None and not (isinstance(r, tuple) and len(r) == 2 and all(map(callable, r))):
             raise TypeError(f"`resolvent` must be None or a pair (setup, apply) of callables, got {r!r}.")
-        if not callable(self.prox):
-            raise TypeError(f"`prox` must be callable as prox(v, alpha), got {self.prox!r}.")
-
-
-def _check_alpha(alpha) -> None:
-    if alpha is not None and (
-        not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not alpha > 0
-    ):
-        raise ValueError(f"`alpha` must be None or a number > 0, got {alpha!r}.")
+        V.callable_(self.prox, "prox", usage="prox(v, alpha)")
 
 
 def _need_lipschitz(problem: MonotoneProblem, name: str):
@@ -148,7 +136,7 @@ class ForwardBackward:
     alpha: float | None = None
 
     def __post_init__(self):
-        _check_alpha(self.alpha)
+        V.positive_number(self.alpha, "alpha", none=True)
 
     def step(self, problem: MonotoneProblem, args):
         """The step ``a`` (a Python float or a stop-gradient scalar)."""
@@ -184,7 +172,7 @@ class PeacemanRachford:
     alpha: float | None = None
 
     def __post_init__(self):
-        _check_alpha(self.alpha)
+        V.positive_number(self.alpha, "alpha", none=True)
 
     def step(self, problem: MonotoneProblem, args):
         """The step ``a`` (a Python float or a stop-gradient scalar)."""
@@ -275,17 +263,9 @@ def monotone_fixed_point(
 
     Reference: Winston & Kolter, "Monotone operator equilibrium networks", NeurIPS 2020.
     """
-    if not isinstance(problem, MonotoneProblem):
-        raise TypeError(f"`problem` must be a jdeq.MonotoneProblem, got {type(problem).__name__}.")
-    if not isinstance(splitting, _SPLITTINGS):
-        raise TypeError(
-            f"`splitting` must be jdeq.ForwardBackward or jdeq.PeacemanRachford, got {splitting!r}."
-        )
-    if not isinstance(solver, Solver):
-        raise TypeError(
-            "`solver` must be a jdeq solver (FixedPointIteration, Anderson or Broyden) to iterate "
-            f"the splitting operator, got {solver!r}."
-        )
+    V.instance(problem, "problem", MonotoneProblem, "a jdeq.MonotoneProblem")
+    V.instance(splitting, "splitting", _SPLITTINGS, "jdeq.ForwardBackward or jdeq.PeacemanRachford")
+    V.instance(solver, "solver", Solver, "a jdeq solver (FixedPointIteration, Anderson or Broyden) to iterate the splitting operator")
     if jax.tree_util.tree_structure(bias) != jax.tree_util.tree_structure(z0):
         raise ValueError("`bias` must have the pytree structure of `z0`.")
     for b, z in zip(jax.tree_util.tree_leaves(bias), jax.tree_util.tree_leaves(z0)):

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 
 from jdeq._cells import guard_nonfinite_inputs, initial_state, mask_bad_examples
-from jdeq._fixed_point import check_depth, check_options, fixed_point, unroll
+from jdeq import _validate as V
+from jdeq._fixed_point import check_options, fixed_point, unroll
 from jdeq._gradients import Implicit
 from jdeq._regularizers import jacobian_penalty
 from jdeq._solvers import Anderson
@@ -22,8 +23,7 @@ __all__ = ["DEQ", "Unrolled"]
 
 def _pure(module: nn.Module, x, z0):
     """``(z0, f, variables)`` for the bound submodule ``module`` (a ``cell(z, x)``)."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"`cell` must be a flax.linen.Module called as cell(z, x), got {module!r}.")
+    V.instance(module, "cell", nn.Module, "a flax.linen.Module called as cell(z, x)")
     z0 = initial_state(module, x, z0)
     if module.is_initializing():
         module(z0, x)  # create the cell's variables in its own scope
@@ -150,7 +150,7 @@ class Unrolled(nn.Module):
     def __call__(self, x, z0=None, *, depth=None, remat=None):
         depth = self.depth if depth is None else depth
         remat = self.remat if remat is None else remat
-        check_depth(depth)
+        V.positive_int(depth, "depth")
         z0, f, variables = _pure(self.cell, x, z0)
         sol = unroll(f, z0, (variables, x), depth=depth, remat=remat)
         return sol.value, sol.stats

@@ -183,8 +183,8 @@ def test_jac_reg_is_logged_and_changes_the_update(vec_data):
 
 
 def test_inactive_jac_reg_is_exactly_no_regularization(vec_data):
-    assert not T.JacReg(gamma=0.0).active  # gamma=0 takes the same path as prob=0
-    jac_reg = T.JacReg(gamma=1.0, prob=0.0)
+    jac_reg = T.JacReg(gamma=0.0)  # the off switch (prob=0 is rejected, as by jdeq.jacobian_penalty)
+    assert not jac_reg.active
     kw = dict(steps=2, batch_size=32, log_every=1, progress=False)
     plain, reg = _TinyDEQ(), _TinyDEQ()
     T.fit(plain, optax.adam(1e-2), vec_data, **kw)

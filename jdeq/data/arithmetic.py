@@ -38,11 +38,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import random
 from typing import Sequence
 
 import numpy as np
+
+from jdeq import _validate as V
 
 __all__ = [
     "NUM_CLASSES",
@@ -184,14 +185,6 @@ def _label(value: int, target: str, operands: int) -> int | None:
     return value % 10
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
 def generate(
     n: int,
     *,
@@ -228,22 +221,21 @@ def generate(
       >>> d.tokens.shape, d.operands
       ((4, 8), 3)
     """
-    n = _check_int("n", n, 0)
-    min_depth = _check_int("min_depth", min_depth, 0)
-    seed = _check_int("seed", seed, 0)
-    if target not in TARGETS:
-        raise ValueError(f"unknown `target` {target!r}; expected one of {TARGETS}.")
+    n = V.nonnegative_int(n, "n")
+    min_depth = V.nonnegative_int(min_depth, "min_depth")
+    seed = V.nonnegative_int(seed, "seed")
+    V.one_of(target, "target", TARGETS)
     if max_depth is not None:
-        max_depth = _check_int("max_depth", max_depth, min_depth)
+        max_depth = V.integer(max_depth, "max_depth", min_depth)
     if length is not None:
-        length = _check_int("length", length, 1)
+        length = V.positive_int(length, "length")
     if operands is not None:
-        operands = _check_int("operands", operands, 1)
+        operands = V.positive_int(operands, "operands")
     elif length is None:
         operands = DEFAULT_OPERANDS
     if max_depth is None:
         max_depth = max(operands - 2 if operands is not None else default_max_depth(length), min_depth)
-    max_depth = _check_int("max_depth", max_depth, min_depth)
+    max_depth = V.integer(max_depth, "max_depth", min_depth)
     if operands is None:
         operands = (length + 1 - 2 * max_depth) // 2
     need = 2 * max(operands, 1) - 1 + 2 * max_depth
@@ -317,7 +309,8 @@ def train_test_split(data: Dataset, test_size: int, *, seed: int = 0) -> tuple[D
     Returns:
       ``(train, test)``.
     """
-    test_size = _check_int("test_size", test_size, 0)
+    test_size = V.nonnegative_int(test_size, "test_size")
+    V.nonnegative_int(seed, "seed")
     if test_size > len(data):
         raise ValueError(f"`test_size`={test_size} exceeds the {len(data)} examples.")
     perm = np.random.default_rng(seed).permutation(len(data))
@@ -340,7 +333,7 @@ def depth_split(data: Dataset, train_max_depth: int) -> tuple[Dataset, dict[int,
       ``(train, tests)`` where ``tests`` maps each deeper depth present in ``data`` to its
       examples, so each depth is scored separately.
     """
-    train_max_depth = _check_int("train_max_depth", train_max_depth, 0)
+    train_max_depth = V.nonnegative_int(train_max_depth, "train_max_depth")
     train = data.take(data.depth <= train_max_depth)
     tests = {d: part for d, part in by_depth(data).items() if d > train_max_depth}
     return train, tests

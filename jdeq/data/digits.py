@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import numpy as np
+
+from jdeq import _validate as V
 
 __all__ = ["NUM_CLASSES", "Splits", "load"]
 
@@ -45,12 +46,6 @@ class Splits:
     name: str = ""
 
 
-def check_fraction(name: str, value) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}.")
-    return float(value)
-
-
 @functools.lru_cache(maxsize=1)
 def _raw():
     try:
@@ -72,9 +67,8 @@ def load(*, seed: int = 0, test_fraction: float = 0.2, flat: bool = False) -> Sp
     Returns:
       A :class:`Splits` (float32 inputs in [0, 1], int32 labels 0..9).
     """
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be an int >= 0, got {seed!r}.")
-    test_fraction = check_fraction("test_fraction", test_fraction)
+    seed = V.nonnegative_int(seed, "seed")
+    test_fraction = V.fraction(test_fraction, "test_fraction")
     from sklearn.model_selection import train_test_split
 
     images, labels = _raw()

@@ -25,12 +25,12 @@ logistic regression 32%, MLP 68%, CNN 94%, GRU 91%, human expert 96% (:data:`PUB
 from __future__ import annotations
 
 import functools
-import numbers
 import random
 
 import numpy as np
 
-from jdeq.data.digits import Splits, check_fraction
+from jdeq import _validate as V
+from jdeq.data.digits import Splits
 
 __all__ = ["LENGTH", "NUM_CLASSES", "PUBLISHED", "load"]
 
@@ -74,11 +74,9 @@ def load(*, num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, s
       A :class:`jdeq.data.digits.Splits` (float32 standardized signals, int32 labels 0..9);
       indices refer to positions in the generated set.
     """
-    if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 20:
-        raise ValueError(f"`num_samples` must be an int >= 20, got {num_samples!r}.")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be an int >= 0, got {seed!r}.")
-    train_split = check_fraction("train_split", train_split)
+    V.integer(num_samples, "num_samples", 20)
+    V.nonnegative_int(seed, "seed")
+    train_split = V.fraction(train_split, "train_split")
     x, y, xt, yt = _generate(int(num_samples), train_split, int(seed), bool(shuffle_seq))
     if not flat:
         x, xt = x[..., None], xt[..., None]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jdeq
+from jdeq import _validate as V
 from jdeq.models.transformer import TransformerCell
 
 __all__ = ["ConvGRUCell", "SequenceClassifier"]
@@ -53,8 +54,8 @@ class ConvGRUCell(nnx.Module):
     """
 
     def __init__(self, features: int, *, kernel: int = 3, rngs: nnx.Rngs):
-        if kernel not in (2, 3):
-            raise ValueError(f"`kernel` must be 2 (causal) or 3, got {kernel!r}.")
+        V.positive_int(features, "features")
+        V.one_of(kernel, "kernel", (2, 3))  # 2: causal
         self.features, self.kernel = features, kernel
         n_in = (kernel + 1) * features
         self.gates = nnx.Linear(n_in, (2 + kernel) * features, rngs=rngs)
@@ -115,17 +116,15 @@ class SequenceClassifier(nnx.Module):
     def __init__(self, vocab_size: int, num_classes: int, *, length: int, features: int = 32,
                  cell: str = "convgru", solver=jdeq.Anderson(tol=1e-3, maxiter=30), gradient=jdeq.Phantom(steps=5),
                  kernel: int = 3, num_heads: int = 4, readout: str = "mean", pad_id: int = 0, rngs: nnx.Rngs):
-        if readout not in ("mean", "last"):
-            raise ValueError(f"`readout` must be 'mean' or 'last', got {readout!r}.")
+        V.one_of(readout, "readout", ("mean", "last"))
+        V.one_of(cell, "cell", ("convgru", "transformer"))
         self.pad_id, self.readout_kind = pad_id, readout
         self.tok = nnx.Embed(vocab_size, features, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (length, features)))
         if cell == "convgru":
             c = ConvGRUCell(features, kernel=kernel, rngs=rngs)
-        elif cell == "transformer":
-            c = TransformerCell(features, num_heads, rngs=rngs)
         else:
-            raise ValueError(f"unknown `cell` {cell!r}; expected 'convgru' or 'transformer'.")
+            c = TransformerCell(features, num_heads, rngs=rngs)
         self.deq = jdeq.nnx.DEQ(c, solver=solver, gradient=gradient)
         self.head = nnx.Linear(features, num_classes, rngs=rngs)
 

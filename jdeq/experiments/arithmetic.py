@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Sequence
 
+from jdeq import _validate as V
 from jdeq import argtypes
 from jdeq.experiments.arith_study import GRADIENTS, build_model, data, matched_sizes, model_names, run_seed
 
@@ -107,6 +108,32 @@ class Config:
     traj_steps: int = 64
     eval_batch_size: int = 500
 
+    def __post_init__(self):
+        # The rules of jdeq._validate, the ones the command line's argparse types apply to the
+        # options that override these fields (--steps, --max-depth, ...).
+        for name in ("operands", "n_train", "n_test", "features", "num_heads", "untied_layers", "steps",
+                     "batch_size", "deq_maxiter", "unrolled_depth", "aa_examples", "aa_maxiter", "traj_examples",
+                     "traj_steps", "eval_batch_size"):
+            V.positive_int(getattr(self, name), name)
+        for name in ("max_depth", "train_max_depth", "data_seed"):
+            V.nonnegative_int(getattr(self, name), name)
+        V.positive_number(self.lr, "lr")
+        V.positive_number(self.deq_tol, "deq_tol")
+        V.one_of(self.kernel, "kernel", (2, 3))
+        V.one_of(self.readout, "readout", ("mean", "last"))
+        V.one_of(self.deq_solver, "deq_solver", ("fpi", "anderson"))
+        V.one_of(self.deq_gradient, "deq_gradient", tuple(GRADIENTS))
+        for g in self.extra_gradients:
+            V.one_of(g, "extra_gradients", tuple(GRADIENTS))
+        for name in ("seeds", "train_budgets", "test_iters"):
+            for v in getattr(self, name):
+                (V.nonnegative_int if name == "seeds" else V.positive_int)(v, name)
+        for v in self.baselines:
+            V.one_of(v, "baselines", ("transformer", "lstm"))
+        for kind, lr in self.model_lr:
+            V.one_of(kind, "model_lr", ("deq", "unrolled", "transformer", "lstm"))
+            V.positive_number(lr, "model_lr")
+
 
 FULL = Config()
 QUICK = Config(operands=4, max_depth=2, train_max_depth=1, n_train=512, n_test=64, features=8, num_heads=2,
@@ -148,8 +175,6 @@ def run(cfg: Config, out: str, *, progress: bool = False, command: str = "", log
     """
     from jdeq.experiments import arith_report
 
-    if cfg.deq_gradient not in GRADIENTS or set(cfg.extra_gradients) - set(GRADIENTS):
-        raise ValueError(f"unknown gradient in `deq_gradient`/`extra_gradients`; expected {sorted(GRADIENTS)}.")
     t0 = time.perf_counter()
     sets = data(cfg)
     runs = []

@@ -17,19 +17,15 @@ Neural Networks", NeurIPS 2016; used in DEQs by Bai et al. 2019.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
+
 __all__ = ["DropoutMask", "VariationalDropout", "dropout_mask", "reset_dropout"]
-
-
-def _check_rate(rate) -> None:
-    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0 <= rate < 1:
-        raise ValueError(f"`rate` must be a number in [0, 1), got {rate!r}.")
 
 
 def dropout_mask(key, shape: Sequence[int], rate: float, dtype=jnp.float32) -> jax.Array:
@@ -54,7 +50,7 @@ def dropout_mask(key, shape: Sequence[int], rate: float, dtype=jnp.float32) -> j
       >>> sorted(set(m.ravel().tolist()))
       [0.0, 2.0]
     """
-    _check_rate(rate)
+    V.rate(rate, "rate")
     shape = tuple(int(s) for s in shape)
     if rate == 0:
         return jnp.ones(shape, dtype)
@@ -103,11 +99,15 @@ class VariationalDropout(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _check_rate(rate)
+        V.rate(rate, "rate")
         try:
-            shape = tuple(int(s) for s in shape)
-        except (TypeError, ValueError):
-            raise TypeError(f"`shape` must be a sequence of ints, got {shape!r}.") from None
+            dims = tuple(shape)
+        except TypeError:
+            dims = None
+        if dims is None or isinstance(shape, (str, bytes)) or not all(V.is_int(s) and s >= 1 for s in dims):
+            raise V.BadType(f"`shape` must be a sequence of ints >= 1, got {shape!r}.",
+                            name="shape", expected="a sequence of ints >= 1", value=shape)
+        shape = tuple(int(s) for s in dims)
         self.shape = shape
         self.rate = float(rate)
         self.deterministic = deterministic
@@ -153,10 +153,8 @@ def reset_dropout(module: nnx.Module, batch: int) -> None:
       >>> drop.mask.shape
       (4, 8)
     """
-    if not isinstance(module, nnx.Module):
-        raise TypeError(f"`module` must be an nnx.Module, got {module!r}.")
-    if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"`batch` must be an int >= 1, got {batch!r}.")
+    V.instance(module, "module", nnx.Module, "an nnx.Module")
+    V.positive_int(batch, "batch")
     for _, m in nnx.iter_modules(module):
         if isinstance(m, VariationalDropout):
             m.reset(int(batch))

@@ -11,7 +11,6 @@ parameters (the solver itself is the pure :class:`jdeq.HyperAnderson`), training
 
 from __future__ import annotations
 
-import numbers
 import time
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jdeq import _validate as V
 from jdeq._fixed_point import fixed_point
 from jdeq._gradients import Implicit
 from jdeq._hypersolver import HyperAnderson, hyper_loss, init_mixer
@@ -80,9 +80,9 @@ class HyperSolver(nnx.Module):
         mixer_hidden: int = 32,
         rngs: nnx.Rngs,
     ):
-        for name, v in (("in_features", in_features), ("features", features), ("hidden", hidden)):
-            if not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {v!r}.")
+        for name, v in (("in_features", in_features), ("features", features), ("hidden", hidden),
+                        ("memory", memory), ("mixer_hidden", mixer_hidden)):
+            V.positive_int(v, name)
         self.features = features
         self.memory = memory
         self.hidden = nnx.Linear(in_features, hidden, rngs=rngs)
@@ -221,8 +221,8 @@ class HyperSolver(nnx.Module):
         Returns:
           ``{"anderson": v, "init": v, "mixer": v, "init+mixer": v}`` (NFE or seconds).
         """
-        if criterion not in ("nfe", "time"):
-            raise ValueError(f"`criterion` must be 'nfe' or 'time', got {criterion!r}.")
+        V.one_of(criterion, "criterion", ("nfe", "time"))
+        V.positive_int(repeats, "repeats")
         combos = {"anderson": (False, False), "init": (True, False), "mixer": (False, True),
                   "init+mixer": (True, True)}
         if criterion == "time":

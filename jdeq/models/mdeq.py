@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
 from jdeq._gradients import Implicit
 from jdeq.models._conv import conv_general_dilated
 from jdeq._solvers import Anderson
@@ -67,7 +68,7 @@ _BLOCKS = ("contractive", "paper")
 
 def _check_widths(widths) -> tuple[int, ...]:
     widths = tuple(widths)
-    if not 1 <= len(widths) <= 4 or not all(isinstance(w, int) and w >= 1 for w in widths):
+    if not 1 <= len(widths) <= 4 or not all(V.is_int(w) and w >= 1 for w in widths):
         raise ValueError(f"`widths` must be 1 to 4 ints >= 1 (one per scale), got {widths!r}.")
     return widths
 
@@ -178,14 +179,10 @@ class MDEQCell(nnx.Module):
                  num_groups: int = 4, w_scale: float = 0.5, block: str = "contractive", dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.widths = _check_widths(widths)
-        if block not in _BLOCKS:
-            raise ValueError(f"`block` must be one of {_BLOCKS}, got {block!r}.")
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"`spatial_dims` must be 1, 2 or 3, got {spatial_dims!r}.")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"`kernel_size` must be an odd int >= 1, got {kernel_size!r}.")
-        if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"`num_groups` must be an int >= 1, got {num_groups!r}.")
+        V.one_of(block, "block", _BLOCKS)
+        V.one_of(spatial_dims, "spatial_dims", (1, 2, 3))
+        V.odd_int(kernel_size, "kernel_size")
+        V.positive_int(num_groups, "num_groups")
         self.spatial_dims = spatial_dims
         self.dtype = dtype
         init = nnx.initializers.variance_scaling(w_scale**2, "fan_in", "normal")
@@ -272,8 +269,7 @@ class MDEQClassifier(nnx.Module):
                  gradient=Implicit(),
                  dtype=jnp.float32, rngs: nnx.Rngs):
         widths = _check_widths(widths)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}.")
+        V.positive_int(num_classes, "num_classes")
         self.stem = nnx.Conv(in_channels, widths[0], (3,) * spatial_dims, padding="SAME",
                              dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.stem_gn = nnx.GroupNorm(widths[0], _groups(widths[0], num_groups), dtype=dtype,

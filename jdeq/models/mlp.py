@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
+
 __all__ = ["MLPCell"]
 
 
 def check_dense_cell(in_features, features, activation, dtype) -> None:
     """Constructor checks shared by the nnx and Linen MLP cells (``in_features=None``: inferred)."""
-    for name, value in (("in_features", in_features), ("features", features)):
-        if value is None and name == "in_features":
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    if not callable(activation):
-        raise TypeError(f"`activation` must be callable (e.g. jnp.tanh), got {activation!r}.")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating dtype, got {jnp.dtype(dtype)}.")
+    if in_features is not None:  # None: inferred from the first input (the Linen cell)
+        V.positive_int(in_features, "in_features")
+    V.positive_int(features, "features")
+    V.callable_(activation, "activation", usage="activation(x) (e.g. jnp.tanh)")
+    V.floating_dtype(dtype, "dtype")
 
 
 def check_dense_input(name: str, x, features) -> None:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
 from jdeq._cells import initial_state
 from jdeq._gradients import Implicit
 from jdeq._regularizers import jacobian_penalty
@@ -49,18 +49,6 @@ from jdeq._splitting import (
 __all__ = ["MonDEQ", "MonDEQClassifier", "MonotoneConvCell", "MonotoneDenseCell"]
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _check_m(m) -> float:
-    if not isinstance(m, numbers.Real) or isinstance(m, bool) or not 0 < m:
-        raise ValueError(f"`m` (strong monotonicity) must be a number > 0, got {m!r}.")
-    return float(m)
-
-
-def _check_pos_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    return value
 
 
 # ----------------------------------------------------------------------------- dense
@@ -107,9 +95,9 @@ class MonotoneDenseCell(nnx.Module):
 
     def __init__(self, in_features: int, features: int, *, m: float = 1.0, w_scale: float = 0.5,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.features = _check_pos_int("features", features)
-        _check_pos_int("in_features", in_features)
-        self.m = _check_m(m)
+        self.features = V.positive_int(features, "features")
+        V.positive_int(in_features, "in_features")
+        self.m = V.positive_number(m, "m")  # strong monotonicity
         self.dtype = dtype
         std = w_scale / math.sqrt(features)
         self.A = nnx.Param(std * jax.random.normal(rngs.params(), (features, features), dtype))
@@ -232,14 +220,11 @@ class MonotoneConvCell(nnx.Module):
 
     def __init__(self, in_channels: int, channels: int, *, kernel_size: int = 3, spatial_dims: int = 2,
                  m: float = 1.0, w_scale: float = 0.5, dtype=jnp.float32, rngs: nnx.Rngs):
-        _check_pos_int("in_channels", in_channels)
-        self.channels = _check_pos_int("channels", channels)
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"`kernel_size` must be an odd int >= 1, got {kernel_size!r}.")
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"`spatial_dims` must be 1, 2 or 3, got {spatial_dims!r}.")
-        self.spatial_dims = spatial_dims
-        self.m = _check_m(m)
+        V.positive_int(in_channels, "in_channels")
+        self.channels = V.positive_int(channels, "channels")
+        V.odd_int(kernel_size, "kernel_size")
+        self.spatial_dims = V.one_of(spatial_dims, "spatial_dims", (1, 2, 3))
+        self.m = V.positive_number(m, "m")  # strong monotonicity
         self.dtype = dtype
         shape = (kernel_size,) * spatial_dims + (channels, channels)
         std = w_scale / math.sqrt(kernel_size**spatial_dims * channels)
@@ -307,10 +292,8 @@ class MonDEQ(nnx.Module):
 
     def __init__(self, cell: nnx.Module, *, splitting=None, solver=FixedPointIteration(tol=1e-4, maxiter=100),
                  gradient=Implicit(), throw: bool = False):
-        if splitting is not None and not isinstance(splitting, (ForwardBackward, PeacemanRachford)):
-            raise TypeError(
-                f"`splitting` must be None, jdeq.ForwardBackward or jdeq.PeacemanRachford, got {splitting!r}."
-            )
+        V.instance(splitting, "splitting", (ForwardBackward, PeacemanRachford),
+                   "jdeq.ForwardBackward or jdeq.PeacemanRachford", none=True)
         self.cell = cell
         self.splitting = splitting
         self.solver = solver
@@ -380,8 +363,8 @@ class MonDEQClassifier(nnx.Module):
 
     def __init__(self, cell: nnx.Module, num_classes: int, *, input_shape, pool: int = 1, splitting=None,
                  solver=FixedPointIteration(tol=1e-4, maxiter=100), gradient=Implicit(), rngs: nnx.Rngs):
-        _check_pos_int("num_classes", num_classes)
-        self.pool = _check_pos_int("pool", pool)
+        V.positive_int(num_classes, "num_classes")
+        self.pool = V.positive_int(pool, "pool")
         self.core = MonDEQ(cell, splitting=splitting, solver=solver, gradient=gradient)
         x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
         features = jax.eval_shape(lambda x: self._features(cell.init_z(x)), x).shape[-1]

@@ -30,13 +30,14 @@ original DEQ, Bai et al. 2019).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jdeq import _validate as V
 
 __all__ = ["SpectralNorm", "WeightNorm", "apply_norm", "update_norm"]
 
@@ -120,12 +121,9 @@ class SpectralNorm(_Restoring):
         epsilon: float = 1e-12,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(layer, nnx.Module):
-            raise TypeError(f"`layer` must be an nnx.Module, got {layer!r}.")
-        if not isinstance(target, numbers.Real) or not target > 0:
-            raise ValueError(f"`target` must be a number > 0, got {target!r}.")
-        if not isinstance(n_steps, numbers.Integral) or n_steps < 1:
-            raise ValueError(f"`n_steps` must be an int >= 1, got {n_steps!r}.")
+        V.instance(layer, "layer", nnx.Module, "an nnx.Module")
+        V.positive_number(target, "target")
+        V.positive_int(n_steps, "n_steps")
         dtype = jnp.result_type(*[p[...] for p in _param_vars(layer)])
         self.sn = nnx.SpectralNorm(
             layer, n_steps=n_steps, epsilon=epsilon, param_dtype=dtype, update_stats=False, rngs=rngs
@@ -171,8 +169,7 @@ class WeightNorm(_Restoring):
         variable_filter=nnx.PathContains("kernel"),
         rngs: nnx.Rngs,
     ):
-        if not isinstance(layer, nnx.Module):
-            raise TypeError(f"`layer` must be an nnx.Module, got {layer!r}.")
+        V.instance(layer, "layer", nnx.Module, "an nnx.Module")
         dtype = jnp.result_type(*[p[...] for p in _param_vars(layer)])
         self.wn = nnx.WeightNorm(
             layer,
@@ -232,10 +229,8 @@ def apply_norm(
       >>> type(cell.w).__name__
       'SpectralNorm'
     """
-    if kind not in ("spectral", "weight"):
-        raise ValueError(f"`kind` must be 'spectral' or 'weight', got {kind!r}.")
-    if not isinstance(module, nnx.Module):
-        raise TypeError(f"`module` must be an nnx.Module, got {module!r}.")
+    V.one_of(kind, "kind", ("spectral", "weight"))
+    V.instance(module, "module", nnx.Module, "an nnx.Module")
     already = _wrapped_layers(module)
     found = []
     for path, sub in nnx.iter_modules(module):
@@ -365,8 +360,7 @@ def update_norm(model_or_variables, *, n_steps: int | None = None, collection: s
       >>> variables = jdeq.models.update_norm(variables)  # each step, before the forward
       >>> z, stats = deq.apply(variables, jnp.ones((2, 3)))
     """
-    if n_steps is not None and (not isinstance(n_steps, numbers.Integral) or n_steps < 1):
-        raise ValueError(f"`n_steps` must be None or an int >= 1, got {n_steps!r}.")
+    V.positive_int(n_steps, "n_steps", none=True)
     if isinstance(model_or_variables, nnx.Module):
         _update_nnx(model_or_variables, n_steps)
         return None

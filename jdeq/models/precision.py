@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
+
 __all__ = ["MixedPrecision"]
 
 
@@ -55,10 +57,8 @@ class MixedPrecision(nnx.Module):
     """
 
     def __init__(self, cell: nnx.Module, *, compute_dtype=jnp.bfloat16):
-        if not isinstance(cell, nnx.Module):
-            raise TypeError(f"`cell` must be an nnx.Module, got {type(cell).__name__}.")
-        if not jnp.issubdtype(compute_dtype, jnp.floating):
-            raise ValueError(f"`compute_dtype` must be a floating dtype, got {compute_dtype!r}.")
+        V.instance(cell, "cell", nnx.Module, "an nnx.Module")
+        V.floating_dtype(compute_dtype, "compute_dtype")
         self.cell = cell
         self.compute_dtype = compute_dtype
 

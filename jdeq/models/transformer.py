@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
 from jdeq._gradients import Implicit
 from jdeq._solvers import Anderson
 from jdeq.nnx import DEQ, Unrolled
@@ -35,9 +36,8 @@ __all__ = [
 
 
 def _check_features(features: int, num_heads: int) -> None:
-    if not isinstance(features, int) or features < 1:
-        raise ValueError(f"`features` must be an int >= 1, got {features!r}.")
-    if not isinstance(num_heads, int) or num_heads < 1 or features % num_heads:
+    V.positive_int(features, "features")
+    if not V.is_int(num_heads) or num_heads < 1 or features % num_heads:
         raise ValueError(f"`num_heads` must divide `features`={features}, got {num_heads!r}.")
 
 
@@ -247,8 +247,7 @@ class TransformerClassifier(nnx.Module):
         rngs: nnx.Rngs,
     ):
         _check_features(features, num_heads)
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"`num_layers` must be an int >= 1, got {num_layers!r}.")
+        V.positive_int(num_layers, "num_layers")
         self.embed = _Embed(vocab_size, length, features, pad_id, dtype, rngs)
         self.blocks = nnx.List(
             [TransformerBlock(features, num_heads, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(num_layers)]
@@ -295,8 +294,7 @@ class LSTMClassifier(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"`hidden` must be an int >= 1, got {hidden!r}.")
+        V.positive_int(hidden, "hidden")
         self.pad_id = pad_id
         self.hidden = hidden
         self.dtype = dtype

@@ -9,17 +9,17 @@ solver iterations from growing as training goes on.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
+from jdeq._regularizers import _NOISE  # the probe kinds of jdeq.jacobian_frobenius
 from jdeq.nnx import variable_value
 
 __all__ = ["JacReg"]
 
-_NOISE = ("normal", "rademacher")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,13 +34,16 @@ class JacReg:
     probability ``prob < 1`` one Bernoulli draw per step decides whether the term is computed
     (a ``lax.cond``: skipped steps run no JVP). The random key of step ``k`` is
     ``jax.random.fold_in(jax.random.key(seed), k)``, so the draws are deterministic given the
-    seed and a resumed run draws the same ones. ``gamma == 0`` or ``prob == 0`` is exactly no
-    regularization. The term is logged as the metric ``"jac_reg"`` (0 on skipped steps);
+    seed and a resumed run draws the same ones. ``gamma == 0`` is exactly no regularization
+    (``prob == 0`` is rejected, as by :func:`jdeq.jacobian_penalty`: "never" is ``gamma=0`` or
+    ``jac_reg=None``, not a probability). The term is logged as the metric ``"jac_reg"`` (0 on skipped steps);
     ``"loss"`` stays the task loss.
 
     Args:
       gamma: weight of the term (``>= 0``).
-      prob: probability in ``[0, 1]`` that a step computes the term.
+      prob: probability in ``(0, 1]`` that a step computes the term (the rule of
+        :func:`jdeq.jacobian_penalty`'s ``prob`` and of the ``--prob`` argparse type
+        ``jdeq.argtypes.probability``).
       num_samples: Hutchinson probes per example.
       noise: ``"normal"`` or ``"rademacher"`` probes.
 
@@ -58,19 +61,15 @@ class JacReg:
     noise: str = "normal"
 
     def __post_init__(self):
-        if not isinstance(self.gamma, numbers.Real) or isinstance(self.gamma, bool) or not self.gamma >= 0:
-            raise ValueError(f"`gamma` must be a number >= 0, got {self.gamma!r}.")
-        if not isinstance(self.prob, numbers.Real) or isinstance(self.prob, bool) or not 0 <= self.prob <= 1:
-            raise ValueError(f"`prob` must be in [0, 1], got {self.prob!r}.")
-        if not isinstance(self.num_samples, numbers.Integral) or isinstance(self.num_samples, bool) or self.num_samples < 1:
-            raise ValueError(f"`num_samples` must be an int >= 1, got {self.num_samples!r}.")
-        if self.noise not in _NOISE:
-            raise ValueError(f"`noise` must be one of {_NOISE}, got {self.noise!r}.")
+        V.nonnegative_number(self.gamma, "gamma")
+        V.probability(self.prob, "prob")  # (0, 1], as jdeq.jacobian_penalty
+        V.positive_int(self.num_samples, "num_samples")
+        V.one_of(self.noise, "noise", _NOISE)
 
     @property
     def active(self) -> bool:
-        """False when the term is identically 0 (``gamma == 0`` or ``prob == 0``)."""
-        return self.gamma > 0 and self.prob > 0
+        """False when the term is identically 0 (``gamma == 0``)."""
+        return self.gamma > 0
 
 
 def find_deqs(model: nnx.Module) -> list[nnx.Module]:

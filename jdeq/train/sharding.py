@@ -68,6 +68,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jdeq import _validate as V
+
 __all__ = [
     "MIN_SHARD_SIZE",
     "batch_sharding",
@@ -131,7 +133,7 @@ def model_mesh(
       ('data', 'model')
     """
     devices = jax.devices() if devices is None else list(devices)
-    if not isinstance(model, int) or isinstance(model, bool) or model < 1 or len(devices) % model:
+    if not V.is_int(model) or model < 1 or len(devices) % model:
         raise ValueError(f"`model` must be an int >= 1 dividing the {len(devices)} devices, got {model!r}.")
     return Mesh(np.asarray(devices).reshape(len(devices) // model, model), (data_axis, model_axis))
 
@@ -139,8 +141,7 @@ def model_mesh(
 def check_mesh(mesh: Any, axis: str, batch_size: int | None = None, *, model_axis: str | None = None) -> None:
     """Raises a clear error unless ``mesh`` is a ``Mesh`` with ``axis`` dividing ``batch_size``
     (and ``model_axis``, if given, another of its axes)."""
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    V.instance(mesh, "mesh", Mesh, "a jax.sharding.Mesh")
     if axis not in mesh.shape:
         raise ValueError(f"`data_axis`={axis!r} is not an axis of `mesh` (axes {tuple(mesh.shape)}).")
     if model_axis is not None:
@@ -254,8 +255,7 @@ def param_shardings(tree, mesh: Mesh, *, model_axis: str | None = "model", min_s
       >>> sh["W"].spec                # the model axis has size 1 here: nothing to split
       P()
     """
-    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
-        raise ValueError(f"`min_size` must be an int >= 0, got {min_size!r}.")
+    V.nonnegative_int(min_size, "min_size")
     size = mesh.shape.get(model_axis, 1) if model_axis is not None else 1
 
     def one(x):
@@ -316,7 +316,7 @@ def host_shard(data, *, process_index: int | None = None, process_count: int | N
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    if not isinstance(count, int) or count < 1 or not isinstance(index, int) or not 0 <= index < count:
+    if not V.is_int(count) or count < 1 or not V.is_int(index) or not 0 <= index < count:
         raise ValueError(f"`process_index`={index!r} must be in [0, `process_count`={count!r}).")
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
