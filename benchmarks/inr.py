@@ -18,8 +18,9 @@ pixel once), MSE loss, the jitted ``jdeq.train.make_train_step`` (which returns 
 cache). Every ``--eval-every`` steps: PSNR of the whole image (DEQs solved from a cold start
 to the same tolerance, so the two DEQ variants are judged alike), the wall time of the training
 steps so far (each step blocked until done; compilation and evaluation excluded; the models of one seed
-train in the same process with their steps interleaved, so a busy machine slows them alike), and the mean forward NFE (cell evaluations per pixel) of the
-training steps since the last evaluation. The step donates its state (the cache is updated in
+train in the same process with their steps interleaved, so a busy machine slows them alike), and the forward NFE of the training steps since the last evaluation: the mean over pixels
+(cell evaluations per pixel) and the batch maximum (the batched solver loop runs until the
+slowest pixel of the batch has converged, so the maximum sets the forward wall time). The step donates its state (the cache is updated in
 place). Training memory: XLA's ``memory_analysis`` of the
 compiled step (temporaries + arguments). Seeds change the initialization and the batch order.
 
@@ -80,7 +81,8 @@ def mse_loss(model, batch, *, warm: bool):
     """MSE on the pixels (+ the DEQ's solver metrics); ``warm``: pass the pixels' indices."""
     rgb, stats = model(batch["coords"], index=batch["index"] if warm else None)
     loss = jnp.mean((rgb - batch["pixels"]) ** 2)
-    return loss, {"loss": loss, **jdeq.train.solver_metrics(stats)}
+    extra = {} if stats is None else {"max_nsteps": jnp.max(stats.nsteps).astype(jnp.float32)}
+    return loss, {"loss": loss, **jdeq.train.solver_metrics(stats), **extra}
 
 
 class _Run:
@@ -112,12 +114,13 @@ class _Run:
         jax.block_until_ready(self.state)
         self.elapsed += time.perf_counter() - t0
         self.metrics = metrics
-        self.nfe.append(metrics.get("nsteps", jnp.float32(0)))
+        self.nfe.append((metrics.get("nsteps", jnp.float32(0)), metrics.get("max_nsteps", jnp.float32(0))))
 
     def evaluate(self, step: int) -> None:
         rgb, eval_nfe = self.predict(self.state, self.data_on_device["coords"])
         self.curve.append({"step": step, "time": self.elapsed, "psnr": image.psnr(np.asarray(rgb), self.data["pixels"]),
-                           "train_nfe": float(np.mean([float(x) for x in self.nfe])),
+                           "train_nfe": float(np.mean([float(x) for x, _ in self.nfe])),
+                           "train_max_nfe": float(np.mean([float(x) for _, x in self.nfe])),
                            "eval_nfe": float(eval_nfe), "loss": float(self.metrics["loss"])})
         self.nfe = []
 
@@ -128,6 +131,7 @@ class _Run:
         if self.name.startswith("deq"):
             r["mean_train_nfe"] = float(np.mean([c["train_nfe"] for c in curve]))
             r["late_train_nfe"] = float(np.mean([c["train_nfe"] for c in curve[len(curve) // 2 :]]))
+            r["mean_train_max_nfe"] = float(np.mean([c["train_max_nfe"] for c in curve]))
         return r
 
 
@@ -162,6 +166,7 @@ def summarize(records: list[dict]) -> list[dict]:
         if "mean_train_nfe" in rs[0]:
             row["nfe"] = float(np.mean([r["mean_train_nfe"] for r in rs]))
             row["late_nfe"] = float(np.mean([r["late_train_nfe"] for r in rs]))
+            row["max_nfe"] = float(np.mean([r["mean_train_max_nfe"] for r in rs]))
         rows.append(row)
     return rows
 
@@ -186,11 +191,13 @@ def plot(path, records: list[dict], rows: list[dict]) -> None:
             ax.fill_between(xs, psnr.min(0), psnr.max(0), color=colors[name], alpha=0.2)
         if name.startswith("deq"):
             nfe = np.array([[c["train_nfe"] for c in r["curve"]] for r in rs]).mean(0)
-            axes[2].plot(steps, nfe, color=colors[name], label=LABELS[name])
+            axes[2].plot(steps, nfe, color=colors[name], label=LABELS[name] + ": mean")
+            top = np.array([[c["train_max_nfe"] for c in r["curve"]] for r in rs]).mean(0)
+            axes[2].plot(steps, top, "--", color=colors[name], label=LABELS[name] + ": batch max")
     for row in rows:
         axes[3].scatter(row["memory_mib"], row["psnr"], color=colors[row["model"]], label=LABELS[row["model"]])
     for ax, xl, yl in ((axes[0], "training step", "PSNR (dB)"), (axes[1], "training wall time (s)", "PSNR (dB)"),
-                       (axes[2], "training step", "forward NFE per pixel (train)"),
+                       (axes[2], "training step", "forward NFE (train)"),
                        (axes[3], "training step memory (MiB, XLA temp + args)", "final PSNR (dB)")):
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
@@ -247,7 +254,8 @@ def main(argv=None) -> dict:
     flush_print(format_table(rows, [("model", "model", ""), ("params", "params", "d"), ("psnr", "PSNR dB", ".2f"),
                                     ("psnr_std", "+-", ".2f"), ("seconds", "train s", ".1f"),
                                     ("ms_per_step", "ms/step", ".2f"), ("memory_mib", "step MiB", ".2f"),
-                                    ("nfe", "fwd NFE", ".1f"), ("late_nfe", "fwd NFE 2nd half", ".1f")]))
+                                    ("nfe", "fwd NFE", ".1f"), ("late_nfe", "fwd NFE 2nd half", ".1f"),
+                                    ("max_nfe", "batch max NFE", ".1f")]))
     return result
 
 
