@@ -21,7 +21,7 @@ jupytext = pytest.importorskip("jupytext")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_quickstart", "02_memory_vs_depth", "03_arithmetic_depth", "04_stabilization"]
+NAMES = ["01_quickstart", "02_memory_vs_depth", "03_arithmetic_depth", "04_stabilization", "05_inr"]
 
 
 def _cells(nb) -> list[tuple[str, str]]:
