@@ -264,3 +264,27 @@ def test_crc32_depends_on_values_not_on_memory_layout():
     t = np.ascontiguousarray(c.T).T  # a transposed view: neither C- nor F-ordered copy of c
     assert _checksum.fingerprint([c]) == _checksum.fingerprint([f]) == _checksum.fingerprint([t])
     assert _checksum.fingerprint([np.float32(3.0)])[0]["crc32"] == _checksum.fingerprint([np.array([3.0], np.float32)])[0]["crc32"]
+
+
+def test_split_arrays_get_hash32_and_are_verified_by_it(monkeypatch):
+    """The bookkeeping of arrays split over processes (``hash32`` instead of ``crc32``), run in
+    one process by declaring some arrays unreadable (``_readable`` is the only place that looks at
+    the layout; ``tests/test_multiprocess.py`` covers real split arrays)."""
+    from jdeq.train import _checksum
+
+    a, b, c = jnp.arange(3.0), jnp.arange(5.0), jnp.ones((2, 2), jnp.int32)
+    monkeypatch.setattr(_checksum, "_readable", lambda x: np.shape(x) != (5,))
+    prints = _checksum.fingerprint([a, b, c])
+    assert set(prints[0]) == set(prints[2]) == {"shape", "dtype", "crc32"}
+    assert set(prints[1]) == {"shape", "dtype", "hash32"}
+    assert prints[1]["hash32"] == _checksum._device_hashes([b])[0]
+    assert _checksum.mismatch([a, b, c], prints) is None
+    assert _checksum.mismatch([a, b.at[4].add(1.0), c], prints) == 1
+    assert _checksum.mismatch([a.at[0].add(1.0), b, c], prints) == 0
+    assert _checksum.mismatch([a, b, c.at[1, 1].set(7)], prints) == 2
+    # saved whole (crc32), restored split: gathered and checked against the crc32
+    monkeypatch.setattr(_checksum, "_readable", lambda x: True)
+    saved = _checksum.fingerprint([a, b])
+    monkeypatch.setattr(_checksum, "_readable", lambda x: np.shape(x) != (5,))
+    assert _checksum.mismatch([a, b], saved) is None
+    assert _checksum.mismatch([a, b.at[0].add(1.0)], saved) == 1
