@@ -330,8 +330,7 @@ def _shine_solve(mode, shine_tol, solver, F, bm, u0, maxiter, *, want_stats):
     u0 = jnp.where(finite[:, None], u0, 0)
     if mode == "refine":
         return solver.solve(F, u0, maxiter)
-    n = bm.shape[0]
-    zeros_i = jnp.zeros((n,), jnp.int32)
+    zeros_i = jnp.zeros_like(finite, jnp.int32)  # (laid out like the rows: batch sharding)
     if mode == "direct":
         if not want_stats:
             return u0, SolverStats(zeros_i, None, None, None, ~finite)
@@ -349,7 +348,7 @@ def _shine_solve(mode, shine_tol, solver, F, bm, u0, maxiter, *, want_stats):
         return solver.solve(lambda um: jnp.where(accept[:, None], um, F(um)), start, maxiter)
 
     def skip(start):
-        ones = jnp.ones((n,), bool)
+        ones = jnp.ones_like(finite)
         return start, SolverStats(zeros_i, abs0, rel0, ones, ~ones)
 
     um, stats = jax.lax.cond(jnp.any(~accept), run, skip, start)
