@@ -123,8 +123,8 @@ def fit(
     parameters. Metrics stay on the device and are fetched every ``log_every`` steps (no host
     round-trip per step).
 
-    Checkpoint/resume: with ``checkpoint_dir``, the parameters, the optimizer state and the
-    history are saved (orbax) every ``checkpoint_every`` steps, at the end, and when the run is
+    Checkpoint/resume: with ``checkpoint_dir``, the parameters, the optimizer state, the
+    model's warm-start caches (``jdeq.nnx.FixedPointCache``, if any) and the history are saved (orbax) every ``checkpoint_every`` steps, at the end, and when the run is
     interrupted (``KeyboardInterrupt``). A later call with the same directory restores the latest
     checkpoint and continues from its step (see :mod:`jdeq.train.checkpoint`); since the batch at step ``k`` depends only on
     ``(seed, k)``, the result equals an uninterrupted run of ``steps`` steps (bitwise on the
@@ -138,7 +138,11 @@ def fit(
     Args:
       model: an ``nnx.Module`` (updated in place).
       optimizer: an optax ``GradientTransformation``.
-      data: training arrays sharing a leading axis, e.g. ``{"inputs": x, "labels": y}``.
+      data: training arrays sharing a leading axis, e.g. ``{"inputs": x, "labels": y}``. For
+        amortized warm starts (a ``jdeq.nnx.FixedPointCache`` in the model), add the examples'
+        indices as ``data["index"] = np.arange(n)`` (distinct, inside the cache's size; with
+        several processes, the global indices before :func:`jdeq.train.host_shard`) and pass
+        ``batch["index"]`` to the model in ``loss_fn`` (``deq(x, index=batch["index"])``).
       steps: total number of optimizer steps (including those of a resumed run).
       batch_size: examples per step.
       loss_fn: ``loss_fn(model, batch) -> (loss, metrics)`` (default:
