@@ -16,6 +16,10 @@ The pieces, each usable on its own:
 - :func:`evaluate`: mean metrics of a loss function over a dataset (jit-compiled, batched).
 - :func:`predict`: per-example outputs (logits and ``jdeq.SolverStats``) over a dataset; call
   options such as ``maxiter=`` are run-time values (no recompile between budgets).
+- Amortized warm starts: a model holding a ``jdeq.nnx.FixedPointCache`` (``jdeq.nnx.DEQ(...,
+  cache=...)``) and called with ``index=batch["index"]`` starts each example's solve from its
+  fixed point at its previous visit; :func:`make_train_step` returns the updated cache (in
+  ``TrainState.rest``) and :func:`fit` checkpoints it (give ``data["index"] = np.arange(n)``).
 - :func:`batches` / :func:`batch_indices`: the deterministic shuffled batch stream (the batch
   at step ``k`` depends only on ``(seed, k)``, which is what makes resuming exact).
 - :func:`classification_loss`, :func:`solver_metrics`, :func:`split_output`: the default
