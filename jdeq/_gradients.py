@@ -134,7 +134,7 @@ class Implicit(Gradient):
         default 0.5 keeps an estimate that at least halves the residual of the zero start (and
         of JFB's ``u = g`` on a cell with ``||J|| <= 0.5``); lower it for a more exact gradient
         (benchmarks/README.md, section "shine", has the measured residuals: on the MLP and MDEQ
-        cells there they were 0.2-0.5, so 0.1 meant falling back almost always).
+        cells there, 0.1 meant falling back for every example, 0.5 for none).
 
     Non-finite policy (never silent NaN gradients): per example, the cotangent (tangent) of
     ``z*`` is set to exactly zero when the example's forward solve met a non-finite value
