@@ -279,7 +279,6 @@ class DEQ(nnx.Module):
         check_options(solver, gradient, throw, batched)
         if maxiter is None and self.deterministic and self.eval_maxiter is not None:
             maxiter = self.eval_maxiter
-        z0 = initial_state(self.cell, x, z0)
         cache = getattr(self, "cache", None)
         if index is not None:
             if cache is None:
@@ -288,6 +287,8 @@ class DEQ(nnx.Module):
             if not batched:
                 raise ValueError("`index` needs `batched=True` (a batch of examples per call): under vmap of "
                                  "per-example code, call `cache.lookup`/`cache.update` outside the vmap.")
+        z0 = initial_state(self.cell, x, z0)
+        if index is not None:
             z0 = cache.lookup(index, z0)
         f, state = _pure(self.cell)
         x_safe, bad = guard_nonfinite_inputs(x, _batch_of(z0, batched))
