@@ -130,6 +130,32 @@ def test_gradient_unchanged_by_warm_start(x64, gradient):
         np.testing.assert_allclose(float(jnp.vdot(g_warm["deq"]["cell"]["w"]["kernel"][...], v)), fd, rtol=1e-5)
 
 
+class _VecCell(nnx.Module):
+    """``tanh(z W + x U)`` on one example or a batch (for per-example code under vmap)."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(0.3 * jax.random.normal(rngs.params(), (H, H)) / np.sqrt(H))
+        self.u = nnx.Param(jax.random.normal(rngs.params(), (D, H)) / 2)
+
+    def __call__(self, z, x):
+        return jnp.tanh(z @ self.w[...] + x @ self.u[...])
+
+
+def test_per_example_code_under_vmap_with_lookup_outside():
+    # the documented pattern for batched=False: gather the starts outside the vmap, store after it
+    cell, cache = _VecCell(nnx.Rngs(0)), jdeq.nnx.FixedPointCache(16, (H,))
+    solver = jdeq.Anderson(tol=1e-6)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, D)), jnp.float32)
+    idx = jnp.arange(8) * 2
+    z_batched, s_batched = jdeq.nnx.DEQ(cell, solver=solver)(x, jnp.zeros((8, H)))
+    cache.update(idx, z_batched)
+    per_example = nnx.vmap(lambda m, xi, zi: m(xi, zi), in_axes=(None, 0, 0))
+    z, stats = per_example(jdeq.nnx.DEQ(cell, solver=solver, batched=False), x, cache.lookup(idx, jnp.zeros((8, H))))
+    np.testing.assert_allclose(z, z_batched, atol=1e-5)
+    assert int(stats.nsteps.max()) < int(s_batched.nsteps.min())  # started at z*: converged at once
+    cache.update(idx, z)
+
+
 # ----------------------------------------------------------------------------- training step, fit, resume
 
 
