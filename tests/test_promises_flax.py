@@ -1,0 +1,164 @@
+"""Promises of the Flax adapters' and the model zoo's docstrings (jdeq/nnx.py, jdeq/linen.py,
+jdeq/models/), each held by a test that fails when the option is ignored (issue 18).
+tests/test_promises.py holds throw=True, the nnx run-time maxiter and remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jdeq
+from jdeq.nnx import variable_value
+
+X = jnp.array([[0.5, -1.0, 0.3], [1.2, 0.1, -0.4]])
+
+
+# ---- nnx.DEQ.record_equilibria: "each call sows (x, z*) into nnx.Intermediate 'equilibria'" ----
+
+
+def test_nnx_record_equilibria_sows_x_and_z_star():
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)))
+    z, _ = deq(X)
+    assert getattr(deq, "equilibria", None) is None  # off by default: nothing recorded
+    deq.set_attributes(record_equilibria=True)
+    z, _ = deq(X)
+    z2, _ = deq(2 * X)
+    records = variable_value(deq.equilibria)
+    assert isinstance(deq.equilibria, nnx.Intermediate) and len(records) == 2
+    np.testing.assert_array_equal(records[0][0], X)
+    np.testing.assert_array_equal(records[0][1], z)
+    np.testing.assert_array_equal(records[1][0], 2 * X)
+    np.testing.assert_array_equal(records[1][1], z2)
+
+
+def test_linen_sows_equilibria_when_intermediates_are_mutable():
+    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8))
+    variables = deq.init(jax.random.key(0), X)
+    (z, _), state = deq.apply(variables, X, mutable=["intermediates"])
+    (x_rec, z_rec), = state["intermediates"]["equilibria"]
+    np.testing.assert_array_equal(x_rec, X)
+    np.testing.assert_array_equal(z_rec, z)
+
+
+# ---- linen.DEQ's call: "the keywords override the attributes for this call" -------------------
+
+
+def test_linen_call_time_solver_maxiter_and_gradient_overrides():
+    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-6, maxiter=50))
+    variables = deq.init(jax.random.key(0), X)
+    _, st = deq.apply(variables, X, solver=jdeq.FixedPointIteration(tol=1e-30, maxiter=7))
+    np.testing.assert_array_equal(st.nsteps, 7)  # the call's solver (and its budget)
+    _, st = deq.apply(variables, X, solver=jdeq.FixedPointIteration(tol=1e-30, maxiter=7), maxiter=3)
+    np.testing.assert_array_equal(st.nsteps, 3)
+    seen = []
+    gradient = jdeq.Implicit(maxiter=2, solver=jdeq.FixedPointIteration(tol=1e-30), callback=seen.append)
+    jax.grad(lambda v: jnp.sum(deq.apply(v, X, gradient=gradient)[0]))(variables)
+    jax.effects_barrier()
+    assert seen and int(np.max(seen[-1].nsteps)) == 2
+
+
+# ---- batched=False: "one example per call, for per-example code under vmap" ------------------
+
+
+class _AnyShapeCell(nn.Module):
+    """A Linen cell that works on one example or on a batch (Dense maps the last axis)."""
+
+    @nn.compact
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * nn.Dense(8, use_bias=False, name="w")(z) + nn.Dense(8, name="u")(x))
+
+    def init_z(self, x):
+        return jnp.zeros(x.shape[:-1] + (8,), x.dtype)
+
+
+def test_linen_batched_false_attribute_and_override():
+    """``batched=False``: one example per call (per-example code under ``jax.vmap``); values
+    equal the batched layer's (tests/test_vmap.py holds the nnx layer's)."""
+    solver = jdeq.Anderson(tol=1e-6, maxiter=50)
+    batched = jdeq.linen.DEQ(_AnyShapeCell(), solver=solver)
+    one = jdeq.linen.DEQ(_AnyShapeCell(), solver=solver, batched=False)
+    variables = batched.init(jax.random.key(0), X)
+    z, _ = batched.apply(variables, X)
+    z_one, st_one = one.apply(variables, X[0])
+    assert z_one.shape == (8,) and np.ndim(st_one.nsteps) == 0
+    np.testing.assert_allclose(z_one, z[0], atol=1e-5)
+    z_map, st_map = jax.vmap(lambda x: one.apply(variables, x))(X)
+    np.testing.assert_allclose(z_map, z, atol=1e-5)
+    assert st_map.nsteps.shape == (2,)
+    np.testing.assert_allclose(batched.apply(variables, X[1], batched=False)[0], z[1], atol=1e-5)
+
+
+# ---- Unrolled: depth and its per-call override -------------------------------------------------
+
+
+def test_nnx_unrolled_depth_and_override_apply_the_cell_that_many_times():
+    cell = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    net = jdeq.nnx.Unrolled(cell, depth=4)
+
+    def manual(depth):
+        z = cell.init_z(X)
+        for _ in range(depth):
+            z = cell(z, X)
+        return z
+
+    z4, st4 = net(X)
+    z7, st7 = net(X, depth=7)
+    np.testing.assert_allclose(z4, manual(4), rtol=1e-6)
+    np.testing.assert_allclose(z7, manual(7), rtol=1e-6)
+    np.testing.assert_array_equal(st4.nsteps, 4)
+    np.testing.assert_array_equal(st7.nsteps, 7)
+
+
+def test_linen_unrolled_depth_override():
+    net = jdeq.linen.Unrolled(jdeq.models.linen.MLPCell(features=8), depth=3)
+    variables = net.init(jax.random.key(0), X)
+    _, st = net.apply(variables, X, depth=6)
+    np.testing.assert_array_equal(st.nsteps, 6)
+    z6, _ = net.apply(variables, X, depth=6)
+    z3, _ = net.apply(variables, X)
+    assert not np.allclose(z3, z6)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [0.2, 2.5])
+def test_monotone_dense_cell_m_is_the_strong_monotonicity(m):
+    """``m``: strong monotonicity of ``I - W``: the symmetric part of ``I - W`` is ``>= m I``,
+    with equality in the direction that ``A`` does not reach."""
+    cell = jdeq.models.MonotoneDenseCell(3, 6, m=m, rngs=nnx.Rngs(0))
+    cell.A[...] = cell.A[...].at[0].set(0.0).at[:, 0].set(0.0)  # A e0 = 0: equality along e0
+    i_w = np.eye(6) - np.asarray(cell.weight(), np.float64)
+    eig = np.linalg.eigvalsh(0.5 * (i_w + i_w.T))
+    np.testing.assert_allclose(eig.min(), m, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.75])
+def test_variational_dropout_rate_drops_that_fraction(rate):
+    drop = jdeq.models.VariationalDropout((400,), rate, rngs=nnx.Rngs(dropout=0))
+    drop.reset(8)
+    y = np.asarray(drop(jnp.ones((8, 400))))
+    dropped = (y == 0).mean()
+    assert abs(dropped - rate) < 0.04, dropped
+    np.testing.assert_allclose(y[y != 0], 1 / (1 - rate), rtol=1e-6)  # inverted dropout
+    drop.eval()
+    np.testing.assert_array_equal(drop(jnp.ones((8, 400))), 1.0)  # deterministic: identity
+
+
+def test_mixed_precision_computes_in_compute_dtype_and_returns_zs_dtype():
+    cell = jdeq.models.MLPCell(3, 16, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(1), (2, 16))
+    full = cell(z, X)
+    low = jdeq.models.MixedPrecision(cell)(z, X)
+    same = jdeq.models.MixedPrecision(cell, compute_dtype=jnp.float32)(z, X)
+    assert low.dtype == same.dtype == jnp.float32
+    np.testing.assert_array_equal(same, full)
+    err = float(jnp.max(jnp.abs(low - full)))
+    assert 1e-4 < err < 5e-2, err  # bfloat16 arithmetic: ~3 significant digits
+    np.testing.assert_array_equal(low, low.astype(jnp.bfloat16).astype(jnp.float32))  # bf16 values
+    grads = nnx.grad(lambda c: jnp.sum(jdeq.models.MixedPrecision(c)(z, X)))(cell)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
