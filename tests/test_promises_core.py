@@ -214,3 +214,107 @@ def test_jacobian_penalty_num_samples_lowers_the_variance():
     spread = lambda n: float(jnp.std(jax.vmap(lambda k: jdeq.jacobian_penalty(  # noqa: E731
         _diag_cell, jnp.ones((1, 4)), D, k, gamma=1.0, num_samples=n))(keys)))
     assert spread(32) * 3 < spread(1), (spread(32), spread(1))
+
+
+# ---- HyperAnderson: learned_steps and safeguard ----------------------------------------------
+
+
+def _hyper_problem():
+    c = jnp.linspace(-1.0, 1.0, 12).reshape(2, 6)
+    return (lambda z, c: 0.8 * jnp.tanh(z) + c), c
+
+
+def _trained_mixer():
+    """A mixer whose output layer is not zero (an untrained one reproduces Anderson exactly)."""
+    mixer = jdeq.init_mixer(jax.random.key(0), memory=3)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    return {**mixer, "w2": 0.5 * jax.random.normal(k1, mixer["w2"].shape),
+            "b2": 0.5 * jax.random.normal(k2, mixer["b2"].shape)}
+
+
+def test_hyper_anderson_learned_steps_zero_is_plain_anderson():
+    """``learned_steps``: learned mixing for the first ``learned_steps`` iterations only; with 0
+    the solve is Anderson's, step for step (with all steps learned it is not)."""
+    f, c = _hyper_problem()
+    mixer = _trained_mixer()
+    run = lambda solver: jdeq.fixed_point(f, jnp.zeros_like(c), c, solver=solver)  # noqa: E731
+    plain = run(jdeq.Anderson(memory=3, tol=1e-12, maxiter=5))  # 5 steps: the path, not z*
+    none = run(jdeq.HyperAnderson(params=mixer, memory=3, tol=1e-12, maxiter=5, learned_steps=0))
+    learned = run(jdeq.HyperAnderson(params=mixer, memory=3, tol=1e-12, maxiter=5, safeguard=False))
+    np.testing.assert_array_equal(none.value, plain.value)
+    np.testing.assert_array_equal(none.stats.nsteps, plain.stats.nsteps)
+    assert not np.array_equal(learned.value, plain.value)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_hyper_anderson_safeguard_switches_to_plain_anderson_after_a_bad_learned_step(safeguard):
+    """``safeguard``: after a learned step that did not lower the residual, plain Anderson. The
+    state says the last step was learned and the previous residual was 0 (so it rose)."""
+    f, c = _hyper_problem()
+    solver = jdeq.HyperAnderson(params=_trained_mixer(), memory=3, safeguard=safeguard)
+    z = jnp.full_like(c, 0.3)
+    xs, gs, gram, _, learn, _ = solver.init(z)
+    state = (xs, gs, gram, jnp.zeros(2), jnp.ones(2, bool), jnp.ones(2, bool))
+    new, _ = solver.update(state, 1, z, f(z, c))
+    plain = jdeq.Anderson(memory=3)
+    want, _ = plain.update(plain.init(z), 1, z, f(z, c))
+    if safeguard:
+        np.testing.assert_allclose(new, want, rtol=1e-6)
+    else:
+        assert not np.allclose(new, want, rtol=1e-4)
+
+
+# ---- splittings: "alpha: step a" ---------------------------------------------------------------
+
+
+def _monotone():
+    A = 0.4 * jax.random.normal(jax.random.key(3), (4, 4))
+    W = 0.8 * jnp.eye(4) - A.T @ A  # I - W = 0.2 I + A^T A: m = 0.2
+    problem = jdeq.MonotoneProblem(linear=lambda z, w: z @ w.T, monotonicity=0.2,
+                                   lipschitz=lambda w: jnp.linalg.norm(jnp.eye(4) - w, 2))
+    return problem, W
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3])
+def test_forward_backward_alpha_is_the_step(alpha):
+    """One evaluation (``maxiter=1``) returns ``T(z0) = relu((1 - a) z0 + a (W z0 + c))``."""
+    problem, W = _monotone()
+    z0 = jnp.array([[0.5, -0.2, 0.1, 0.3], [1.0, 0.0, -1.0, 0.2]])
+    c = jnp.array([[0.3, -0.4, 0.2, 0.1], [-0.2, 0.5, 0.1, -0.3]])
+    sol = jdeq.monotone_fixed_point(problem, c, z0, W, splitting=jdeq.ForwardBackward(alpha=alpha),
+                                    solver=jdeq.FixedPointIteration(tol=1e-12, maxiter=1))
+    np.testing.assert_allclose(sol.value, jax.nn.relu((1 - alpha) * z0 + alpha * (z0 @ W.T + c)), rtol=1e-6)
+
+
+def test_peaceman_rachford_alpha_changes_the_path_not_the_fixed_point():
+    problem, W = _monotone()
+    setup = lambda a, w: jnp.linalg.inv((1 + a) * jnp.eye(4) - a * w)  # noqa: E731
+    problem = jdeq.MonotoneProblem(linear=problem.linear, monotonicity=0.2, lipschitz=problem.lipschitz,
+                                   resolvent=(setup, lambda v, inv: v @ inv.T))
+    c = jnp.array([[0.3, -0.4, 0.2, 0.1], [-0.2, 0.5, 0.1, -0.3]])
+    solve = lambda alpha: jdeq.monotone_fixed_point(  # noqa: E731
+        problem, c, jnp.zeros_like(c), W, splitting=jdeq.PeacemanRachford(alpha=alpha),
+        solver=jdeq.FixedPointIteration(tol=1e-6, maxiter=2000))
+    a, b = solve(0.02), solve(None)
+    assert bool(a.stats.converged.all()) and bool(b.stats.converged.all())
+    np.testing.assert_allclose(a.value, b.value, atol=1e-4)
+    assert int(a.stats.nsteps.min()) > 2 * int(b.stats.nsteps.max()), (a.stats.nsteps, b.stats.nsteps)
+
+
+# ---- correction_loss(gamma=...) and fixed_point_states(throw=True) ------------------------------
+
+
+def test_correction_loss_gamma_reaches_the_exp_weights():
+    states = (jnp.zeros(3), jnp.ones(3), 2 * jnp.ones(3))
+    total, losses = jdeq.correction_loss(lambda z: jnp.sum(z), states, gamma=0.5)
+    np.testing.assert_allclose(losses, [0.0, 3.0, 6.0])
+    assert float(total) == pytest.approx(0.25 * 0 + 0.5 * 3 + 6)
+
+
+def test_fixed_point_states_throw_raises():
+    f = lambda z, a: 0.99 * z + a  # noqa: E731  far from converged in 3 steps
+    z0, a = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        jax.block_until_ready(jdeq.fixed_point_states(
+            f, z0, a, states=2, solver=jdeq.FixedPointIteration(maxiter=3), throw=True).value)
+    jdeq.fixed_point_states(f, z0, a, states=2, solver=jdeq.FixedPointIteration(maxiter=3))
