@@ -162,3 +162,36 @@ def test_mixed_precision_computes_in_compute_dtype_and_returns_zs_dtype():
     np.testing.assert_array_equal(low, low.astype(jnp.bfloat16).astype(jnp.float32))  # bf16 values
     grads = nnx.grad(lambda c: jnp.sum(jdeq.models.MixedPrecision(c)(z, X)))(cell)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+# ---- MonDEQ: default splitting, record_equilibria, maxiter, throw ------------------------------
+
+
+def _mon_cell():
+    return jdeq.models.MonotoneDenseCell(3, 6, rngs=nnx.Rngs(0))
+
+
+def test_mondeq_default_splitting_is_peaceman_rachford_for_a_dense_cell():
+    """``splitting=None``: "Peaceman-Rachford when the cell offers a resolvent (dense)"."""
+    solver = jdeq.FixedPointIteration(tol=1e-6, maxiter=300)
+    z, st = jdeq.models.MonDEQ(_mon_cell(), solver=solver)(X)
+    z_pr, st_pr = jdeq.models.MonDEQ(_mon_cell(), splitting=jdeq.PeacemanRachford(), solver=solver)(X)
+    z_fb, st_fb = jdeq.models.MonDEQ(_mon_cell(), splitting=jdeq.ForwardBackward(), solver=solver)(X)
+    np.testing.assert_array_equal(z, z_pr)
+    np.testing.assert_array_equal(st.nsteps, st_pr.nsteps)
+    assert not np.array_equal(st.nsteps, st_fb.nsteps)
+
+
+def test_mondeq_records_equilibria_and_takes_maxiter_and_throw():
+    layer = jdeq.models.MonDEQ(_mon_cell(), solver=jdeq.FixedPointIteration(tol=1e-12, maxiter=300))
+    _, st = layer(X, maxiter=4)
+    np.testing.assert_array_equal(st.nsteps, 4)
+    assert getattr(layer, "equilibria", None) is None
+    layer.record_equilibria = True
+    z, _ = layer(X)
+    (x_rec, z_rec), = variable_value(layer.equilibria)
+    np.testing.assert_array_equal(x_rec, X)
+    np.testing.assert_array_equal(z_rec, z)
+    strict = jdeq.models.MonDEQ(_mon_cell(), solver=jdeq.FixedPointIteration(tol=1e-12, maxiter=3), throw=True)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        jax.block_until_ready(strict(X)[0])
