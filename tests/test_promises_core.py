@@ -318,3 +318,35 @@ def test_fixed_point_states_throw_raises():
         jax.block_until_ready(jdeq.fixed_point_states(
             f, z0, a, states=2, solver=jdeq.FixedPointIteration(maxiter=3), throw=True).value)
     jdeq.fixed_point_states(f, z0, a, states=2, solver=jdeq.FixedPointIteration(maxiter=3))
+
+
+# ---- Solver: stop_mode and trace ("rel" tests ||f(z)-z|| / ||f(z)||, "abs" ||f(z)-z||) ----------
+
+
+def _halving(z, c):
+    return 0.5 * z + c  # from 0: residual of the k-th iterate ||c|| 0.5^k, ||f(z_k)|| ~ 2||c||
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_solver_trace_records_the_residual_of_its_stop_mode(stop_mode):
+    c = jnp.full((2, 3), 10.0)
+    sol = jdeq.fixed_point(_halving, jnp.zeros_like(c), c,
+                           solver=jdeq.FixedPointIteration(tol=1e-30, maxiter=6, stop_mode=stop_mode, trace=True))
+    k = np.arange(6)
+    abs_res = np.sqrt(3) * 10.0 * 0.5 ** k
+    f_norm = np.sqrt(3) * 10.0 * (2 - 0.5 ** k)  # ||f(z_k)|| = ||z_{k+1}||, z_k = 2c(1 - 0.5^k)
+    want = abs_res if stop_mode == "abs" else abs_res / f_norm
+    np.testing.assert_allclose(np.asarray(sol.stats.trace), np.broadcast_to(want, (2, 6)), rtol=1e-5)
+    assert jdeq.fixed_point(_halving, jnp.zeros_like(c), c, solver=jdeq.FixedPointIteration(
+        tol=1e-30, maxiter=6, stop_mode=stop_mode)).stats.trace is None
+
+
+def test_solver_stop_mode_decides_when_an_example_stops():
+    c = jnp.full((2, 3), 1e4)  # large values: rel 1e-3 is reached long before abs 1e-3
+    run = lambda mode: jdeq.fixed_point(_halving, jnp.zeros_like(c), c, solver=jdeq.FixedPointIteration(  # noqa: E731
+        tol=1e-3, maxiter=200, stop_mode=mode)).stats
+    rel, absolute = run("rel"), run("abs")
+    assert bool(rel.converged.all()) and bool(absolute.converged.all())
+    assert float(rel.rel_residual.max()) < 1e-3 and float(rel.abs_residual.min()) > 1e-3
+    assert float(absolute.abs_residual.max()) < 1e-3
+    assert int(absolute.nsteps.min()) > int(rel.nsteps.max()) + 10
