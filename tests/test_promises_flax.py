@@ -195,3 +195,29 @@ def test_mondeq_records_equilibria_and_takes_maxiter_and_throw():
     strict = jdeq.models.MonDEQ(_mon_cell(), solver=jdeq.FixedPointIteration(tol=1e-12, maxiter=3), throw=True)
     with pytest.raises(RuntimeError, match="did not converge"):
         jax.block_until_ready(strict(X)[0])
+
+
+# ---- Unrolled(remat=True) as a constructor setting (tests/test_promises.py holds the per-call one) --
+
+
+def _grad_temp_bytes(fn, *args) -> int:
+    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_remat_set_at_construction_lowers_the_compiled_memory(flavour):
+    depth, width, batch = 24, 64, 32
+    x = jnp.ones((batch, width))
+
+    def loss_of(remat):
+        if flavour == "nnx":
+            net = jdeq.nnx.Unrolled(jdeq.models.MLPCell(width, width, rngs=nnx.Rngs(0)), depth=depth, remat=remat)
+            graphdef, state = nnx.split(net)
+            return (lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)), state
+        net = jdeq.linen.Unrolled(cell=jdeq.models.linen.MLPCell(features=width), depth=depth, remat=remat)
+        return (lambda s, x: jnp.sum(net.apply(s, x)[0] ** 2)), net.init(jax.random.key(0), x)
+
+    stored = _grad_temp_bytes(jax.grad(loss_of(False)[0]), loss_of(False)[1], x)
+    loss, state = loss_of(True)
+    recomputed = _grad_temp_bytes(jax.grad(loss), state, x)
+    assert recomputed * 2 < stored, (recomputed, stored)
