@@ -142,3 +142,13 @@ def test_jac_reg_options_reach_every_recorded_solve_and_the_gradient():
     assert record["loss"] == pytest.approx(1.0)  # "loss" stays the task loss (v = 1: z = x)
     # the penalty is differentiated: dw = 2 * penalty (w = 1); the task loss does not use w
     assert float(model.eq.w[...]) == pytest.approx(1.0 - lr * 2 * penalty, rel=1e-6)
+
+
+def test_consecutive_skips_carry_across_a_resume(tmp_path):
+    """"steps skipped so far, carried across a resume by the checkpoint": the consecutive count
+    too, so the limit fires at the step it would have fired at without the interruption."""
+    kw = dict(batch_size=4, loss_fn=_nan_loss, checkpoint_dir=tmp_path, progress=False)
+    history = T.fit(_linear(), optax.sgd(0.1), DATA, steps=3, max_skipped_steps=None, **kw)
+    assert history.train[-1]["skipped"] == 3
+    with pytest.raises(FloatingPointError, match=r"5 consecutive steps were skipped \(steps 1\.\.5\)"):
+        T.fit(_linear(), optax.sgd(0.1), DATA, steps=12, max_skipped_steps=5, **kw)
