@@ -350,3 +350,21 @@ def test_solver_stop_mode_decides_when_an_example_stops():
     assert float(rel.rel_residual.max()) < 1e-3 and float(rel.abs_residual.min()) > 1e-3
     assert float(absolute.abs_residual.max()) < 1e-3
     assert int(absolute.nsteps.min()) > int(rel.nsteps.max()) + 10
+
+
+# ---- ReversibleIteration(beta): "y <- (1 - beta) y + beta f(z), z <- (1 - beta) z + beta f(y)" --
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.8])
+def test_reversible_iteration_follows_the_documented_coupled_step(beta):
+    f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    a = jnp.array([[1.0, -0.5, 0.2]])
+    # maxiter=5 evaluations: f(z0), then two steps of two evaluations each
+    sol = jdeq.fixed_point(f, jnp.zeros_like(a), a, gradient=jdeq.Reversible(),
+                           solver=jdeq.ReversibleIteration(beta=beta, tol=1e-30, maxiter=5))
+    y = z = jnp.zeros_like(a)
+    for _ in range(2):
+        y = (1 - beta) * y + beta * f(z, a)
+        z = (1 - beta) * z + beta * f(y, a)
+    np.testing.assert_array_equal(sol.stats.nsteps, 5)
+    np.testing.assert_allclose(sol.value, f(z, a), rtol=1e-6)  # f at the last (best) iterate
