@@ -355,12 +355,13 @@ def test_solver_stop_mode_decides_when_an_example_stops():
 # ---- ReversibleIteration(beta): "y <- (1 - beta) y + beta f(z), z <- (1 - beta) z + beta f(y)" --
 
 
+@pytest.mark.parametrize("gradient", [jdeq.Reversible(), jdeq.Implicit()], ids=["reversible", "implicit"])
 @pytest.mark.parametrize("beta", [0.3, 0.8])
-def test_reversible_iteration_follows_the_documented_coupled_step(beta):
+def test_reversible_iteration_follows_the_documented_coupled_step(beta, gradient):
     f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
     a = jnp.array([[1.0, -0.5, 0.2]])
     # maxiter=5 evaluations: f(z0), then two steps of two evaluations each
-    sol = jdeq.fixed_point(f, jnp.zeros_like(a), a, gradient=jdeq.Reversible(),
+    sol = jdeq.fixed_point(f, jnp.zeros_like(a), a, gradient=gradient,
                            solver=jdeq.ReversibleIteration(beta=beta, tol=1e-30, maxiter=5))
     y = z = jnp.zeros_like(a)
     for _ in range(2):
