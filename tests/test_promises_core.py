@@ -369,3 +369,15 @@ def test_reversible_iteration_follows_the_documented_coupled_step(beta, gradient
         z = (1 - beta) * z + beta * f(y, a)
     np.testing.assert_array_equal(sol.stats.nsteps, 5)
     np.testing.assert_allclose(sol.value, f(z, a), rtol=1e-6)  # f at the last (best) iterate
+
+
+# ---- initial_states: "normal" is N(0, scale^2); "mixed" draws the first ceil(batch / 2) ------------
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_initial_states_scale_is_the_standard_deviation(scale):
+    z = jdeq.initial_states("normal", jnp.zeros((2000, 8)), jax.random.key(0), scale=scale)
+    assert float(jnp.std(z)) == pytest.approx(scale, rel=0.03)
+    mixed = jdeq.initial_states("mixed", jnp.zeros((5, 400)), jax.random.key(1), scale=scale)
+    assert bool((mixed[3:] == 0).all()) and bool((mixed[:3] != 0).all())
+    assert float(jnp.std(mixed[:3])) == pytest.approx(scale, rel=0.05)
