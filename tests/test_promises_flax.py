@@ -221,3 +221,20 @@ def test_remat_set_at_construction_lowers_the_compiled_memory(flavour):
     loss, state = loss_of(True)
     recomputed = _grad_temp_bytes(jax.grad(loss), state, x)
     assert recomputed * 2 < stored, (recomputed, stored)
+
+
+@pytest.mark.parametrize("m", [0.3, 2.0])
+def test_monotone_conv_cell_m_is_the_strong_monotonicity(m):
+    """``<(I - W) v, v> = m ||v||^2 + ||A v||^2`` (``B - B^T`` is skew): equality with ``A = 0``."""
+    cell = jdeq.models.MonotoneConvCell(1, 3, m=m, rngs=nnx.Rngs(0))
+    v = jax.random.normal(jax.random.key(2), (2, 5, 5, 3))
+    problem = cell.problem(jnp.zeros_like(v))
+    assert problem.monotonicity == m
+
+    def form(op):
+        return float(jnp.sum((v - problem.linear(v, op)) * v))
+
+    op = cell.operator()
+    vv = float(jnp.sum(v * v))
+    assert form(op) >= m * vv * (1 - 1e-5)
+    assert form({**op, "A": jnp.zeros_like(op["A"])}) == pytest.approx(m * vv, rel=1e-5)
