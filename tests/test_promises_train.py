@@ -152,3 +152,24 @@ def test_consecutive_skips_carry_across_a_resume(tmp_path):
     assert history.train[-1]["skipped"] == 3
     with pytest.raises(FloatingPointError, match=r"5 consecutive steps were skipped \(steps 1\.\.5\)"):
         T.fit(_linear(), optax.sgd(0.1), DATA, steps=12, max_skipped_steps=5, **kw)
+
+
+# ---- restore_checkpoint(step=k): "a given step to read instead (nothing is moved; a bad one raises)" --
+
+
+def test_restore_a_given_step_and_a_bad_given_step_raises(tmp_path):
+    for step in (1, 2, 3):
+        assert T.save_checkpoint(tmp_path, step, {"w": jnp.full(3, float(step))}, meta={"at": step})
+    like = {"w": jnp.zeros(3)}
+    ckpt = T.restore_checkpoint(tmp_path, like, step=2)
+    assert ckpt.step == 2 and ckpt.meta["at"] == 2
+    np.testing.assert_array_equal(ckpt.tree["w"], 2.0)
+    assert T.restore_checkpoint(tmp_path, like).step == 3
+    with pytest.raises(FileNotFoundError):
+        T.restore_checkpoint(tmp_path, like, step=5)
+    marker = next((tmp_path / "2").rglob("commit_success.txt"))
+    marker.unlink()  # step 2 now looks unfinished
+    with pytest.raises(T.CheckpointError):
+        T.restore_checkpoint(tmp_path, like, step=2)
+    assert T.checkpoint_steps(tmp_path) == [1, 2, 3]  # nothing moved
+    assert not (tmp_path / "corrupt").exists()
