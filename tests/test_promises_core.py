@@ -142,8 +142,9 @@ def test_anderson_ridge_is_the_documented_tikhonov_term(ridge, x64):
     solver = jdeq.Anderson(memory=2, ridge=ridge)
     z1 = jnp.array([[0.1, 0.2, -0.3]])
     state = solver.init(z1)
-    z2, state = solver.update(state, 1, z1, f(z1))
-    z3, _ = solver.update(state, 2, z2, f(z2))
+    update = jax.jit(solver.update, static_argnums=1)
+    z2, state = update(state, 1, z1, f(z1))
+    z3, _ = update(state, 2, z2, f(z2))
     g = np.stack([np.asarray(f(z1) - z1)[0], np.asarray(f(z2) - z2)[0]])
     G = g @ g.T
     a = np.linalg.solve(G + ridge * np.diag(np.diag(G)), np.ones(2))
@@ -255,9 +256,9 @@ def test_hyper_anderson_safeguard_switches_to_plain_anderson_after_a_bad_learned
     z = jnp.full_like(c, 0.3)
     xs, gs, gram, _, learn, _ = solver.init(z)
     state = (xs, gs, gram, jnp.zeros(2), jnp.ones(2, bool), jnp.ones(2, bool))
-    new, _ = solver.update(state, 1, z, f(z, c))
+    new, _ = jax.jit(solver.update, static_argnums=1)(state, 1, z, f(z, c))
     plain = jdeq.Anderson(memory=3)
-    want, _ = plain.update(plain.init(z), 1, z, f(z, c))
+    want, _ = jax.jit(lambda z: plain.update(plain.init(z), 1, z, f(z, c)))(z)
     if safeguard:
         np.testing.assert_allclose(new, want, rtol=1e-6)
     else:

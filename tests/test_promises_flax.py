@@ -15,13 +15,14 @@ import jdeq
 from jdeq.nnx import variable_value
 
 X = jnp.array([[0.5, -1.0, 0.3], [1.2, 0.1, -0.4]])
+FPI = jdeq.FixedPointIteration(tol=1e-6, maxiter=100)  # the cheapest loop to compile
 
 
 # ---- nnx.DEQ.record_equilibria: "each call sows (x, z*) into nnx.Intermediate 'equilibria'" ----
 
 
 def test_nnx_record_equilibria_sows_x_and_z_star():
-    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)))
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=FPI)
     z, _ = deq(X)
     assert getattr(deq, "equilibria", None) is None  # off by default: nothing recorded
     deq.set_attributes(record_equilibria=True)
@@ -36,7 +37,7 @@ def test_nnx_record_equilibria_sows_x_and_z_star():
 
 
 def test_linen_sows_equilibria_when_intermediates_are_mutable():
-    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8))
+    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=FPI)
     variables = deq.init(jax.random.key(0), X)
     (z, _), state = deq.apply(variables, X, mutable=["intermediates"])
     (x_rec, z_rec), = state["intermediates"]["equilibria"]
@@ -48,7 +49,7 @@ def test_linen_sows_equilibria_when_intermediates_are_mutable():
 
 
 def test_linen_call_time_solver_maxiter_and_gradient_overrides():
-    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-6, maxiter=50))
+    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=FPI)
     variables = deq.init(jax.random.key(0), X)
     _, st = deq.apply(variables, X, solver=jdeq.FixedPointIteration(tol=1e-30, maxiter=7))
     np.testing.assert_array_equal(st.nsteps, 7)  # the call's solver (and its budget)
@@ -78,7 +79,7 @@ class _AnyShapeCell(nn.Module):
 def test_linen_batched_false_attribute_and_override():
     """``batched=False``: one example per call (per-example code under ``jax.vmap``); values
     equal the batched layer's (tests/test_vmap.py holds the nnx layer's)."""
-    solver = jdeq.Anderson(tol=1e-6, maxiter=50)
+    solver = FPI
     batched = jdeq.linen.DEQ(_AnyShapeCell(), solver=solver)
     one = jdeq.linen.DEQ(_AnyShapeCell(), solver=solver, batched=False)
     variables = batched.init(jax.random.key(0), X)
