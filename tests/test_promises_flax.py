@@ -224,7 +224,7 @@ def test_remat_set_at_construction_lowers_the_compiled_memory(flavour):
     assert recomputed * 2 < stored, (recomputed, stored)
 
 
-@pytest.mark.parametrize("m", [0.3, 2.0])
+@pytest.mark.parametrize("m", [2.0])
 def test_monotone_conv_cell_m_is_the_strong_monotonicity(m):
     """``<(I - W) v, v> = m ||v||^2 + ||A v||^2`` (``B - B^T`` is skew): equality with ``A = 0``."""
     cell = jdeq.models.MonotoneConvCell(1, 3, m=m, rngs=nnx.Rngs(0))
