@@ -288,3 +288,66 @@ def test_split_arrays_get_hash32_and_are_verified_by_it(monkeypatch):
     monkeypatch.setattr(_checksum, "_readable", lambda x: np.shape(x) != (5,))
     assert _checksum.mismatch([a, b], saved) is None
     assert _checksum.mismatch([a, b.at[0].add(1.0)], saved) == 1
+
+
+# ---- TrainState.rest: "what the model writes to it (RNG counters, so that dropout draws a new
+# mask every step; warm-start caches) is kept by the step" ------------------------------------
+
+
+class _DropoutNet(nnx.Module):
+    def __init__(self):
+        self.lin = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+        self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1))
+        self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(2))
+
+    def __call__(self, x):
+        return self.head(self.drop(self.lin(x)))
+
+
+def test_dropout_draws_a_new_mask_every_step():
+    import optax
+
+    from jdeq import train as T
+
+    def loss_fn(model, batch):
+        out = model(batch["x"])
+        return jnp.sum(out), {"out": out}
+
+    opt = optax.sgd(0.0)  # parameters fixed: only the mask can change the output
+    state = T.TrainState.create(_DropoutNet(), opt)
+    step = jax.jit(T.make_train_step(loss_fn, opt))
+    batch = {"x": jnp.ones((8, 4))}
+    outs = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        outs.append(np.asarray(metrics["out"]))
+    assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+
+
+def test_resume_with_dropout_equals_uninterrupted(tmp_path):
+    import optax
+
+    from jdeq import train as T
+
+    x = np.asarray(jax.random.normal(jax.random.key(0), (32, 4)), np.float32)
+    data = {"inputs": x, "labels": (x[:, 0] > 0).astype(np.int32)}
+    kw = dict(steps=6, batch_size=8, progress=False, log_every=1)
+    full = _DropoutNet()
+    T.fit(full, optax.sgd(0.1), data, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise Stop
+
+    part = _DropoutNet()
+    with pytest.raises(Stop):
+        T.fit(part, optax.sgd(0.1), data, checkpoint_dir=tmp_path, checkpoint_every=3, callback=stop_at_3, **kw)
+    resumed = _DropoutNet()
+    T.fit(resumed, optax.sgd(0.1), data, checkpoint_dir=tmp_path, checkpoint_every=3, **kw)
+    for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed))):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)

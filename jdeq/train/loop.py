@@ -124,8 +124,9 @@ def fit(
     round-trip per step).
 
     Checkpoint/resume: with ``checkpoint_dir``, the parameters, the optimizer state, the
-    model's warm-start caches (``jdeq.nnx.FixedPointCache``, if any) and the history are saved (orbax) every ``checkpoint_every`` steps, at the end, and when the run is
-    interrupted (``KeyboardInterrupt``). A later call with the same directory restores the latest
+    model's other changing state (RNG counters of dropout, warm-start caches of
+    ``jdeq.nnx.FixedPointCache``, if any) and the history are saved (orbax) every
+    ``checkpoint_every`` steps, at the end, and when the run is interrupted (``KeyboardInterrupt``). A later call with the same directory restores the latest
     checkpoint and continues from its step (see :mod:`jdeq.train.checkpoint`); since the batch at step ``k`` depends only on
     ``(seed, k)``, the result equals an uninterrupted run of ``steps`` steps (bitwise on the
     same backend, also after ``SIGKILL``: tests/test_resume.py). Writes are atomic (orbax
@@ -227,17 +228,17 @@ def fit(
     if checkpoint_dir is not None:
         found = restore_checkpoint(checkpoint_dir, _saved(state))
         if found is not None:
-            params, opt_state, *cache = found.tree
+            params, opt_state, *mutable = found.tree
             state = state.replace(params=params, opt_state=opt_state,
                                   step=jax.device_put(jnp.int32(found.step), state.step.sharding))
-            if cache:
-                state = state.with_cache(cache[0])
+            if mutable:
+                state = state.with_mutable(mutable[0])
             history = History(train=list(found.meta["train"]), eval=list(found.meta["eval"]),
                               resumed_from=found.step)
             elapsed, skip_state = float(found.meta["elapsed"]), found.meta.get("skips")
 
     def run_eval(step):
-        nnx.update(model, state.params, state.cache())
+        nnx.update(model, state.params, state.mutable())
         record = {"step": step}
         for name, arrays in eval_data.items():
             record[name] = evaluate(model, arrays, batch_size=eval_batch_size, loss_fn=loss_fn, mesh=mesh,
@@ -280,7 +281,7 @@ def fit(
         raise
     finally:
         bar.close()
-        nnx.update(model, state.params, state.cache())
+        nnx.update(model, state.params, state.mutable())
     elapsed += time.perf_counter() - t0
     if eval_data and (not history.eval or history.eval[-1]["step"] != steps):
         run_eval(steps)
@@ -289,10 +290,14 @@ def fit(
 
 
 def _saved(state: TrainState) -> tuple:
-    """What a checkpoint of ``fit`` holds: ``(params, opt_state)``, and the warm-start caches
-    (``jdeq.nnx.CachedFixedPoint`` state) as a third entry when the model has any."""
-    cache = state.cache()
-    return (state.params, state.opt_state, cache) if jax.tree_util.tree_leaves(cache) else (state.params, state.opt_state)
+    """What a checkpoint of ``fit`` holds: ``(params, opt_state)``, and the model's other
+    changing state (:meth:`TrainState.mutable`: RNG counters, warm-start caches) as a third
+    entry when the model has any, so that a resumed run draws the same dropout masks and starts
+    from the same cached fixed points as an uninterrupted one."""
+    mutable = state.mutable()
+    if jax.tree_util.tree_leaves(mutable):
+        return state.params, state.opt_state, mutable
+    return state.params, state.opt_state
 
 
 def _check_cache_index(model, data) -> None:

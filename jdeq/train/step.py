@@ -30,6 +30,9 @@ from jdeq.train.sharding import optimizer_shardings, param_shardings, replicated
 
 __all__ = ["TrainState", "all_finite", "make_train_step"]
 
+# what a step may change besides the parameters: every other variable but the RNG keys
+MUTABLE = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.RngKey))
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
@@ -38,8 +41,10 @@ class TrainState:
     Attributes:
       graphdef: the model's ``nnx.GraphDef`` (static: part of the tree's structure).
       params: the model's ``nnx.Param`` state (trained).
-      rest: the model's other state (RNG counters, ...): passed to the model; only its
-        ``jdeq.nnx.CachedFixedPoint`` entries (warm-start caches) are updated by the step.
+      rest: the model's other state: passed to the model, and what the model writes to it
+        (RNG counters, so that dropout draws a new mask every step; warm-start caches,
+        ``jdeq.nnx.CachedFixedPoint``; other non-parameter variables) is kept by the step,
+        except on a skipped step. RNG keys themselves never change.
       opt_state: the optax state.
       step: int32 scalar, the number of steps taken (skipped ones included).
 
@@ -85,6 +90,15 @@ class TrainState:
         """A new module holding this state's parameters (``nnx.merge``)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
+    def mutable(self):
+        """The model state a step may change: every variable but the parameters and the RNG
+        keys (RNG counters, warm-start caches, ...), an ``nnx.State`` (empty if none)."""
+        return nnx.state(self.model(), MUTABLE)
+
+    def with_mutable(self, mutable) -> "TrainState":
+        """A copy whose :meth:`mutable` state is ``mutable`` (same structure)."""
+        return self.replace(rest=_with_cache(self.graphdef, self.params, self.rest, mutable))
+
     def cache(self):
         """The warm-start caches of the model (its ``jdeq.nnx.CachedFixedPoint`` state, an
         ``nnx.State``; empty for a model without a ``jdeq.nnx.FixedPointCache``)."""
@@ -129,7 +143,8 @@ jax.tree_util.register_dataclass(
 
 
 def _with_cache(graphdef, params, rest, cache):
-    """``rest`` with its ``CachedFixedPoint`` entries replaced by ``cache`` (same structure)."""
+    """``rest`` with the entries of ``cache`` (a sub-state of it: caches, or all of
+    :data:`MUTABLE`) replaced."""
     if not jax.tree_util.tree_leaves(cache):
         return rest
     net = nnx.merge(graphdef, params, rest)
@@ -220,22 +235,22 @@ def make_train_step(
             net = nnx.merge(state.graphdef, params, state.rest, copy=True)
             if jac_reg is None:
                 value, metrics = loss_fn(net, batch)
-                return value, (metrics, nnx.state(net, CachedFixedPoint))
+                return value, (metrics, nnx.state(net, MUTABLE))
             records = start_recording(net) if jac_reg.active else []
             value, metrics = loss_fn(net, batch)
             reg = jnp.zeros((), jnp.result_type(value))
             if jac_reg.active:
                 reg = penalty(jac_reg, records, jax.random.fold_in(base_key, state.step)).astype(reg.dtype)
-            return value + reg, ({**metrics, "jac_reg": reg}, nnx.state(net, CachedFixedPoint))
+            return value + reg, ({**metrics, "jac_reg": reg}, nnx.state(net, MUTABLE))
 
-        (value, (metrics, cache)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        (value, (metrics, mutable)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(value) & all_finite((grads, new_params, new_opt_state))
         params, opt_state = optax.tree.where(ok, (new_params, new_opt_state), (state.params, state.opt_state))
         rest = state.rest
-        if jax.tree_util.tree_leaves(cache):  # a skipped step keeps the caches as they were
-            rest = _with_cache(state.graphdef, state.params, rest, optax.tree.where(ok, cache, state.cache()))
+        if jax.tree_util.tree_leaves(mutable):  # a skipped step keeps RNG counters and caches as they were
+            rest = _with_cache(state.graphdef, state.params, rest, optax.tree.where(ok, mutable, state.mutable()))
         new_state = state.replace(params=params, rest=rest, step=state.step + 1)
         return new_state, {**metrics, "skipped": (~ok).astype(jnp.float32)}
 
