@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient, Implicit
 from jdeq._loop import residuals
@@ -32,8 +33,7 @@ def _shapes(tree, limit: int = 200) -> str:
 
 def _check_f(f, z0, args, *, name: str = "f") -> None:
     """Traces ``f`` once abstractly; raises if its output does not match ``z0``."""
-    if not callable(f):
-        raise TypeError(f"`{name}` must be callable as {name}(z, args), got {f!r}.")
+    V.callable_(f, name, usage=f"{name}(z, args)")
     try:
         out = jax.eval_shape(f, z0, args)
     except (TypeError, ValueError) as e:  # say which call failed, with what (the message is f's)
@@ -96,10 +96,8 @@ def check_options(solver, gradient, throw, batched=True) -> None:
             "`gradient` must be a jdeq.Gradient (jdeq.Implicit, jdeq.Phantom, "
             f"jdeq.JacobianFree, jdeq.Unrolled, ... or your own subclass), got {gradient!r}."
         )
-    if not isinstance(throw, bool):
-        raise TypeError(f"`throw` must be a bool, got {throw!r}.")
-    if not isinstance(batched, bool):
-        raise TypeError(f"`batched` must be a bool, got {batched!r}.")
+    V.boolean(throw, "throw")
+    V.boolean(batched, "batched")
 
 
 def check_batch_axis(z0, *, name: str = "z0") -> None:
@@ -131,8 +129,7 @@ def _drop_batch_axis(tree):
 
 def check_depth(depth) -> None:
     """Raises ``ValueError`` unless ``depth`` is an int >= 1 (``unroll`` and the adapters)."""
-    if not isinstance(depth, numbers.Integral) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
+    V.positive_int(depth, "depth")
 
 
 def fixed_point(
@@ -245,8 +242,7 @@ def unroll(
       ...                   jnp.ones((2, 3)), depth=8)
     """
     check_depth(depth)
-    if stop_mode not in ("abs", "rel"):
-        raise ValueError(f"`stop_mode` must be 'abs' or 'rel', got {stop_mode!r}.")
+    V.stop_mode(stop_mode)
     layout = batch_layout(z0)
     _check_f(f, z0, args)
     layer = (lambda z: f(z, args)) if not remat else jax.checkpoint(lambda z: f(z, args))

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._loop import REL_EPS, residuals
-from jdeq._protocols import Gradient, Solver, check_maxiter
+from jdeq._protocols import Gradient, Solver
 from jdeq._stats import Solution, SolverStats
 
 __all__ = ["Gradient", "Implicit", "JacobianFree", "LINEAR_SOLVERS", "Phantom", "Unrolled"]
@@ -179,11 +180,8 @@ class Implicit(Gradient):
     shine_tol: float = 0.5
 
     def __post_init__(self):
-        if self.shine not in SHINE_MODES:
-            raise ValueError(f"`shine` must be one of {SHINE_MODES}, got {self.shine!r}.")
-        if not (isinstance(self.shine_tol, numbers.Real) and not isinstance(self.shine_tol, bool)
-                and self.shine_tol > 0):
-            raise ValueError(f"`shine_tol` must be a number > 0, got {self.shine_tol!r}.")
+        V.one_of(self.shine, "shine", SHINE_MODES)
+        V.positive_number(self.shine_tol, "shine_tol")
         if self.shine is not None and isinstance(self.solver, str):
             raise ValueError(
                 f"`shine={self.shine!r}` needs jdeq's per-example backward loop (solver=None or "
@@ -195,14 +193,10 @@ class Implicit(Gradient):
                 "`solver` must be None, a jdeq solver or one of "
                 f"{sorted(LINEAR_SOLVERS)}; got {s!r}."
             )
-        if self.tol is not None and not (isinstance(self.tol, numbers.Number) and self.tol > 0):
-            raise ValueError(f"`tol` must be > 0, got {self.tol!r}.")
-        if self.maxiter is not None:
-            check_maxiter(self.maxiter)
-        if self.stop_mode not in (None, "abs", "rel"):
-            raise ValueError(f"`stop_mode` must be 'abs' or 'rel', got {self.stop_mode!r}.")
-        if self.callback is not None and not callable(self.callback):
-            raise TypeError(f"`callback` must be callable, got {self.callback!r}.")
+        V.positive_number(self.tol, "tol", none=True)
+        V.positive_int(self.maxiter, "maxiter", none=True)
+        V.stop_mode(self.stop_mode, none=True)
+        V.callable_(self.callback, "callback", usage="callback(stats)", none=True)
 
     def _linear_solver(self, forward_solver, static_maxiter=None) -> Callable:
         """``solve(matvec, b, maxiter, ok) -> x`` for ``matvec(x) = b`` (batched like ``z``).
@@ -460,10 +454,8 @@ class Phantom(Gradient):
     damping: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"`steps` must be an int >= 1, got {self.steps!r}.")
-        if not isinstance(self.damping, numbers.Number) or not 0 < self.damping <= 1:
-            raise ValueError(f"`damping` must be in (0, 1], got {self.damping!r}.")
+        V.positive_int(self.steps, "steps")
+        V.number(self.damping, "damping", 0, 1, lo_open=True)
 
     def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
         del solver, maxiter

@@ -13,42 +13,25 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._loop import run_loop, solve_rows
 from jdeq._stats import Solution
 
 __all__ = ["Gradient", "Pytree", "Solver", "check_maxiter", "leaf_field"]
 
-_STOP_MODES = ("abs", "rel")
-
-
-def _is_concrete_number(x) -> bool:
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)
-
-
 def check_maxiter(maxiter, *, name: str = "maxiter") -> None:
-    """Raises unless ``maxiter`` is an integer >= 1: a Python int (or whole float), or an integer
-    scalar array; a traced value is checked for its dtype and shape only (its value is unknown)."""
-    if isinstance(maxiter, bool) or (isinstance(maxiter, float) and not maxiter.is_integer()):
-        raise TypeError(f"`{name}` must be an integer, got {maxiter!r}.")
-    if not _is_concrete_number(maxiter):
-        dtype = getattr(maxiter, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(maxiter) != 0:
-            what = f"dtype {dtype} and shape {jnp.shape(maxiter)}" if dtype is not None else repr(maxiter)
-            raise TypeError(f"`{name}` must be an integer (a Python int or an int scalar array), got {what}.")
-        try:
-            maxiter = int(maxiter)
-        except jax.errors.ConcretizationTypeError:
-            return  # traced: the run-time budget of a compiled function
-    if maxiter < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {maxiter}.")
+    """Raises unless ``maxiter`` is an int >= 1 or an integer scalar array; a traced value is
+    checked for its dtype and shape only (its value is unknown). The rule is
+    :func:`jdeq._validate.budget`."""
+    V.budget(maxiter, name)
 
 
-# Checks of the options that only some solvers have: name -> (predicate, what is expected).
+# Checks of the options that only some solvers have: name -> the rule.
 _OPTION_CHECKS = {
-    "damping": (lambda v: _is_concrete_number(v) and 0 < v <= 1, "in (0, 1]"),
-    "memory": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
-    "ridge": (lambda v: _is_concrete_number(v) and v >= 0, "a number >= 0"),
+    "damping": lambda v: V.number(v, "damping", 0, 1, lo_open=True),
+    "memory": lambda v: V.positive_int(v, "memory"),
+    "ridge": lambda v: V.nonnegative_number(v, "ridge"),
 }
 
 
@@ -140,21 +123,13 @@ class Solver(Pytree):
     trace: bool = False
 
     def __post_init__(self):
-        if not _is_concrete_number(self.tol) or not self.tol > 0:
-            raise ValueError(f"`tol` must be a number > 0, got {self.tol!r}.")
-        if not isinstance(self.maxiter, numbers.Integral) or isinstance(self.maxiter, bool):
-            raise TypeError(f"`maxiter` must be an int, got {self.maxiter!r}.")
-        check_maxiter(self.maxiter)
-        if self.stop_mode not in _STOP_MODES:
-            raise ValueError(f"`stop_mode` must be one of {_STOP_MODES}, got {self.stop_mode!r}.")
-        if not isinstance(self.trace, bool):
-            raise TypeError(f"`trace` must be a bool, got {self.trace!r}.")
+        V.positive_number(self.tol, "tol")
+        V.positive_int(self.maxiter, "maxiter")
+        V.stop_mode(self.stop_mode)
+        V.boolean(self.trace, "trace")
         for field in dataclasses.fields(self):  # options that only some solvers have
             if field.name in _OPTION_CHECKS:
-                ok, expected = _OPTION_CHECKS[field.name]
-                value = getattr(self, field.name)
-                if not ok(value):
-                    raise ValueError(f"`{field.name}` must be {expected}, got {value!r}.")
+                _OPTION_CHECKS[field.name](getattr(self, field.name))
 
     def init(self, z):
         """The solver's state for the ``(batch, dim)`` starting point ``z``."""
