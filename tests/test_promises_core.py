@@ -384,3 +384,17 @@ def test_initial_states_scale_is_the_standard_deviation(scale):
     mixed = jdeq.initial_states("mixed", jnp.zeros((5, 400)), jax.random.key(1), scale=scale)
     assert bool((mixed[3:] == 0).all()) and bool((mixed[:3] != 0).all())
     assert float(jnp.std(mixed[:3])) == pytest.approx(scale, rel=0.05)
+
+
+# ---- fixed_point's value: "maxiter=L plain iterations apply f exactly L times" -------------------
+
+
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Unrolled()], ids=["while_loop", "scan"])
+def test_maxiter_plain_iterations_apply_f_exactly_that_many_times(gradient):
+    c = jnp.array([[1.0, -2.0, 0.5]])
+    z = jnp.array([[0.3, 0.1, -0.4]])
+    sol = jdeq.fixed_point(_halving, z, c, solver=jdeq.FixedPointIteration(tol=1e-30, maxiter=4), gradient=gradient)
+    for _ in range(4):
+        z = _halving(z, c)
+    np.testing.assert_array_equal(sol.stats.nsteps, 4)
+    np.testing.assert_allclose(sol.value, z, rtol=1e-6)
