@@ -798,7 +798,7 @@ CASES: list[Case] = [
     C(TRAIN, "predict(model, inputs, maxiter=0)", "maxiter 0", lambda: _predict(maxiter=0), ValueError,
       r"`maxiter` must be an int >= 1"),
     C(TRAIN, "next(batches(data, 0))", "batch_size 0", lambda: next(__import__("jdeq").train.batches(_data(), 0)),
-      ValueError, r"`batch_size` must be in \[1, 8\]"),
+      ValueError, r"`batch_size` must be an int in \[1, 8\]"),
     C(TRAIN, "batch_indices(10, 2.5, 0)", "batch_size a float", lambda: __import__("jdeq").train.batch_indices(10, 2.5, 0),
       TypeError, r"`batch_size` must be an int"),
     C(TRAIN, "batch_indices(10, 2, -1)", "step negative", lambda: __import__("jdeq").train.batch_indices(10, 2, -1),

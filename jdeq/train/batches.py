@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Iterator, Mapping
 
 import jax
 import numpy as np
+
+from jdeq import _validate as V
 
 __all__ = ["batch_indices", "batches", "check_run_options", "data_size", "inputs_size"]
 
@@ -61,14 +62,11 @@ def check_run_options(batch_size, call_kwargs: Mapping, *, loss_fn=...) -> None:
 
     ``call_kwargs["maxiter"]`` is checked here because inside the jitted call it is traced.
     """
-    from jdeq._solvers import check_maxiter
-
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-    if loss_fn is not ... and not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    V.positive_int(batch_size, "batch_size")
+    if loss_fn is not ...:
+        V.callable_(loss_fn, "loss_fn", usage="loss_fn(model, batch)")
     if call_kwargs.get("maxiter") is not None:
-        check_maxiter(call_kwargs["maxiter"])
+        V.budget(call_kwargs["maxiter"])
 
 
 def batch_indices(n: int, batch_size: int, step: int, *, seed: int = 0) -> np.ndarray:
@@ -84,13 +82,10 @@ def batch_indices(n: int, batch_size: int, step: int, *, seed: int = 0) -> np.nd
     Returns:
       int array ``(batch_size,)``.
     """
-    for name, value in (("n", n), ("batch_size", batch_size), ("step", step), ("seed", seed)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"`{name}` must be an int, got {value!r}.")
-    if step < 0 or seed < 0:
-        raise ValueError(f"`{'step' if step < 0 else 'seed'}` must be an int >= 0, got {min(step, seed)}.")
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"`batch_size` must be in [1, {n}] (the number of examples), got {batch_size}.")
+    V.positive_int(n, "n")
+    V.nonnegative_int(step, "step")
+    V.nonnegative_int(seed, "seed")
+    V.integer(batch_size, "batch_size", 1, n)  # at most the number of examples
     per_epoch = n // batch_size
     epoch, k = divmod(int(step), per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jdeq import _validate as V
 from jdeq.train._checksum import fingerprint, mismatch
 
 __all__ = ["Checkpoint", "CheckpointError", "checkpoint_steps", "restore_checkpoint", "save_checkpoint"]
@@ -103,8 +104,7 @@ def _check_directory(directory) -> None:
 
 
 def _check_step(step, name: str = "step") -> None:
-    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"`{name}` must be an int >= 0, got {step!r}.")
+    V.nonnegative_int(step, name)
 
 
 def _leaves(tree, name: str) -> list:
@@ -156,8 +156,7 @@ def save_checkpoint(
     """
     _check_directory(directory)
     _check_step(step)
-    if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 1:
-        raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
+    V.positive_int(keep, "keep")
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"`meta` must be None or a dict, got {type(meta).__name__}.")
     leaves = _leaves(tree, "tree")

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jdeq import _validate as V
 from jdeq.train.batches import batch_indices, check_run_options, data_size
 from jdeq.train.checkpoint import restore_checkpoint, save_checkpoint
 from jdeq.train.evaluation import evaluate, host_metrics
@@ -325,20 +326,14 @@ def _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, ev
                     checkpoint_every, jac_reg, max_skipped_steps, mesh, data_axis, model_axis) -> tuple[int, int]:
     """Host-side checks of ``fit``'s arguments; returns ``(examples, rows per process per step)``."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
+        V.positive_int(value, name)
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+                        ("max_skipped_steps", max_skipped_steps)):
+        V.positive_int(value, name, none=True)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"`optimizer` must be an optax GradientTransformation, got {optimizer!r}.")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be an int >= 0, got {seed!r}.")
+    V.nonnegative_int(seed, "seed")
     check_run_options(batch_size, {}, loss_fn=loss_fn)
-    if max_skipped_steps is not None and (
-        not isinstance(max_skipped_steps, int) or isinstance(max_skipped_steps, bool) or max_skipped_steps < 1
-    ):
-        raise ValueError(f"`max_skipped_steps` must be None or an int >= 1, got {max_skipped_steps!r}.")
     n = data_size(data)
     local_batch = batch_size
     if mesh is not None:
