@@ -47,7 +47,7 @@ def test_every_notebook_is_listed():
 
 
 def test_notebooks_run():
-    # One test for all four (not one per notebook): under pytest-xdist a shared fixture would run
+    # One test for all of them (not one per notebook): under pytest-xdist a shared fixture would run
     # the notebooks again in every worker that got one of its tests.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         errors = dict(zip(NAMES, pool.map(_execute, NAMES)))

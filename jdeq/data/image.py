@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jdeq import _validate as V
+
 __all__ = ["NAMES", "downsample", "load", "psnr"]
 
 NAMES = ("china.jpg", "flower.jpg")
@@ -38,8 +40,7 @@ def downsample(img: np.ndarray, size: int) -> np.ndarray:
     Returns:
       ``(size, size, C)`` float64 array.
     """
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"`size` must be an int >= 1, got {size!r}.")
+    V.positive_int(size, "size")
     img = np.asarray(img, np.float64)
     if img.ndim != 3:
         raise ValueError(f"`img` must be (H, W, C), got shape {img.shape}.")
@@ -67,8 +68,7 @@ def load(size: int = 32, *, name: str = "china.jpg", dtype=np.float32) -> dict[s
       ``{"coords": (size*size, 2) in [-1, 1] (row, column), "pixels": (size*size, 3) RGB in
       [0, 1], "index": (size*size,) int32 arange}``.
     """
-    if name not in NAMES:
-        raise ValueError(f"`name` must be one of {NAMES} (scikit-learn's sample images), got {name!r}.")
+    V.one_of(name, "name", NAMES)  # scikit-learn's sample images
     from sklearn.datasets import load_sample_image
 
     img = downsample(load_sample_image(name), size) / 255.0

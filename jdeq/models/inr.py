@@ -33,14 +33,14 @@ from flax import nnx
 
 from jdeq._gradients import Implicit
 from jdeq._solvers import Anderson
+from jdeq import _validate as V
 from jdeq.nnx import DEQ, FixedPointCache
 
 __all__ = ["DEQINR", "FixedFeatures", "FourierFeatures", "FourierMLP", "SIREN", "SineCell"]
 
 
 def _check_int(name: str, value, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+    V.integer(value, name, low)
 
 
 class FixedFeatures(nnx.Variable):
