@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq import _validate as V
 from jdeq._cells import guard_nonfinite_inputs, initial_state, mask_bad_examples
 from jdeq._fixed_point import check_depth, check_options, fixed_point, unroll
 from jdeq._gradients import Implicit
@@ -123,8 +124,7 @@ class FixedPointCache(nnx.Module):
     """
 
     def __init__(self, num_examples: int, shape, *, dtype=None):
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
-            raise ValueError(f"`num_examples` must be an int >= 1, got {num_examples!r}.")
+        V.positive_int(num_examples, "num_examples")
         if isinstance(shape, tuple) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             if any(d < 0 for d in shape):
                 raise ValueError(f"`shape` must be a tuple of ints >= 0, got {shape!r}.")
