@@ -351,3 +351,15 @@ def test_resume_with_dropout_equals_uninterrupted(tmp_path):
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(a, b)
+
+
+def test_checksum_values_are_stable_across_versions():
+    """A checkpoint records ``crc32``/``hash32`` values, and a later jdeq must verify it: the
+    functions are part of the checkpoint format. Golden values recorded with jdeq 0.2 (any change
+    to the hash's constants, mixing or position scheme breaks every saved checkpoint)."""
+    from jdeq.train import _checksum
+
+    xs = [jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 7, jnp.array([-1, 3, 127], jnp.int8),
+          jnp.array([[True, False], [False, True]]), jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3, 1)]
+    assert _checksum._device_hashes(xs) == [4199979084, 1962030141, 261885025, 1952279150]
+    assert [f["crc32"] for f in _checksum.fingerprint(xs)] == [2835306869, 2857292433, 4009724143, 987767219]
