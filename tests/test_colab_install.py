@@ -1,6 +1,7 @@
 """The notebooks' first cell installs jdeq in a fresh runtime, as on Colab.
 
-A fresh venv stands for the Colab runtime: it gets only a Jupyter kernel (ipykernel), never jdeq.
+A fresh venv stands for the Colab runtime: like Colab, it has the scientific stack preinstalled
+(this environment's packages, seen through a ``.pth`` entry, every jdeq entry left out), never jdeq.
 The repository is cloned to a temporary folder (the committed state, as a user would get it) and
 the first cell's ``JDEQ_REPO`` form field is pointed at the clone as a ``file://`` git URL, the
 way a Colab user edits the field. ``01_quickstart`` then runs headless (nbclient, ``JDEQ_QUICK=1``)
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import venv
 from pathlib import Path
@@ -61,14 +63,34 @@ def test_fresh_runtime_installs_and_runs_quickstart(tmp_path, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     clone = tmp_path / "jdeq-clone"
-    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
+    # a full clone: pip clones the URL with --filter=blob:none, and a partial clone of a *shallow*
+    # repository makes git re-fetch missing objects recursively (thousands of processes; it cost
+    # this test ~10 minutes of CI before)
+    subprocess.run(["git", "clone", "-q", f"file://{ROOT}", str(clone)], check=True)
 
     runtime = tmp_path / "runtime"
     venv.create(runtime, with_pip=True)
     py = runtime / "bin" / "python"
+    # Colab preinstalls its scientific stack (jax, flax, optax, numpy, matplotlib, ipykernel, ...)
+    # but not jdeq: the runtime sees this environment's packages through a .pth entry to a copy of
+    # its site-packages made of symlinks, every jdeq entry left out (so `import jdeq` fails there
+    # and pip does not count jdeq as installed). What pip installs lands in the runtime's own
+    # site-packages; pip never uninstalls outside its environment. Without this the test spent
+    # minutes installing jax & co. from scratch.
+    stack = tmp_path / "preinstalled"
+    stack.mkdir()
+    outer = Path(sysconfig.get_paths()["purelib"])
+    for entry in outer.iterdir():
+        if not (entry.name.lower().startswith(("jdeq", "__editable__")) or entry.suffix == ".pth"):
+            (stack / entry.name).symlink_to(entry)
+    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    (Path(inner) / "colab_preinstalled.pth").write_text(f"{stack}\n")
     env = {**os.environ, "PIP_CACHE_DIR": str(ROOT / ".cache" / "pip"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "ipykernel"], check=True, env=env)
+    probe = subprocess.run([str(py), "-c", "import jax, flax, optax, ipykernel; import jdeq"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert "No module named 'jdeq'" in probe.stderr, probe.stderr[-2000:]  # the stack is there, jdeq is not
 
     # A kernelspec for the runtime's interpreter, found through JUPYTER_PATH.
     spec = tmp_path / "jupyter" / "kernels" / "fresh"

@@ -91,7 +91,7 @@ def _launch(phase: str, workdir: Path, *, kill_when_ready: bool = False) -> list
     return ["".join(o) for o in outs]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
 def runs(tmp_path_factory):
     """Both phases (the first killed mid-run), then each process's results."""
     workdir = tmp_path_factory.mktemp("multiprocess")
@@ -109,7 +109,7 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
 def reference():
     """The same training in this process on one device."""
     from jdeq import train

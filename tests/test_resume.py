@@ -66,7 +66,7 @@ def _assert_bitwise_equal(got, want):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
     net = W.Net("mlp")
@@ -74,7 +74,7 @@ def reference(tmp_path_factory):
     return _final(net, d, hist)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
 def interrupted(tmp_path_factory):
     """A run stopped at step 7: checkpoints of steps 2, 4 and 6 on disk."""
     d = tmp_path_factory.mktemp("interrupted")

@@ -441,7 +441,7 @@ from jdeq import train as T  # noqa: E402
 pytestmark = pytest.mark.xdist_group("sharding_8dev")  # the 8-device subprocess runs once, on one xdist worker
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
 def sharded():
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NDEV}", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
