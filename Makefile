@@ -23,7 +23,7 @@ test: test-suite test-floors
 # "no tests".
 test-suite: $(PY)
 	$(PIP) install -e ".[dev]"
-	$(PY) -m pytest -n auto --dist loadgroup -q --durations=25 tests jdeq --doctest-modules
+	$(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules
 
 # The core tests and the README example at the exact floors of pyproject.toml, in a venv of
 # their own (cached under .cache/floors; the first run downloads the wheels).

@@ -1,4 +1,8 @@
-"""Shared fixtures: float64 on request, a few Adam steps on a classifier."""
+"""Shared fixtures: float64 on request, a few Adam steps on a classifier, results computed once
+per test run (shared by the xdist workers)."""
+
+import os
+import pickle
 
 import jax
 import optax
@@ -34,3 +38,44 @@ def adam_losses():
         return [float(step(model, opt)) for _ in range(steps)]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory):
+    """``once(name, compute)``: ``compute()``'s value, computed by one process of this test run.
+
+    For the expensive subprocess checks (8 simulated devices, two ``jax.distributed`` processes):
+    under pytest-xdist every worker that draws one of their tests would otherwise run them again.
+    The first caller computes and pickles the value into the run's shared temporary directory
+    (the parent of the workers' own ones) under a file lock; the others wait for it and read it.
+    A failure is shared too: the other workers fail with its message instead of repeating it.
+    (``--dist loadgroup`` with ``xdist_group`` marks would pin such tests to one worker, but
+    pytest 9.2 ignores the node-id suffix that xdist 3.8 relies on: pytest-xdist issue #1386.)
+    """
+    from filelock import FileLock  # the floors job's venv does not need it
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this run
+    memo = {}
+
+    def get(name, compute):
+        if name in memo:
+            return memo[name]
+        path = root / f"once-{name}.pkl"
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                ok, value = pickle.loads(path.read_bytes())
+                if not ok:
+                    pytest.fail(f"{name} failed in another xdist worker:\n{value}")
+            else:
+                try:
+                    value = compute()
+                except BaseException as e:
+                    path.write_bytes(pickle.dumps((False, f"{type(e).__name__}: {e}")))
+                    raise
+                path.write_bytes(pickle.dumps((True, value)))
+        memo[name] = value
+        return value
+
+    return get

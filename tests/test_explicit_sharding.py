@@ -10,7 +10,6 @@ check; each test below asserts its own.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -23,7 +22,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _explicit_worker as W  # noqa: E402  (the check list; importing it sets no XLA flags)
 
 
-@functools.lru_cache(maxsize=None)
 def _results(kind: str) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, _WORKER, kind], capture_output=True, text=True, env=env, timeout=1200)
@@ -49,14 +47,12 @@ def test_every_solver_and_gradient_is_covered_under_each_axis_type():
     assert {g for _, g in W.PAIRS["explicit"]} == set(W.GRADIENTS)
 
 
-# one worker subprocess per axis type: under pytest-xdist the checks of one kind run on one
-# xdist worker (``--dist loadgroup`` in the Makefile), so each subprocess runs once, not once per
-# xdist worker that happens to draw one of its checks
-@pytest.mark.parametrize(
-    "name", [pytest.param(c, marks=pytest.mark.xdist_group(f"sharding_{c.split('/')[0]}")) for c in CHECKS]
-)
-def test_sharded_equals_one_device(name):
-    results = _results(name.split("/")[0])
+# one worker subprocess per axis type, run once per test run (the ``once`` fixture of conftest.py
+# shares it between xdist workers)
+@pytest.mark.parametrize("name", CHECKS)
+def test_sharded_equals_one_device(name, once):
+    kind = name.split("/")[0]
+    results = once(f"explicit_worker_{kind}", lambda: _results(kind))
     assert name in results, f"check {name} did not run; ran: {sorted(results)}"
     r = results[name]
     assert r["ok"], r["detail"]

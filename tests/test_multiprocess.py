@@ -32,7 +32,6 @@ import _multiprocess_worker as W
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 300  # seconds per phase (a loaded 2-core CI box needs ~80): a hung collective fails, not hangs
 TOL = 1e-6  # one process vs two: the batch mean summed in another order (measured max 6e-8)
-pytestmark = pytest.mark.xdist_group("multiprocess")  # the module-scoped runs happen once, on one xdist worker
 
 
 def _free_port() -> int:
@@ -91,9 +90,14 @@ def _launch(phase: str, workdir: Path, *, kill_when_ready: bool = False) -> list
     return ["".join(o) for o in outs]
 
 
-@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
-def runs(tmp_path_factory):
-    """Both phases (the first killed mid-run), then each process's results."""
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, once):
+    """Both phases (the first killed mid-run), then each process's results; computed once per test
+    run (shared by xdist workers)."""
+    return once("multiprocess_runs", lambda: _runs(tmp_path_factory))
+
+
+def _runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multiprocess")
     first = _launch("first", workdir, kill_when_ready=True)
     assert "first done" in first[0] and "first done" in first[1]
@@ -109,9 +113,13 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
-def reference():
-    """The same training in this process on one device."""
+@pytest.fixture(scope="session")
+def reference(once):
+    """The same training on one device, computed once per test run (shared by xdist workers)."""
+    return once("multiprocess_reference", _reference)
+
+
+def _reference():
     from jdeq import train
 
     model = W.net()

@@ -27,7 +27,6 @@ from jdeq import train
 # the closed loop (harmless noise, reported by pytest as unraisable exceptions).
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.xdist_group("resume"),  # module-scoped runs: computed once, on one xdist worker
 ]
 
 STEPS, EVERY = 8, 2
@@ -66,7 +65,7 @@ def _assert_bitwise_equal(got, want):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
+@pytest.fixture(scope="session")  # once per xdist worker (seconds; directories, not values)
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
     net = W.Net("mlp")
@@ -74,7 +73,7 @@ def reference(tmp_path_factory):
     return _final(net, d, hist)
 
 
-@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
+@pytest.fixture(scope="session")  # once per xdist worker (seconds; directories, not values)
 def interrupted(tmp_path_factory):
     """A run stopped at step 7: checkpoints of steps 2, 4 and 6 on disk."""
     d = tmp_path_factory.mktemp("interrupted")

@@ -438,16 +438,20 @@ import jdeq  # noqa: E402
 from jdeq import train as T  # noqa: E402
 
 
-pytestmark = pytest.mark.xdist_group("sharding_8dev")  # the 8-device subprocess runs once, on one xdist worker
 
 
-@pytest.fixture(scope="session")  # once per xdist worker, even when other modules' tests interleave
-def sharded():
+def _run_8_devices():
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NDEV}", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="session")
+def sharded(once):
+    """The 8-device subprocess's results, computed once per test run (shared by xdist workers)."""
+    return once("sharding_8_devices", _run_8_devices)
 
 
 @pytest.mark.parametrize("name", [
