@@ -20,10 +20,14 @@ test: test-suite test-floors
 
 # The test suite (including the docs build, the notebooks and the simulated Colab install) and
 # every docstring example under jdeq/, on all cores. pytest exits non-zero on failures and on
-# "no tests".
+# "no tests". XLA compiles without LLVM optimization here: most of the suite's time is compiling
+# small programs, and -O0 takes a quarter off it (tests/test_vmap.py 86 s -> 64 s, one run each,
+# side by side); the values differ only in rounding, and the floors job below compiles at the
+# default level. Subprocesses and notebook kernels inherit the flag (tests/_devices.py).
 test-suite: $(PY)
 	$(PIP) install -e ".[dev]"
-	$(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules
+	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" \
+	  $(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules
 
 # The core tests and the README example at the exact floors of pyproject.toml, in a venv of
 # their own (cached under .cache/floors; the first run downloads the wheels).

@@ -9,9 +9,14 @@ meant for it; mutmut narrows further to the tests that executed the mutated func
 
 JAX note: mutmut's default ``fork`` isolation forks every mutant from a process that has
 already run the tests, so every jitted function is compiled and cached there unmutated, and a
-mutant inside a traced function is never traced: it "survives" whatever the tests say. The
-``forkserver`` isolation with no warm-up starts each mutant from a process that has compiled
-nothing; that is what this script configures.
+mutant inside a traced function is never traced: it "survives" whatever the tests say. This
+script configures the ``forkserver`` isolation: each mutant is forked from a server that has
+only collected the tests (imported jax, flax, jdeq and the test modules) and computed nothing,
+so every mutant traces and compiles afresh. Collecting first halves the time per mutant against
+no warm-up at all (31 vs 62 mutants of ``_checksum.py`` in the same 7 minutes, side by side,
+same verdicts on the mutants both reached). ``tests/conftest.py`` guards the premise: a mutant
+run fails if JAX's backend was already started in the server (a test module computing at
+import), since then XLA's threads would be forked and compiled code reused.
 
 Results go to ``docs/mutation.md`` (score per module, every surviving mutant as a diff, the
 equivalent mutants with their reasons) and ``docs/mutation.json``. A module not run this time
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -52,6 +58,11 @@ MODULES: dict[str, list[str]] = {
     ],
     "jdeq/_cells.py": [
         "tests/test_protocols.py", "tests/test_divergence.py", "-k", "nan or nonfinite",
+    ],
+    # the shared per-example loop: residuals, freezing, best iterate, budgets, stop rules, vmap rule
+    "jdeq/_loop.py": [
+        "tests/test_solvers.py", "tests/test_stop_fraction.py", "tests/test_divergence.py",
+        "tests/test_vmap.py", "-k", "not scan and not nnx",
     ],
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -81,7 +92,7 @@ def prepare(module: str, tests: list[str]) -> Path:
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
         "process_isolation": "forkserver",
-        "forkserver_warmup": "none",
+        "forkserver_warmup": "collect",
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
     (work / "pyproject.toml").write_text(pyproject.rstrip() + "\n" + "\n".join(lines) + "\n")
@@ -89,8 +100,11 @@ def prepare(module: str, tests: list[str]) -> Path:
 
 
 def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
+    # compile without LLVM optimization, as `make test` does (a quarter off the compile time;
+    # values differ only in rounding)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()}
     proc = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")

@@ -10,6 +10,19 @@ import pytest
 from flax import nnx
 
 
+def pytest_configure(config):
+    """Under mutation testing (``make mutation``, ``.ci/mutation.py``), each mutant's test run is
+    forked from a server that collected the tests; that is sound only if nothing there started
+    JAX's backend (XLA's threads would be forked, and compiled unmutated code reused)."""
+    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):  # a mutant's run, not mutmut's own
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise pytest.UsageError("JAX's backend was started before this mutant's tests ran (a test module "
+                                    "computes at import?): the mutant could reuse unmutated compiled code")
+        jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Runs the test with float64 enabled (restored afterwards)."""

@@ -20,10 +20,11 @@ import pytest
 _WORKER = os.path.join(os.path.dirname(__file__), "_explicit_worker.py")
 sys.path.insert(0, os.path.dirname(__file__))
 import _explicit_worker as W  # noqa: E402  (the check list; importing it sets no XLA flags)
+from _devices import cpu_devices_env  # noqa: E402
 
 
 def _results(kind: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     proc = subprocess.run([sys.executable, _WORKER, kind], capture_output=True, text=True, env=env, timeout=1200)
     out = {}
     for line in proc.stdout.splitlines():

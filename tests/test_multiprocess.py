@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import _multiprocess_worker as W
+from _devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 300  # seconds per phase (a loaded 2-core CI box needs ~80): a hung collective fails, not hangs
@@ -43,7 +44,7 @@ def _free_port() -> int:
 def _launch(phase: str, workdir: Path, *, kill_when_ready: bool = False) -> list[str]:
     """Runs both workers of ``phase``; returns their stdouts. With ``kill_when_ready``, both are
     SIGKILLed as soon as process 0 prints ``ready``. Fails on a crash or past the deadline."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(2)
     port = _free_port()
     procs, outs = [], [[], []]
     for pid in range(2):

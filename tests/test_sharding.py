@@ -21,11 +21,11 @@ check as JSON; each test below asserts its own check.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import traceback
+from _devices import cpu_devices_env
 
 NDEV = 8
 
@@ -441,7 +441,7 @@ from jdeq import train as T  # noqa: E402
 
 
 def _run_8_devices():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NDEV}", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(NDEV)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]

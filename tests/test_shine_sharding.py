@@ -4,10 +4,10 @@ devices (XLA_FLAGS must be set before JAX starts)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+from _devices import cpu_devices_env
 
 WORKER = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, jdeq
@@ -40,6 +40,6 @@ WORKER = textwrap.dedent('''
 
 
 def test_shine_under_explicit_axes_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(4)
     out = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from flax import nnx
 
 import jdeq
 from jdeq import train as T
+from _devices import cpu_devices_env
 
 N, D, H = 64, 4, 12
 
@@ -284,7 +284,7 @@ def _mesh_worker() -> dict:
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={NDEV}", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(NDEV)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
