@@ -522,6 +522,10 @@ def jdeq_configs(prob, *, levers: bool) -> list[Config]:
             JaxConfig("jdeq Anderson + Implicit(bicgstab)", "jdeq", per, "jaxopt BiCGSTAB (whole batch)",
                       jdeq_make(prob, lambda t: jdeq.Anderson(tol=t, maxiter=PEER_MAXITER),
                                 lambda t: jdeq.Implicit(solver="bicgstab", tol=t)), prob),
+            JaxConfig("jdeq Anderson + Implicit, stop_fraction 0.9", "jdeq", "90% of examples",
+                      "Anderson on the adjoint",
+                      jdeq_make(prob, lambda t: jdeq.Anderson(tol=t, maxiter=PEER_MAXITER, stop_fraction=0.9),
+                                lambda t: jdeq.Implicit()), prob),
             JaxConfig("jdeq Anderson, whole batch as one problem", "jdeq", "batch: global rel",
                       "Anderson on the adjoint", _jdeq_whole_batch(prob), prob),
         ]

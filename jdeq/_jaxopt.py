@@ -79,6 +79,7 @@ class JaxoptSolver(Solver):
 
     stop_mode = "abs"
     trace = False
+    stop_fraction = 1.0  # jaxopt stops the whole batch on one global test
     static_budget = True
 
     def __init__(self, jaxopt_class, **options):

@@ -4,13 +4,15 @@ A solver supplies ``init(z) -> state`` and ``update(state, k, z, fz) -> (z_next,
 ``(batch, dim)`` matrix; this loop evaluates ``F`` once per iteration on the whole batch, measures
 each example's residual, freezes examples that converged (or went non-finite, flagged in
 ``SolverStats.nonfinite``), keeps each example's lowest-residual finite iterate and stops when
-none is left active or the budget is spent.
+none is left active (or, with a solver's ``stop_fraction < 1``, when that fraction of the rows
+has stopped) or the budget is spent.
 Everything stays inside XLA: a ``lax.while_loop`` (run-time ``maxiter``) or, for
 differentiating through the iterations, a ``lax.scan`` of static length.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 
 from jdeq._stats import SolverStats
 
-__all__ = ["REL_EPS", "residuals", "run_loop", "solve_rows"]
+__all__ = ["REL_EPS", "keep_going", "residuals", "run_loop", "solve_rows"]
 
 REL_EPS = 1e-8  # eps in rel_residual = ||f(z) - z|| / (||f(z)|| + eps)
 
@@ -31,6 +33,17 @@ def residuals(z: jax.Array, fz: jax.Array) -> tuple[jax.Array, jax.Array]:
     # 0 ("converged"): it counts as non-finite instead. (batch,)-sized, so free in the loop.
     rel_res = jnp.where(jnp.isfinite(norm_fz), abs_res / (norm_fz + REL_EPS), jnp.nan)
     return abs_res, rel_res
+
+
+def keep_going(active: jax.Array, stop_fraction: float = 1.0) -> jax.Array:
+    """Whether a batch loop goes on: while fewer than ``ceil(stop_fraction * n)`` of its ``n``
+    rows have stopped (converged or non-finite). ``stop_fraction = 1`` (the per-example
+    contract): while any row is active."""
+    n = active.shape[0]
+    may_stay = n - math.ceil(stop_fraction * n - 1e-9)  # rows allowed to be still active at the end
+    if may_stay <= 0:
+        return jnp.any(active)
+    return jnp.sum(active.astype(jnp.int32)) > may_stay
 
 
 class _Carry(NamedTuple):
@@ -62,7 +75,7 @@ def run_loop(
     """Solves ``z = F(z)`` row by row.
 
     Args:
-      solver: a jdeq solver (``tol``, ``stop_mode``, ``init``, ``update``).
+      solver: a jdeq solver (``tol``, ``stop_mode``, ``stop_fraction``, ``init``, ``update``).
       F: the map on ``(batch, dim)`` matrices; it must treat rows independently.
       z0: ``(batch, dim)`` starting point.
       maxiter: evaluation budget (a Python int, or a traced int when ``unrolled=False``).
@@ -159,7 +172,8 @@ def run_loop(
     if unrolled:
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=maxiter - 1)
     else:
-        carry = jax.lax.while_loop(lambda c: (c.k < maxiter) & jnp.any(c.active), step, carry)
+        frac = getattr(solver, "stop_fraction", 1.0)
+        carry = jax.lax.while_loop(lambda c: (c.k < maxiter) & keep_going(c.active, frac), step, carry)
 
     best_metric = carry.best_rel if pick else carry.best_abs
     converged = best_metric < tol

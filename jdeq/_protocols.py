@@ -102,6 +102,13 @@ class Solver(Pytree):
       stop_mode: ``"rel"`` (default, scale-free) tests ``||f(z)-z|| / ||f(z)||``; ``"abs"``
         tests ``||f(z)-z||``.
       trace: record every iteration's residual in ``SolverStats.trace``.
+      stop_fraction: in (0, 1]. 1 (default) is the per-example contract: the batch runs until
+        every example has met ``tol`` (or gone non-finite) or the budget is spent. Below 1, the
+        whole batch stops as soon as that fraction of its examples has stopped; the others
+        are returned as they are, reported ``converged=False`` with their true residuals (a
+        cut of the slowest examples' tail, for speed). The fraction counts the rows of one
+        solve: the batch, or all mapped examples of per-example code under ``jax.vmap``. An
+        ``Implicit`` backward solve run by this solver uses the same rule.
 
     Example:
       >>> import dataclasses, jax.numpy as jnp, jdeq
@@ -121,12 +128,14 @@ class Solver(Pytree):
     maxiter: int = 50
     stop_mode: str = "rel"
     trace: bool = False
+    stop_fraction: float = 1.0
 
     def __post_init__(self):
         V.positive_number(self.tol, "tol")
         V.positive_int(self.maxiter, "maxiter")
         V.stop_mode(self.stop_mode)
         V.boolean(self.trace, "trace")
+        V.number(self.stop_fraction, "stop_fraction", 0, 1, lo_open=True)
         for field in dataclasses.fields(self):  # options that only some solvers have
             if field.name in _OPTION_CHECKS:
                 _OPTION_CHECKS[field.name](getattr(self, field.name))

@@ -39,7 +39,7 @@ import numpy as np
 from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient
-from jdeq._loop import residuals
+from jdeq._loop import keep_going, residuals
 from jdeq._solvers import Solver
 from jdeq._stats import Solution, SolverStats
 
@@ -62,7 +62,7 @@ class _Carry(NamedTuple):
     trace: Any
 
 
-def _forward(beta, tol, pick, F, z0, maxiter, *, unrolled=False, trace_len=None):
+def _forward(beta, tol, pick, F, z0, maxiter, *, unrolled=False, trace_len=None, stop_fraction=1.0):
     """The reversible iteration on ``(batch, dim)`` rows.
 
     Returns ``(value, stats, (y, z, steps, best_n))``: ``y, z`` the final states (each
@@ -133,7 +133,9 @@ def _forward(beta, tol, pick, F, z0, maxiter, *, unrolled=False, trace_len=None)
         if length > 0:
             carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=length)
     else:
-        carry = jax.lax.while_loop(lambda c: (2 * c.n + 3 <= maxiter) & jnp.any(c.active), step, carry)
+        carry = jax.lax.while_loop(
+            lambda c: (2 * c.n + 3 <= maxiter) & keep_going(c.active, stop_fraction), step, carry
+        )
 
     best_metric = carry.best_rel if pick else carry.best_abs
     converged = best_metric < tol
@@ -173,8 +175,8 @@ class ReversibleIteration(Solver):
         reverse reconstruction by about ``1 / (1 - beta)`` per step (see benchmarks/README.md,
         "reversible", for the measured float32 safe range). The paper allows (0, 2); jdeq
         keeps (0, 1), where each half-step is a contraction of the old state.
-      tol, maxiter, stop_mode, trace: as in :class:`jdeq.FixedPointIteration` (the trace has a
-        value every second column: the residual is measured once per step).
+      tol, maxiter, stop_mode, trace, stop_fraction: as in :class:`jdeq.Solver` (the trace has
+        a value every second column: the residual is measured once per step).
 
     Example:
       >>> import jax.numpy as jnp, jdeq
@@ -231,7 +233,8 @@ class ReversibleIteration(Solver):
             trace_len = int(maxiter)
         pick = 0 if self.stop_mode == "abs" else 1
         value, stats, _ = _forward(
-            self.beta, self.tol, pick, F, z0, maxiter, unrolled=unrolled, trace_len=trace_len
+            self.beta, self.tol, pick, F, z0, maxiter, unrolled=unrolled, trace_len=trace_len,
+            stop_fraction=self.stop_fraction,
         )
         return value, stats
 
@@ -293,18 +296,20 @@ def _reverse_float(fn, beta, params, y, z, steps, best_n, nonfinite, ct):
     return gp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _reversible_solve(fn, beta, tol, pick, z0, params, maxiter):
-    value, stats, _ = _forward(beta, tol, pick, lambda z: fn(z, params), z0, maxiter)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _reversible_solve(fn, beta, tol, pick, frac, z0, params, maxiter):
+    value, stats, _ = _forward(beta, tol, pick, lambda z: fn(z, params), z0, maxiter, stop_fraction=frac)
     return value, stats
 
 
-def _reversible_fwd(fn, beta, tol, pick, z0, params, maxiter):
-    value, stats, (y, z, steps, best_n) = _forward(beta, tol, pick, lambda z: fn(z, params), z0, maxiter)
+def _reversible_fwd(fn, beta, tol, pick, frac, z0, params, maxiter):
+    value, stats, (y, z, steps, best_n) = _forward(
+        beta, tol, pick, lambda z: fn(z, params), z0, maxiter, stop_fraction=frac
+    )
     return (value, stats), (params, y, z, steps, best_n, stats.nonfinite, z0)
 
 
-def _reversible_bwd(fn, beta, tol, pick, res, cts):
+def _reversible_bwd(fn, beta, tol, pick, frac, res, cts):
     params, y, z, steps, best_n, nonfinite, z0 = res
     ct_value, _ = cts  # stats carry no gradient
     gp = _reverse(fn, beta, params, (y, z, steps, best_n, nonfinite), ct_value)
@@ -369,7 +374,8 @@ class Reversible(Gradient):
         budget = solver.maxiter if maxiter is None else maxiter
         pick = 0 if solver.stop_mode == "abs" else 1
         value, stats = _reversible_solve(
-            fn, float(solver.beta), float(solver.tol), pick, zs, (args, tuple(consts)),
+            fn, float(solver.beta), float(solver.tol), pick, float(solver.stop_fraction), zs,
+            (args, tuple(consts)),
             jnp.asarray(budget, jnp.int32),
         )
         stats = jax.lax.stop_gradient(stats)
