@@ -65,7 +65,13 @@ MODULES: dict[str, list[str]] = {
         "tests/test_vmap.py", "-k", "not scan and not nnx",
     ],
 }
-KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+# Tests that exercise a function only in subprocesses (two ``jax.distributed`` processes):
+# mutmut cannot see those calls, so it never runs them for the function's mutants. Survivors in
+# the listed functions are run again against these tests (module -> (functions, tests)).
+RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"), ["tests/test_multiprocess.py"]),
+}
+KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a subprocess test"}
 
 
 def tracked_files() -> list[str]:
@@ -125,9 +131,37 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float)
         m = re.match(r"\s*(\S+): (.+)$", line)
         if m:
             status[m.group(1)] = m.group(2).strip()
+    if module in RECHECK:
+        status.update(recheck(work, status, *RECHECK[module]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
     return {"module": module, "tests": tests, "seconds": round(elapsed), "status": status, "survivors": diffs,
             "commit": commit}
+
+
+def _pytest(work: Path, tests: list[str], mutant: str) -> int:
+    env = {**os.environ, "MUTANT_UNDER_TEST": mutant,
+           "XLA_FLAGS": f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(cmd, cwd=work / "mutants", env=env, capture_output=True, text=True).returncode
+
+
+def recheck(work: Path, status: dict, functions: tuple[str, ...], tests: list[str]) -> dict:
+    """Runs ``tests`` once per survivor in ``functions`` (mutmut's mutated tree, the mutant
+    switched on through the environment, which subprocesses inherit); a failure kills it."""
+    names = [n for n, s in status.items() if s == "survived"
+             and any(f"x_{f}__mutmut_" in n for f in functions)]  # mutmut's name: x_ + function
+    if not names:
+        return {}
+    if _pytest(work, tests, "") != 0:
+        raise RuntimeError(f"{tests} fail without any mutant in {work / 'mutants'}")
+    out = {}
+    for name in names:
+        code = _pytest(work, tests, name)
+        if code not in (0, 1):
+            raise RuntimeError(f"{tests} with {name}: pytest exit code {code} (not a test failure)")
+        out[name] = "killed by a subprocess test" if code == 1 else "survived"
+        print(f"  recheck {name}: {out[name]}", flush=True)
+    return out
 
 
 def _diff(text: str) -> str:
