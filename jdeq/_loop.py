@@ -228,13 +228,14 @@ def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None, keep_s
 
 
 def _mapped_zeros(consts, batched, v, dtype):
-    """``(v, 1, 1)`` zeros laid out like the mapped axis of the first batched input (so that a
-    broadcast start keeps the batch sharding of the inputs), or plain zeros if none is."""
-    for c, b in zip(consts, batched):
-        if b and jnp.ndim(c) >= 1:
-            col = jnp.sum(jnp.reshape(c, (v, -1)), axis=1, keepdims=True)  # (a sum, not a slice)
-            return jnp.zeros_like(col, dtype=dtype)[:, :, None]
-    return jnp.zeros((v, 1, 1), dtype)
+    """``(v, 1, 1)`` zeros of ``dtype`` laid out like the mapped axis of the first batched
+    input, so that a broadcast start keeps the batch sharding of the inputs. Called when ``z0``
+    is not mapped, so some closed-over array is (else the batching rule would not run)."""
+    c = next(c for c, b in zip(consts, batched) if b)
+    if jax.dtypes.issubdtype(c.dtype, jax.dtypes.prng_key):  # keys have no arithmetic
+        c = jax.random.key_data(c)
+    col = jnp.sum(jnp.reshape(c, (v, -1)), axis=1, keepdims=True)  # (a sum, not a slice)
+    return jnp.zeros_like(col, dtype=dtype)[:, :, None]
 
 
 def _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state=False):

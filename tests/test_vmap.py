@@ -155,6 +155,37 @@ def test_vmap_with_integer_inputs_closed_over_per_example(x64):
     np.testing.assert_allclose(jax.vmap(one)(ids), ref.value, rtol=1e-12)
 
 
+def test_vmap_with_a_shared_start_keeps_its_dtype_whatever_the_mapped_inputs(x64):
+    """A shared (unmapped) float32 start with float64 per-example inputs that the cell casts to
+    float32: the merged loop runs in float32, as each example alone does."""
+    p = make_params()
+    W32 = p["W"].astype(jnp.float32)
+
+    def one(x):  # x: float64, this example's input
+        f = lambda z, W: jnp.tanh(z @ W + x).astype(jnp.float32)  # noqa: E731
+        return jdeq.fixed_point(f, jnp.zeros(D, jnp.float32), W32, batched=False, solver=jdeq.Anderson(tol=1e-5))
+
+    got = jax.vmap(one)(p["x"])
+    assert got.value.dtype == jnp.float32
+    for i in range(N):
+        alone = one(p["x"][i])
+        np.testing.assert_allclose(got.value[i], alone.value, rtol=1e-6)
+        assert int(got.stats.nsteps[i]) == int(alone.stats.nsteps)
+
+
+def test_vmap_with_only_prng_keys_mapped():
+    """Per-example PRNG keys are the only mapped input (noise drawn inside the cell)."""
+    W = 0.5 * jnp.eye(D)
+    keys = jax.random.split(jax.random.key(0), N)
+
+    def one(key):  # the cell closes over the key itself and draws inside
+        f = lambda z, W: jnp.tanh(z @ W + jax.random.normal(key, (D,)))  # noqa: E731
+        return jdeq.fixed_point(f, jnp.zeros(D), W, batched=False, solver=jdeq.Anderson(tol=1e-6)).value
+
+    got = jax.vmap(one)(keys)
+    np.testing.assert_allclose(got, jnp.stack([one(k) for k in keys]), rtol=1e-5)
+
+
 def test_vmap_merges_into_one_loop():
     """The batching rule maps vmap onto one batch-wide loop: the compiled per-example solve has
     no select over the solver's history (JAX's generic while-loop rule selects the whole carry)."""
