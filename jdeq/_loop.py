@@ -220,7 +220,6 @@ def solve_rows(solver, F, z0, maxiter, *, trace_len=None, snapshots=None, keep_s
     own arrays are batched."""
     Fc, consts = _hoist(F, z0)
     solver_leaves, solver_def = jax.tree_util.tree_flatten(solver)
-    maxiter = jnp.asarray(maxiter, jnp.int32) if not isinstance(maxiter, int) else maxiter
     static_maxiter = maxiter if isinstance(maxiter, int) else None
     return _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state)(
         z0, consts, solver_leaves, None if static_maxiter is not None else maxiter, snapshots
