@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     # the shared per-example loop: residuals, freezing, best iterate, budgets, stop rules, vmap rule
     "jdeq/_loop.py": [
         "tests/test_solvers.py", "tests/test_stop_fraction.py", "tests/test_divergence.py",
-        "tests/test_vmap.py", "-k", "not scan and not nnx",
+        "tests/test_vmap.py", "-k", "not scan and not nnx and not fit and not resume",
     ],
 }
 # Tests that exercise a function only in subprocesses (two ``jax.distributed`` processes):
