@@ -69,7 +69,8 @@ MODULES: dict[str, list[str]] = {
 # mutmut cannot see those calls, so it never runs them for the function's mutants. Survivors in
 # the listed functions are run again against these tests (module -> (functions, tests)).
 RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
-    "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"), ["tests/test_multiprocess.py"]),
+    "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"),
+                                ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a subprocess test"}
 

@@ -412,7 +412,23 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             assert any(len(r.get("all-reduce", [])) >= 2 for r in loops), loops
             assert all(set(r) <= {"all-reduce"} for r in loops), loops
 
-    for fn in (sharded_solve_matches_single_device, sharded_fit_matches_single_device,
+    def checksums_of_arrays_on_two_meshes():
+        """Checkpoint checksums (hash32) of arrays split over two meshes of disjoint devices:
+        one compiled call per mesh, each value as on one device."""
+        from jax.sharding import Mesh, NamedSharding
+
+        from jdeq.train import _checksum
+
+        devs = np.array(jax.devices())
+        m1, m2 = Mesh(devs[:4], ("data",)), Mesh(devs[4:], ("data",))
+        a = jnp.arange(32, dtype=jnp.float32).reshape(8, 4)
+        b = jnp.arange(16, dtype=jnp.int32)
+        split = [jax.device_put(a, NamedSharding(m1, P("data"))), jax.device_put(b, NamedSharding(m2, P("data"))),
+                 jax.device_put(a + 1, NamedSharding(m1, P(None, "data")))]
+        want = [_checksum._device_hashes([x])[0] for x in (a, b, a + 1)]
+        assert _checksum._device_hashes(split) == want, (_checksum._device_hashes(split), want)
+
+    for fn in (checksums_of_arrays_on_two_meshes, sharded_solve_matches_single_device, sharded_fit_matches_single_device,
                train_step_hlo_has_no_callback_in_loops, bad_batch_size_raises, param_shardings_rule,
                model_sharded_solve_matches_single_device, model_sharded_fit_matches_single_device,
                model_sharded_train_step_collectives, evaluate_and_predict_on_mesh, jaxopt_backward_on_data_mesh):
@@ -455,6 +471,7 @@ def sharded(once):
 
 
 @pytest.mark.parametrize("name", [
+    "checksums_of_arrays_on_two_meshes",
     "sharded_solve_matches_single_device",
     "sharded_fit_matches_single_device",
     "train_step_hlo_has_no_callback_in_loops",

@@ -88,12 +88,9 @@ def _device_hashes(xs: list) -> list[int]:
         groups.setdefault(mesh, []).append(i)
     out = [0] * len(xs)
     for mesh, idx in groups.items():
-        rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # every process reads it
+        # replicated on the mesh: every process reads the values (host_value) without a gather
+        rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         h = jax.jit(_hash_all, out_shardings=rep)(tuple(xs[i] for i in idx))
-        if not _readable(h):
-            from jax.experimental import multihost_utils
-
-            h = multihost_utils.process_allgather(h)
         for i, v in zip(idx, host_value(h).tolist()):
             out[i] = int(v)
     return out
