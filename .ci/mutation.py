@@ -82,9 +82,13 @@ def tracked_files() -> list[str]:
     return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
 
 
+def _workdir(module: str) -> Path:
+    return WORK / re.sub(r"[^A-Za-z0-9]+", "_", module).strip("_")
+
+
 def prepare(module: str, tests: list[str]) -> Path:
     """A fresh copy of the working tree for ``module``, with its [tool.mutmut] section."""
-    work = WORK / re.sub(r"[^A-Za-z0-9]+", "_", module).strip("_")
+    work = _workdir(module)
     if work.exists():
         shutil.rmtree(work)
     for f in tracked_files():
@@ -227,15 +231,30 @@ def main(argv=None) -> None:
     p.add_argument("modules", nargs="*", help="modules to run (default: every module in MODULES)")
     p.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per module before it is stopped")
+    p.add_argument("--recheck-only", action="store_true",
+                   help="rerun only the RECHECK pass on the last run's mutated copy of each module")
+    p.add_argument("--docs-only", action="store_true", help="rewrite docs/mutation.md from docs/mutation.json")
     args = p.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         p.error(f"not in MODULES: {unknown}; known: {sorted(MODULES)}")
     equivalent = tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     results = json.loads(DOC_JSON.read_text()) if DOC_JSON.exists() else {}
+    if args.docs_only:
+        write_docs(results, equivalent)
+        return
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
-        results[module] = run_module(module, MODULES[module], args.max_children, args.timeout)
+        if args.recheck_only:
+            if module not in RECHECK or module not in results:
+                p.error(f"{module}: nothing to recheck (no RECHECK entry or no recorded run)")
+            r = results[module]
+            # the tests are never mutated: recheck with the current ones
+            shutil.copytree(ROOT / "tests", _workdir(module) / "mutants" / "tests", dirs_exist_ok=True)
+            r["status"].update(recheck(_workdir(module), r["status"], *RECHECK[module]))
+            r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
+        else:
+            results[module] = run_module(module, MODULES[module], args.max_children, args.timeout)
         write_docs(results, equivalent)  # after every module: a stopped run keeps what it measured
         s = score(results[module], equivalent)
         print(f"  {s['killed']}/{s['mutants'] - s['equivalent']} killed ({s['score']:.0%}), "
