@@ -169,7 +169,8 @@ def test_vmap_with_a_shared_start_keeps_its_dtype_whatever_the_mapped_inputs(x64
     assert got.value.dtype == jnp.float32
     for i in range(N):
         alone = one(p["x"][i])
-        np.testing.assert_allclose(got.value[i], alone.value, rtol=1e-6)
+        # float32, two different programs: equal up to rounding
+        np.testing.assert_allclose(got.value[i], alone.value, rtol=1e-5, atol=1e-6)
         assert int(got.stats.nsteps[i]) == int(alone.stats.nsteps)
 
 
