@@ -127,7 +127,9 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float)
     work = prepare(module, tests)
     start = time.perf_counter()
     try:
-        mutmut(work, "run", "--max-children", str(max_children), timeout=timeout)
+        out = mutmut(work, "run", "--max-children", str(max_children), timeout=timeout)
+        if "failed to collect stats" in out:  # the selection fails on the unmutated tree
+            raise RuntimeError(f"{module}: its tests fail without any mutant; run them in {work / 'mutants'}")
     except subprocess.TimeoutExpired:
         print(f"{module}: stopped after {timeout:.0f} s; unchecked mutants are reported as such", flush=True)
     elapsed = time.perf_counter() - start
