@@ -110,10 +110,15 @@ def prepare(module: str, tests: list[str]) -> Path:
     return work
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment, compiling without LLVM optimization as `make test` does (a
+    quarter off the compile time; values differ only in rounding)."""
+    flags = f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, **extra}
+
+
 def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
-    # compile without LLVM optimization, as `make test` does (a quarter off the compile time;
-    # values differ only in rounding)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()}
+    env = _env()
     proc = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode not in (0, 1):
@@ -146,8 +151,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float)
 
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
-    env = {**os.environ, "MUTANT_UNDER_TEST": mutant,
-           "XLA_FLAGS": f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()}
+    env = _env(MUTANT_UNDER_TEST=mutant)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     return subprocess.run(cmd, cwd=work / "mutants", env=env, capture_output=True, text=True).returncode
 

@@ -41,7 +41,7 @@ def keep_going(active: jax.Array, stop_fraction: float = 1.0) -> jax.Array:
     contract): while any row is active."""
     n = active.shape[0]
     may_stay = n - math.ceil(stop_fraction * n - 1e-9)  # rows allowed to be still active at the end
-    if may_stay <= 0:
+    if may_stay <= 0:  # the default keeps its boolean reduction (a pred all-reduce when sharded)
         return jnp.any(active)
     return jnp.sum(active.astype(jnp.int32)) > may_stay
 
