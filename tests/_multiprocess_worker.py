@@ -94,11 +94,9 @@ def _save(path: str, arrays: dict) -> None:
 
 
 def _checkpoint_api(workdir: str, out: dict) -> None:
-    """Save/restore of an array split over the processes, and a corrupted shard."""
-    import json
-    import shutil
-    import warnings
-
+    """Save/restore of an array split over the processes, and a corrupted shard; then the same
+    with the array saved whole (replicated: a crc32 entry) and restored split, which every
+    process gathers to check."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
@@ -110,39 +108,58 @@ def _checkpoint_api(workdir: str, out: dict) -> None:
     split, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     full = np.arange(32, dtype=np.float32).reshape(8, 4)
 
-    def tree(w):
-        return {"w": train.global_array(w, split), "b": train.global_array(np.ones(3, np.float32), rep)}
+    def tree(w, layout=split):
+        return {"w": train.global_array(w, layout), "b": train.global_array(np.ones(3, np.float32), rep)}
 
-    good, bad = os.path.join(workdir, "api"), os.path.join(workdir, "api_bad")
+    like = {"w": jax.device_put(jnp.zeros((8, 4)), rep), "b": jax.device_put(jnp.zeros(3), rep)}
+    _saved_restored_corrupted(workdir, "api", lambda w: tree(w, split), tree(np.zeros_like(full)), full, out,
+                              relayout=like)
+    assert not tree(full)["w"].is_fully_addressable
+    _saved_restored_corrupted(workdir, "whole", lambda w: tree(w, rep), tree(np.zeros_like(full)), full, out)
+
+
+def _saved_restored_corrupted(workdir: str, name: str, tree, like, full, out: dict, relayout=None) -> None:
+    """Saves ``tree(full)`` (step 1) and ``tree(full + 1)`` (step 2) into ``workdir/name``,
+    restores into ``like``'s layout, then replaces step 2's arrays by ones whose row 6 (held by
+    process 1 only when split) differs and restores again; results go to ``out[name + "_..."]``."""
+    import json
+    import shutil
+    import warnings
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jdeq import train
+
+    good, bad = os.path.join(workdir, name), os.path.join(workdir, name + "_bad")
     train.save_checkpoint(good, 1, tree(full))
     train.save_checkpoint(good, 2, tree(full + 1))
     other = (full + 1).copy()
     other[6, 1] += 1.0  # row 6 lives on process 1 only
     train.save_checkpoint(bad, 2, tree(other))
     record = json.loads(open(os.path.join(good, "2", "meta", "metadata")).read())
-    out["api_checksum_kinds"] = np.array([sorted(k for k in e if k in ("crc32", "hash32"))[0] for e in record["leaves"]])
-    assert not tree(full)["w"].is_fully_addressable
+    out[f"{name}_checksum_kinds"] = np.array(
+        [sorted(k for k in e if k in ("crc32", "hash32"))[0] for e in record["leaves"]])
 
-    got = train.restore_checkpoint(good, tree(np.zeros_like(full)))
-    out["api_restored_step"] = np.array(got.step)
-    out["api_restored_w"] = multihost_utils.process_allgather(got.tree["w"], tiled=True)
-    # the same checkpoint into another layout (replicated): the checksum does not depend on it
-    like = {"w": jax.device_put(jnp.zeros((8, 4)), rep), "b": jax.device_put(jnp.zeros(3), rep)}
-    out["api_relayout_w"] = train.host_value(train.restore_checkpoint(good, like, step=1).tree["w"])
+    got = train.restore_checkpoint(good, like)
+    out[f"{name}_restored_step"] = np.array(got.step)
+    out[f"{name}_restored_w"] = multihost_utils.process_allgather(got.tree["w"], tiled=True)
+    if relayout is not None:  # the same checkpoint into another layout: the checksum does not depend on it
+        out[f"{name}_relayout_w"] = train.host_value(train.restore_checkpoint(good, relayout, step=1).tree["w"])
 
-    # step 2 of `good` now holds arrays whose process-1 shard differs from what was saved
-    multihost_utils.sync_global_devices("corrupt before")
+    # step 2 of `good` now holds arrays whose row 6 differs from what was saved
+    multihost_utils.sync_global_devices(f"{name} corrupt before")
     if jax.process_index() == 0:
         shutil.rmtree(os.path.join(good, "2", "state"))
         shutil.copytree(os.path.join(bad, "2", "state"), os.path.join(good, "2", "state"))
-    multihost_utils.sync_global_devices("corrupt after")
+    multihost_utils.sync_global_devices(f"{name} corrupt after")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = train.restore_checkpoint(good, tree(np.zeros_like(full)))
-    out["api_fallback_step"] = np.array(got.step)
-    out["api_fallback_w"] = multihost_utils.process_allgather(got.tree["w"], tiled=True)
-    out["api_warnings"] = np.array([str(w.message) for w in caught if "corrupt" in str(w.message)] or [""])
-    out["api_quarantined"] = np.array(sorted(p.split("-")[0] for p in os.listdir(os.path.join(good, "corrupt"))))
+        got = train.restore_checkpoint(good, like)
+    out[f"{name}_fallback_step"] = np.array(got.step)
+    out[f"{name}_fallback_w"] = multihost_utils.process_allgather(got.tree["w"], tiled=True)
+    out[f"{name}_warnings"] = np.array([str(w.message) for w in caught if "corrupt" in str(w.message)] or [""])
+    out[f"{name}_quarantined"] = np.array(sorted(p.split("-")[0] for p in os.listdir(os.path.join(good, "corrupt"))))
 
 
 def main(phase: str, pid: int, port: int, workdir: str) -> None:

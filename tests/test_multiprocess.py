@@ -172,11 +172,19 @@ def test_checkpoint_api_with_an_array_split_over_processes(runs):
     np.testing.assert_array_equal(runs["api_relayout_w"], full)  # restored replicated instead of split
 
 
-def test_corrupted_shard_of_one_process_is_caught(runs):
-    # step 2's arrays were replaced by ones whose shard on process 1 differs from what was saved:
+@pytest.mark.parametrize("saved", ["api", "whole"])
+def test_corrupted_shard_of_one_process_is_caught(runs, saved):
+    # "api": saved split over the processes (hash32); "whole": saved replicated (crc32) and
+    # restored split, so each process gathers the array to check it. Step 2's arrays were then
+    # replaced by ones whose row 6 (on process 1 only, once split) differs from what was saved:
     # both processes reject it, it is quarantined, and step 1 is restored
-    assert int(runs["api_fallback_step"]) == 1
-    np.testing.assert_array_equal(runs["api_fallback_w"], np.arange(32, dtype=np.float32).reshape(8, 4))
-    (message,) = runs["api_warnings"].tolist()
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    kinds = {"api": ["crc32", "hash32"], "whole": ["crc32", "crc32"]}[saved]
+    assert runs[f"{saved}_checksum_kinds"].tolist() == kinds
+    assert int(runs[f"{saved}_restored_step"]) == 2
+    np.testing.assert_array_equal(runs[f"{saved}_restored_w"], full + 1)
+    assert int(runs[f"{saved}_fallback_step"]) == 1
+    np.testing.assert_array_equal(runs[f"{saved}_fallback_w"], full)
+    (message,) = runs[f"{saved}_warnings"].tolist()
     assert "checkpoint of step 2 is corrupt (checksum mismatch in array 1 of 2)" in message
-    assert runs["api_quarantined"].tolist() == ["2"]
+    assert runs[f"{saved}_quarantined"].tolist() == ["2"]
