@@ -64,6 +64,17 @@ MODULES: dict[str, list[str]] = {
         "tests/test_solvers.py", "tests/test_stop_fraction.py", "tests/test_divergence.py",
         "tests/test_vmap.py", "-k", "not scan and not nnx and not fit and not resume",
     ],
+    # fixed_point / unroll: argument checks and their messages, throw=True, batched=False, stats
+    "jdeq/_fixed_point.py": [
+        "tests/test_errors.py", "tests/test_promises_core.py", "tests/test_divergence.py",
+        "tests/test_bad_input.py", "tests/test_solvers.py",
+        "-k", "not test_bad_input or fixed_point or unroll",
+    ],
+    # the solvers' numerics: Picard damping, Anderson (weights, ring buffer, ridge), Broyden
+    "jdeq/_solvers.py": [
+        "tests/test_solvers.py", "tests/test_promises_core.py", "tests/test_errors.py",
+        "tests/test_shine.py", "-k", "not fit",
+    ],
 }
 # Tests that exercise a function only in subprocesses (two ``jax.distributed`` processes):
 # mutmut cannot see those calls, so it never runs them for the function's mutants. Survivors in
@@ -71,6 +82,8 @@ MODULES: dict[str, list[str]] = {
 RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"),
                                 ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
+    # layouts under Explicit mesh axes: only the 8-device subprocess sees them
+    "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a subprocess test"}
 
