@@ -28,6 +28,7 @@ Usage::
 
     python .ci/mutation.py                       # every module in MODULES
     python .ci/mutation.py jdeq/train/_checksum.py --max-children 2
+    python .ci/mutation.py jdeq/_loop.py --resume  # go on after a stopped run
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +70,7 @@ MODULES: dict[str, list[str]] = {
     "jdeq/_fixed_point.py": [
         "tests/test_errors.py", "tests/test_promises_core.py", "tests/test_divergence.py",
         "tests/test_bad_input.py", "tests/test_solvers.py",
-        "-k", "not test_bad_input or fixed_point or unroll",
+        "-k", "not test_bad_input or fixed_point or unroll or errors_md",
     ],
     # the solvers' numerics: Picard damping, Anderson (weights, ring buffer, ridge), Broyden
     "jdeq/_solvers.py": [
@@ -76,16 +78,21 @@ MODULES: dict[str, list[str]] = {
         "tests/test_shine.py", "-k", "not fit",
     ],
 }
-# Tests that exercise a function only in subprocesses (two ``jax.distributed`` processes):
-# mutmut cannot see those calls, so it never runs them for the function's mutants. Survivors in
-# the listed functions are run again against these tests (module -> (functions, tests)).
+# Survivors in the listed functions are run again against more tests (module -> (functions,
+# tests)); a failure there kills them. For tests that exercise a function only in subprocesses
+# (two ``jax.distributed`` processes, 8 simulated devices): mutmut cannot see those calls, so it
+# never runs them for the function's mutants. And for options of a shared function that only a
+# few callers use (the loop's snapshots and kept solver state): their tests run for its
+# survivors only, instead of for every mutant of it.
 RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"),
                                 ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
+    # snapshots (jdeq.correction_states) and the kept solver state (SHINE) through the vmap rule
+    "jdeq/_loop.py": (("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
 }
-KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a subprocess test"}
+KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a recheck"}
 
 
 def tracked_files() -> list[str]:
@@ -131,26 +138,44 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
-    env = _env()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    """Runs ``python -m mutmut *args`` in ``work``; past ``timeout`` its whole process group
+    (the forkserver and the mutants' pytest processes too) is killed and TimeoutExpired raised."""
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", *args], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     if proc.returncode not in (0, 1):
-        raise RuntimeError(f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise RuntimeError(f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+    return out
 
 
-def run_module(module: str, tests: list[str], max_children: int, timeout: float) -> dict:
-    commit = _commit()  # the code the copy was made from
-    work = prepare(module, tests)
+def run_module(module: str, tests: list[str], max_children: int, timeout: float, resume: bool = False) -> dict:
+    """mutmut on a fresh copy of the tree; with ``resume``, on the last run's copy, where mutmut
+    keeps every verdict it reached and runs only the mutants without one (a stopped run goes on)."""
+    work = _workdir(module)
+    run_file = work / "jdeq-run.json"  # the commit the copy was made from and the seconds spent on it
+    if resume and run_file.exists():
+        run = json.loads(run_file.read_text())
+        if run["tests"] != tests:
+            raise RuntimeError(f"{module}: the test selection changed since the last run; run it afresh")
+    else:
+        prepare(module, tests)
+        run = {"commit": _commit(), "seconds": 0, "tests": tests}
+        run_file.write_text(json.dumps(run))
     start = time.perf_counter()
     try:
         out = mutmut(work, "run", "--max-children", str(max_children), timeout=timeout)
         if "failed to collect stats" in out:  # the selection fails on the unmutated tree
             raise RuntimeError(f"{module}: its tests fail without any mutant; run them in {work / 'mutants'}")
     except subprocess.TimeoutExpired:
-        print(f"{module}: stopped after {timeout:.0f} s; unchecked mutants are reported as such", flush=True)
-    elapsed = time.perf_counter() - start
+        print(f"{module}: stopped after {timeout:.0f} s; unchecked mutants are reported as such "
+              "(--resume goes on)", flush=True)
+    run["seconds"] += round(time.perf_counter() - start)
+    run_file.write_text(json.dumps(run))
     status = {}
     for line in mutmut(work, "results", "--all", "true").splitlines():
         m = re.match(r"\s*(\S+): (.+)$", line)
@@ -159,8 +184,8 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float)
     if module in RECHECK:
         status.update(recheck(work, status, *RECHECK[module]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
-    return {"module": module, "tests": tests, "seconds": round(elapsed), "status": status, "survivors": diffs,
-            "commit": commit}
+    return {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
+            "commit": run["commit"], "recheck": RECHECK.get(module)}
 
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
@@ -183,7 +208,7 @@ def recheck(work: Path, status: dict, functions: tuple[str, ...], tests: list[st
         code = _pytest(work, tests, name)
         if code not in (0, 1):
             raise RuntimeError(f"{tests} with {name}: pytest exit code {code} (not a test failure)")
-        out[name] = "killed by a subprocess test" if code == 1 else "survived"
+        out[name] = "killed by a recheck" if code == 1 else "survived"
         print(f"  recheck {name}: {out[name]}", flush=True)
     return out
 
@@ -219,9 +244,10 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
         "own test selection. Score = killed / (mutants - equivalent); *unchecked* counts mutants that",
         "did not run to a verdict (no test reached them, or the run was stopped); they count as not",
         "killed. Equivalent mutants and their reasons: `.ci/mutation_equivalent.toml`. Survivors in",
-        "functions that only subprocess tests reach (two `jax.distributed` processes, 8 simulated",
-        "devices) are rechecked against those tests (`RECHECK` in the script); a failure there counts",
-        "as killed.",
+        "some functions are rechecked against more tests (`RECHECK` in the script): tests that run",
+        "the function only in subprocesses, which mutmut cannot see (two `jax.distributed`",
+        "processes, 8 simulated devices), and tests of options that few callers use; a failure there",
+        "counts as killed.",
         "",
         "| module | mutants | killed | survived | equivalent | unchecked | score | commit | minutes |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -234,6 +260,10 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
         survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
         eq = {n: equivalent[n] for n in r["status"] if n in equivalent}
         lines += ["", f"## `{module}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
+        if r.get("recheck"):
+            functions, tests = r["recheck"]
+            lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
+                      + ", ".join(f"`{t}`" for t in tests), ""]
         if survivors:
             lines += ["Surviving mutants:", ""]
             for name, diff in sorted(survivors.items()):
@@ -252,6 +282,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per module before it is stopped")
     p.add_argument("--recheck-only", action="store_true",
                    help="rerun only the RECHECK pass on the last run's mutated copy of each module")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the last run's mutated copy (mutants that have a verdict keep it)")
     p.add_argument("--docs-only", action="store_true", help="rewrite docs/mutation.md from docs/mutation.json")
     args = p.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
@@ -271,9 +303,10 @@ def main(argv=None) -> None:
             # the tests are never mutated: recheck with the current ones
             shutil.copytree(ROOT / "tests", _workdir(module) / "mutants" / "tests", dirs_exist_ok=True)
             r["status"].update(recheck(_workdir(module), r["status"], *RECHECK[module]))
+            r["recheck"] = RECHECK[module]
             r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
         else:
-            results[module] = run_module(module, MODULES[module], args.max_children, args.timeout)
+            results[module] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
         write_docs(results, equivalent)  # after every module: a stopped run keeps what it measured
         s = score(results[module], equivalent)
         print(f"  {s['killed']}/{s['mutants'] - s['equivalent']} killed ({s['score']:.0%}), "

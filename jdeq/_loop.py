@@ -35,7 +35,7 @@ def residuals(z: jax.Array, fz: jax.Array) -> tuple[jax.Array, jax.Array]:
     return abs_res, rel_res
 
 
-def keep_going(active: jax.Array, stop_fraction: float = 1.0) -> jax.Array:
+def keep_going(active: jax.Array, stop_fraction: float) -> jax.Array:
     """Whether a batch loop goes on: while fewer than ``ceil(stop_fraction * n)`` of its ``n``
     rows have stopped (converged or non-finite). ``stop_fraction = 1`` (the per-example
     contract): while any row is active."""
