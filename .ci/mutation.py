@@ -182,7 +182,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
         if m:
             status[m.group(1)] = m.group(2).strip()
     if module in RECHECK:
-        status.update(recheck(work, status, *RECHECK[module]))
+        status.update(recheck(work, [n for n, st in status.items() if st == "survived"], [RECHECK[module]]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
     return {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
             "commit": run["commit"], "recheck": RECHECK.get(module)}
@@ -190,26 +190,30 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
     env = _env(MUTANT_UNDER_TEST=mutant)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "2", *tests]
     return subprocess.run(cmd, cwd=work / "mutants", env=env, capture_output=True, text=True).returncode
 
 
-def recheck(work: Path, status: dict, functions: tuple[str, ...], tests: list[str]) -> dict:
-    """Runs ``tests`` once per survivor in ``functions`` (mutmut's mutated tree, the mutant
-    switched on through the environment, which subprocesses inherit); a failure kills it."""
-    names = [n for n, s in status.items() if s == "survived"
-             and any(f"x_{f}__mutmut_" in n for f in functions)]  # mutmut's name: x_ + function
-    if not names:
-        return {}
-    if _pytest(work, tests, "") != 0:
-        raise RuntimeError(f"{tests} fail without any mutant in {work / 'mutants'}")
+def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | None, list[str]]]) -> dict:
+    """Runs each group's tests once per mutant of ``names`` in the group's functions (None: any
+    function), in mutmut's mutated tree with the mutant switched on through the environment
+    (which subprocesses inherit); a failure kills it."""
+    def in_group(name, functions):  # mutmut's name: <module>.x_<function>__mutmut_<n>
+        return functions is None or any(f"x_{f}__mutmut_" in name for f in functions)
+
     out = {}
-    for name in names:
-        code = _pytest(work, tests, name)
-        if code not in (0, 1):
-            raise RuntimeError(f"{tests} with {name}: pytest exit code {code} (not a test failure)")
-        out[name] = "killed by a recheck" if code == 1 else "survived"
-        print(f"  recheck {name}: {out[name]}", flush=True)
+    for functions, tests in groups:
+        todo = [n for n in names if in_group(n, functions) and out.get(n) != "killed by a recheck"]
+        if not todo:
+            continue
+        if _pytest(work, tests, "") != 0:
+            raise RuntimeError(f"{tests} fail without any mutant in {work / 'mutants'}")
+        for name in todo:
+            code = _pytest(work, tests, name)
+            if code not in (0, 1):
+                raise RuntimeError(f"{tests} with {name}: pytest exit code {code} (not a test failure)")
+            out[name] = "killed by a recheck" if code == 1 else "survived"
+            print(f"  recheck {name}: {out[name]}", flush=True)
     return out
 
 
@@ -260,6 +264,9 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
         survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
         eq = {n: equivalent[n] for n in r["status"] if n in equivalent}
         lines += ["", f"## `{module}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
+        if r.get("tests_commit"):
+            lines += [f"Mutants of the code at {r['commit']}; survivors rechecked with the tests at "
+                      f"{r['tests_commit']} (`--recheck-only`).", ""]
         if r.get("recheck"):
             functions, tests = r["recheck"]
             lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
@@ -281,7 +288,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per module before it is stopped")
     p.add_argument("--recheck-only", action="store_true",
-                   help="rerun only the RECHECK pass on the last run's mutated copy of each module")
+                   help="rerun the last run's survivors (not listed equivalent) against the current tests: "
+                        "the module's selection, and RECHECK's tests for survivors in its functions")
     p.add_argument("--resume", action="store_true",
                    help="go on with the last run's mutated copy (mutants that have a verdict keep it)")
     p.add_argument("--docs-only", action="store_true", help="rewrite docs/mutation.md from docs/mutation.json")
@@ -297,13 +305,17 @@ def main(argv=None) -> None:
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
         if args.recheck_only:
-            if module not in RECHECK or module not in results:
-                p.error(f"{module}: nothing to recheck (no RECHECK entry or no recorded run)")
+            if module not in results:
+                p.error(f"{module}: nothing to recheck (no recorded run)")
             r = results[module]
-            # the tests are never mutated: recheck with the current ones
+            # the tests are never mutated: recheck with the current ones, the module's selection
+            # for every survivor and RECHECK's tests for those in its functions
             shutil.copytree(ROOT / "tests", _workdir(module) / "mutants" / "tests", dirs_exist_ok=True)
-            r["status"].update(recheck(_workdir(module), r["status"], *RECHECK[module]))
-            r["recheck"] = RECHECK[module]
+            names = [n for n, st in r["status"].items() if st == "survived" and n not in equivalent]
+            groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
+            r["status"].update(recheck(_workdir(module), names, groups))
+            r["recheck"] = RECHECK.get(module)
+            r["tests_commit"] = _commit()
             r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
         else:
             results[module] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)

@@ -70,7 +70,7 @@ def run_loop(
     trace_len: int | None = None,
     unrolled: bool = False,
     snapshots=None,
-    keep_state: bool = False,
+    keep_state: bool,
 ):
     """Solves ``z = F(z)`` row by row.
 
