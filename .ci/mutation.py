@@ -69,7 +69,7 @@ MODULES: dict[str, list[str]] = {
     # fixed_point / unroll: argument checks and their messages, throw=True, batched=False, stats
     "jdeq/_fixed_point.py": [
         "tests/test_errors.py", "tests/test_promises_core.py", "tests/test_divergence.py",
-        "tests/test_bad_input.py", "tests/test_solvers.py",
+        "tests/test_bad_input.py", "tests/test_solvers.py", "tests/test_promises.py",
         "-k", "not test_bad_input or fixed_point or unroll or errors_md",
     ],
     # the solvers' numerics: Picard damping, Anderson (weights, ring buffer, ridge), Broyden

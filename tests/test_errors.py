@@ -1,5 +1,7 @@
 """Bad input gets a clear error at trace time (or construction time), naming the argument."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -249,3 +251,54 @@ def test_unroll_depth_and_stop_mode():
         jdeq.unroll(good, Z0, A, depth=3, stop_mode="max")
     with pytest.raises(ValueError, match="changed the shape"):
         jdeq.unroll(lambda z, a: z[:, :2], Z0, A, depth=3)
+
+
+# ----------------------------------------------------------------------------- messages in full
+
+
+def test_tracing_failure_notes_the_call_with_short_shape_descriptions():
+    """An error raised while tracing f keeps f's own message and gets a note naming the call and
+    the shapes it was given: each tree described in at most 200 characters, cut with "..."."""
+    def broken(z, a):
+        raise TypeError("f's own message")
+
+    # arrays as dtype[shape], other leaves (here one JAX cannot trace) by their type name
+    with pytest.raises(TypeError, match="as an abstract array") as e:
+        _fp(good, Z0, {"w": A, "name": "tanh"})
+    (note,) = [n for n in e.value.__notes__ if "raised while tracing" in n]
+    assert note == ("(raised while tracing `f(z, args)` with z0 float32[2, 3] and args "
+                    "{'name': 'str', 'w': 'float32[2, 3]'})")
+    big = {f"leaf{i:02d}": jnp.zeros((2, 3)) for i in range(40)}
+    with pytest.raises(TypeError, match="f's own message") as e:
+        _fp(broken, big)
+    (note,) = [n for n in e.value.__notes__ if "raised while tracing" in n]
+    described = note.removeprefix("(raised while tracing `f(z, args)` with z0 ").split(" and args ")[0]
+    assert len(described) == 200 and described.endswith("...") and described.startswith("{'leaf00': 'float32[2, 3]'")
+
+
+def test_throw_message_counts_the_non_finite_examples_and_names_the_first():
+    a = jnp.ones((4, 3)).at[2, 0].set(jnp.nan).at[3, 1].set(jnp.inf)
+    with pytest.raises(Exception, match=r"jdeq\.fixed_point\(throw=True\): non-finite residual in 2 of 4 "
+                                        r"examples \(first: example 2\): the solve diverged"):
+        _fp(z0=jnp.zeros((4, 3)), args=a, throw=True)
+
+
+def test_throw_message_gives_the_worst_residuals_of_the_examples_that_did_not_converge():
+    """Example 0 converges (relative residual below tol) with a large absolute residual, example
+    1 does not: the message counts one example and quotes example 1's residuals only."""
+    f = lambda z, a: a["s"] * z + a["b"]  # noqa: E731
+    args = {"s": jnp.array([[0.5], [0.99]]), "b": jnp.array([[1e8] * 3, [1.0] * 3])}
+    solver = jdeq.FixedPointIteration(tol=0.2, maxiter=4)
+    stats = _fp(f, args=args, solver=solver).stats
+    assert stats.converged.tolist() == [True, False] and float(stats.abs_residual[0]) > 1e6
+    want = (f"1 of 2 examples did not converge (all values finite); worst abs residual "
+            f"{float(stats.abs_residual[1]):.3e}, rel {float(stats.rel_residual[1]):.3e}. Raise `maxiter`")
+    with pytest.raises(Exception, match=re.escape(want)):
+        _fp(f, args=args, solver=solver, throw=True)
+
+
+def test_batched_scalar_problems_message_says_how_many():
+    with pytest.raises(ValueError, match=r"`z0` has no axis beyond its leading one \(first leaf of shape "
+                                         r"\(5,\)\): with batched=True \(the default\) that axis is the batch, "
+                                         r"so this would solve 5 separate scalar problems"):
+        _fp(z0=jnp.zeros(5), args=jnp.ones(5))
