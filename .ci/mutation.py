@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +80,40 @@ MODULES: dict[str, list[str]] = {
         "tests/test_solvers.py", "tests/test_promises_core.py", "tests/test_errors.py",
         "tests/test_shine.py", "-k", "not fit",
     ],
+    # the gradient modes: implicit (and SHINE), phantom, Jacobian-free, unrolled; their backward
+    "jdeq/_gradients.py": [
+        "tests/test_gradients.py", "tests/test_promises_core.py", "tests/test_shine.py", "tests/test_divergence.py",
+    ],
+    # pytree <-> (batch, dim) rows, dtypes and batch checks
+    "jdeq/_flatten.py": ["tests/test_solvers.py", "tests/test_errors.py", "tests/test_protocols.py"],
+    # the Solver and Gradient base classes: options, validation, the shared solve
+    "jdeq/_protocols.py": [
+        "tests/test_protocols.py", "tests/test_errors.py", "tests/test_solvers.py", "tests/test_promises_core.py",
+    ],
+    "jdeq/_jaxopt.py": ["tests/test_jaxopt_solver.py"],
+    "jdeq/_reversible.py": ["tests/test_reversible.py", "tests/test_promises_core.py", "-k", "reversible"],
+    "jdeq/_correction.py": ["tests/test_correction.py", "tests/test_promises_core.py", "-k", "correction or states"],
+    "jdeq/_regularizers.py": ["tests/test_regularizers.py", "tests/test_promises_core.py", "-k", "jacobian or regulariz"],
+    "jdeq/_hypersolver.py": ["tests/test_hypersolver.py", "tests/test_promises_core.py", "-k", "hyper"],
+    "jdeq/_splitting.py": ["tests/test_mondeq.py", "tests/test_promises_core.py", "-k", "mondeq or forward_backward or peaceman"],
+    "jdeq/_path_independence.py": ["tests/test_path_independence.py"],
+    "jdeq/_validate.py": ["tests/test_validate.py", "tests/test_errors.py"],
+    # the Flax adapters
+    "jdeq/nnx.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_norm_dropout.py",
+                    "tests/test_promises.py", "-k", "not linen and not checksum and not crc32 and not hash32"],
+    "jdeq/linen.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_promises.py",
+                      "-k", "linen"],
+    # the training loop
+    "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "-k", "step or jac_reg or skip"],
+    "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
+                           "-k", "not checksum and not import"],
+    "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
+                                 "-k", "checkpoint or resume"],
+    "jdeq/train/evaluation.py": ["tests/test_train.py", "tests/test_promises_train.py",
+                                 "-k", "predict or evaluate or smoke"],
+    "jdeq/train/losses.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_correction.py",
+                             "-k", "loss or smoke"],
+    "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py", "-k", "batch or epoch or smoke"],
 }
 # Survivors in the listed functions are run again against more tests (module -> (functions,
 # tests)); a failure there kills them. For tests that exercise a function only in subprocesses
@@ -102,13 +139,15 @@ def tracked_files() -> list[str]:
     return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
 
 
-def _workdir(module: str) -> Path:
-    return WORK / re.sub(r"[^A-Za-z0-9]+", "_", module).strip("_")
+def _workdir(module: str, sampled: bool = False) -> Path:
+    """The module's copy of the tree (a sampled run has its own, so a stopped complete run
+    can still be resumed)."""
+    return WORK / ("sample" if sampled else "") / re.sub(r"[^A-Za-z0-9]+", "_", module).strip("_")
 
 
-def prepare(module: str, tests: list[str]) -> Path:
+def prepare(module: str, tests: list[str], sampled: bool = False) -> Path:
     """A fresh copy of the working tree for ``module``, with its [tool.mutmut] section."""
-    work = _workdir(module)
+    work = _workdir(module, sampled)
     if work.exists():
         shutil.rmtree(work)
     for f in tracked_files():
@@ -226,17 +265,95 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
+NOT_SAMPLED = "not sampled"
+SAMPLE_KEY = "sample:"  # results of a sampled run are kept under "sample:<module>", beside a complete run
+
+# mutmut generates the mutated copy as the first step of `mutmut run`; the sampled mode needs
+# only that step (it runs the sampled mutants itself), so it calls mutmut's own functions.
+_GENERATE = """
+import os
+from mutmut.mutation.trampoline import set_mutant_under_test
+from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir
+from mutmut.__main__ import create_mutants
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir()
+copy_also_copy_files()
+create_mutants(1)
+"""
+
+
+def _run_killable(cmd: list[str], cwd: Path, env: dict, timeout: float) -> int | None:
+    """The exit code of ``cmd``, or None past ``timeout`` (its whole process group killed)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def sample_module(module: str, tests: list[str], k: int, seed: int, max_children: int) -> dict:
+    """``k`` mutants of ``module`` drawn at random (``seed``), each run against the module's
+    selection shortest test first, stopping at the first failure; the others are "not sampled".
+    The score is then an estimate, reported with its 95% interval."""
+    start = time.perf_counter()
+    work = prepare(module, tests, sampled=True)
+    subprocess.run([sys.executable, "-c", _GENERATE], cwd=work, env=_env(), check=True, capture_output=True)
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    names = sorted(meta["exit_code_by_key"])
+    durations = work / "durations.json"
+    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    clean_start = time.perf_counter()
+    code = subprocess.run(pytest, cwd=work / "mutants", env=_env(MUTANT_UNDER_TEST="", JDEQ_TEST_DURATIONS=str(durations)),
+                          capture_output=True, text=True)
+    if code.returncode != 0:
+        raise RuntimeError(f"{module}: its tests fail without any mutant:\n{code.stdout[-3000:]}")
+    timeout = 2 * (time.perf_counter() - clean_start) + 60
+    chosen = random.Random(f"{module}:{seed}").sample(names, min(k, len(names)))
+
+    def verdict(name: str) -> tuple[str, str]:
+        env = _env(MUTANT_UNDER_TEST=name, JDEQ_TEST_DURATIONS=str(durations))
+        rc = _run_killable(pytest, work / "mutants", env, timeout)
+        return name, {None: "timeout", 0: "survived", 1: "killed", -signal.SIGSEGV: "segfault"}.get(
+            rc, f"suspicious (pytest exit {rc})")
+
+    status = dict.fromkeys(names, NOT_SAMPLED)
+    with ThreadPoolExecutor(max_children) as pool:
+        for name, st in pool.map(verdict, chosen):
+            status[name] = st
+            print(f"  {name}: {st}", flush=True)
+    if module in RECHECK:
+        status.update(recheck(work, [n for n, st in status.items() if st == "survived"], [RECHECK[module]]))
+    diffs = {name: _diff(mutmut(work, "show", name)) for name, st in status.items() if st == "survived"}
+    return {"module": module, "tests": tests, "seconds": round(time.perf_counter() - start), "status": status,
+            "survivors": diffs, "commit": _commit(), "recheck": RECHECK.get(module), "sample": len(chosen),
+            "seed": seed}
+
+
+def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (a sampled kill rate)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = killed / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def score(result: dict, equivalent: dict[str, str]) -> dict:
-    st = result["status"]
+    st = {n: s for n, s in result["status"].items() if s != NOT_SAMPLED}  # the mutants that were run
     eq = [n for n, s in st.items() if s == "survived" and n in equivalent]
     killed = sum(s in KILLED for s in st.values())
     survived = [n for n, s in st.items() if s == "survived" and n not in equivalent]
     other = {s for s in st.values() if s not in KILLED and s != "survived"}
     unchecked = sum(s not in KILLED and s != "survived" for s in st.values())
     denominator = len(st) - len(eq)
-    return {"mutants": len(st), "killed": killed, "survived": len(survived), "equivalent": len(eq),
-            "unchecked": unchecked, "unchecked_kinds": sorted(other),
-            "score": killed / denominator if denominator else 1.0}
+    return {"mutants": len(st), "of": len(result["status"]), "killed": killed, "survived": len(survived),
+            "equivalent": len(eq), "unchecked": unchecked, "unchecked_kinds": sorted(other),
+            "score": killed / denominator if denominator else 1.0,
+            "interval": wilson(killed, denominator) if result.get("sample") else None}
 
 
 def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
@@ -253,17 +370,25 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
         "processes, 8 simulated devices), and tests of options that few callers use; a failure there",
         "counts as killed.",
         "",
-        "| module | mutants | killed | survived | equivalent | unchecked | score | commit | minutes |",
+        "A *sampled* module (`--sample K`) ran K of its mutants drawn at random: its score is an",
+        "estimate, given with its 95% (Wilson) interval; a complete run checks every mutant.",
+        "",
+        "| module | mutants run | killed | survived | equivalent | unchecked | score | commit | minutes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for module, r in sorted(results.items()):
+    for _, r in sorted(results.items()):
+        module = r["module"]
         s = score(r, equivalent)
-        lines.append(f"| `{module}` | {s['mutants']} | {s['killed']} | {s['survived']} | {s['equivalent']} | "
-                     f"{s['unchecked']} | {s['score']:.0%} | {r['commit']} | {r['seconds'] / 60:.0f} |")
-    for module, r in sorted(results.items()):
+        run = f"{s['mutants']} (sample of {s['of']})" if r.get("sample") else f"{s['mutants']} (all)"
+        est = f"{s['score']:.0%}" + (f" ({s['interval'][0]:.0%}-{s['interval'][1]:.0%})" if s["interval"] else "")
+        lines.append(f"| `{module}` | {run} | {s['killed']} | {s['survived']} | {s['equivalent']} | "
+                     f"{s['unchecked']} | {est} | {r['commit']} | {r['seconds'] / 60:.0f} |")
+    for _, r in sorted(results.items()):
+        module = r["module"]
         survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
         eq = {n: equivalent[n] for n in r["status"] if n in equivalent}
-        lines += ["", f"## `{module}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
+        kind = f" (sample of {r['sample']}, seed {r['seed']})" if r.get("sample") else ""
+        lines += ["", f"## `{module}`{kind}", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
         if r.get("tests_commit"):
             lines += [f"Mutants of the code at {r['commit']}; survivors rechecked with the tests at "
                       f"{r['tests_commit']} (`--recheck-only`).", ""]
@@ -292,6 +417,10 @@ def main(argv=None) -> None:
                         "the module's selection, and RECHECK's tests for survivors in its functions")
     p.add_argument("--resume", action="store_true",
                    help="go on with the last run's mutated copy (mutants that have a verdict keep it)")
+    p.add_argument("--sample", type=int, metavar="K",
+                   help="run K mutants per module drawn at random (an estimate of the score, in about an "
+                        "hour for every module) instead of every mutant")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample's draw (default 0)")
     p.add_argument("--docs-only", action="store_true", help="rewrite docs/mutation.md from docs/mutation.json")
     args = p.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
@@ -305,22 +434,29 @@ def main(argv=None) -> None:
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
         if args.recheck_only:
-            if module not in results:
-                p.error(f"{module}: nothing to recheck (no recorded run)")
-            r = results[module]
+            key = (SAMPLE_KEY if args.sample else "") + module
+            if key not in results:
+                p.error(f"{key}: nothing to recheck (no recorded run)")
+            r = results[key]
+            work = _workdir(module, sampled=bool(args.sample))
             # the tests are never mutated: recheck with the current ones, the module's selection
             # for every survivor and RECHECK's tests for those in its functions
-            shutil.copytree(ROOT / "tests", _workdir(module) / "mutants" / "tests", dirs_exist_ok=True)
+            shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
             names = [n for n, st in r["status"].items() if st == "survived" and n not in equivalent]
             groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
-            r["status"].update(recheck(_workdir(module), names, groups))
+            r["status"].update(recheck(work, names, groups))
             r["recheck"] = RECHECK.get(module)
             r["tests_commit"] = _commit()
             r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
         else:
-            results[module] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
+            if args.sample:
+                key = SAMPLE_KEY + module
+                results[key] = sample_module(module, MODULES[module], args.sample, args.seed, args.max_children)
+            else:
+                key = module
+                results[key] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
         write_docs(results, equivalent)  # after every module: a stopped run keeps what it measured
-        s = score(results[module], equivalent)
+        s = score(results[key], equivalent)
         print(f"  {s['killed']}/{s['mutants'] - s['equivalent']} killed ({s['score']:.0%}), "
               f"{s['survived']} survived, {s['unchecked']} unchecked", flush=True)
     print(f"wrote {DOC_MD.relative_to(ROOT)} and {DOC_JSON.relative_to(ROOT)}")

@@ -24,15 +24,41 @@ def pytest_configure(config):
         jax.clear_caches()
 
 
+def _durations_file() -> str | None:
+    """Where mutation testing keeps the unmutated run's test durations: ``JDEQ_TEST_DURATIONS``
+    (``.ci/mutation.py --sample``) or mutmut's own stats (its runs start in its mutated copy)."""
+    return os.environ.get("JDEQ_TEST_DURATIONS") or ("mutmut-stats.json" if os.path.isfile("mutmut-stats.json") else None)
+
+
+def _mutant_run() -> bool:
+    return "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", "")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under mutation testing, a mutant's tests run shortest first (durations from mutmut's own
-    stats of the unmutated run): a mutant stops at its first failing test (``-x``), so a cheap
-    test that catches it saves running the expensive ones (the verdicts do not change)."""
-    stats = "mutmut-stats.json"  # mutmut runs the tests from its mutated copy, next to this file
-    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", "") and os.path.isfile(stats):
-        with open(stats) as fh:
-            seconds = json.load(fh)["duration_by_test"]
+    """Under mutation testing, a mutant's tests run shortest first (durations of the unmutated
+    run): a mutant stops at its first failing test (``-x``), so a cheap test that catches it
+    saves running the expensive ones (the verdicts do not change)."""
+    path = _durations_file()
+    if _mutant_run() and path and os.path.isfile(path):
+        with open(path) as fh:
+            data = json.load(fh)
+        seconds = data.get("duration_by_test", data)  # mutmut's stats, or {node id: seconds}
         items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
+
+
+_DURATIONS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("JDEQ_TEST_DURATIONS") and not _mutant_run():  # the unmutated run records them
+        _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("JDEQ_TEST_DURATIONS")
+    if path and not _mutant_run() and _DURATIONS:
+        with open(path, "w") as fh:
+            json.dump(_DURATIONS, fh)
 
 
 @pytest.fixture
