@@ -46,6 +46,18 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
 
 
+@pytest.fixture(autouse=True)
+def _trace_afresh_for_mutmut_stats():
+    """mutmut maps each function to the tests that call it (its "stats" run) and later runs a
+    mutant against those tests only. A test that reuses a program JAX compiled for an earlier
+    test (a jitted helper with the same static arguments and shapes) never calls the traced
+    Python functions, so it would be left out of the map and never face their mutants: in that
+    run, every test traces afresh."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        jax.clear_caches()
+    yield
+
+
 _DURATIONS: dict[str, float] = {}
 
 
