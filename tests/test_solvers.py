@@ -244,6 +244,28 @@ def test_already_converged_start_takes_one_evaluation(x64):
 # ----------------------------------------------------------------------------- stop modes
 
 
+def test_a_residual_equal_to_tol_has_not_converged():
+    """"Stop once the residual is below tol": a residual exactly at tol (here a constant 0.5:
+    plain steps of 0.5 are exact in float32) is neither converged nor non-finite, and the solve
+    runs its budget."""
+    shift = lambda z, a: z + a  # noqa: E731  (no fixed point: the residual stays |a|)
+    solver = jdeq.FixedPointIteration(tol=0.5, stop_mode="abs", maxiter=5)
+    st = jdeq.fixed_point(shift, jnp.zeros((3, 1)), jnp.full((3, 1), 0.5), solver=solver).stats
+    np.testing.assert_array_equal(st.abs_residual, 0.5)
+    assert not st.converged.any() and not st.nonfinite.any()
+    np.testing.assert_array_equal(st.nsteps, 5)
+
+
+@pytest.mark.parametrize("name", sorted(JDEQ_SOLVERS))
+def test_a_start_whose_residual_equals_tol_is_iterated(name):
+    """The same rule at the start: z0 = 0 for the constant map z -> a has residual |a| = tol, so
+    every solver takes a step (to z = a, exactly: residual 0)."""
+    solver = JDEQ_SOLVERS[name](tol=0.5, stop_mode="abs", maxiter=5)
+    st = jdeq.fixed_point(lambda z, a: a, jnp.zeros((3, 1)), jnp.full((3, 1), 0.5), solver=solver).stats
+    np.testing.assert_array_equal(st.nsteps, 2)
+    assert st.converged.all() and not st.nonfinite.any()
+
+
 @pytest.mark.parametrize("name", sorted(JDEQ_SOLVERS))
 def test_rel_stop_mode_is_scale_free_abs_is_not(x64, name):
     A, b, _ = affine_problem(5, n=3, d=6, rho=0.8)
