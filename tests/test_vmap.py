@@ -110,6 +110,11 @@ def test_unbatched_single_example_without_vmap_and_scalar_state(x64):
     s = jdeq.fixed_point(lambda z, _: jnp.cos(z), jnp.asarray(0.0), batched=False,
                          solver=jdeq.Anderson(tol=1e-12, maxiter=100))
     np.testing.assert_allclose(s.value, 0.7390851332151607, rtol=1e-10)
+    # one example given as a tree of a NumPy array and a Python float
+    t = jdeq.fixed_point(lambda z, _: {"v": jnp.cos(z["v"]), "s": jnp.cos(z["s"])},
+                         {"v": np.zeros(2), "s": 0.0}, batched=False, solver=jdeq.Anderson(tol=1e-12))
+    assert t.value["v"].shape == (2,) and t.value["s"].shape == ()
+    np.testing.assert_allclose([*t.value["v"], t.value["s"]], 0.7390851332151607, rtol=1e-10)
 
 
 def test_vmap_of_batched_code_and_nested_vmap(x64):
