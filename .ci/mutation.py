@@ -77,7 +77,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_promises.py", "-k", "checksum or crc32 or hash32",
     ],
     "jdeq/_cells.py": [
-        "tests/test_protocols.py", "tests/test_divergence.py", "-k", "nan or nonfinite",
+        "tests/test_protocols.py", "tests/test_divergence.py", "tests/test_flax.py", "-k", "nan or nonfinite or init_z",
     ],
     # the shared per-example loop: residuals, freezing, best iterate, budgets, stop rules, vmap rule
     "jdeq/_loop.py": [

@@ -124,8 +124,11 @@ def test_explicit_z0_and_missing_init_z():
 
     x = jnp.ones((BATCH, WIDTH))
     deq = jdeq.nnx.DEQ(NoInit(nnx.Rngs(0)))
-    with pytest.raises(TypeError, match="init_z"):
+    with pytest.raises(TypeError) as e:
         deq(x)
+    assert str(e.value) == (
+        "`z0` is None and the cell NoInit has no `init_z(x)` method: pass `z0` explicitly or give the "
+        "cell an `init_z(x)` that returns the starting state.")
     z, stats = deq(x, jnp.zeros((BATCH, WIDTH)))
     assert z.shape == (BATCH, WIDTH) and bool(stats.converged.all())
     with pytest.raises(TypeError, match="init_z"):

@@ -231,6 +231,7 @@ def test_nan_input_example_cannot_poison_the_weight_gradient(gradient):
         return jnp.sum(jnp.where(keep > 0, z, 0.0) ** 2)
 
     z, st = deq(x)
+    assert z.shape == (4, 8) and st.nonfinite.shape == (4,)  # the guard keeps every shape
     assert bool(st.nonfinite[2]) and not bool(st.converged[2])
     np.testing.assert_array_equal(z[2], 0.0)  # z0: no finite iterate
     g = nnx.grad(loss)(deq, x)
@@ -244,6 +245,7 @@ def test_nan_input_example_cannot_poison_the_weight_gradient(gradient):
     lin = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=jdeq.Anderson(tol=1e-6, maxiter=30),
                          gradient=gradient)
     v = lin.init(jax.random.key(0), clean)
+    assert lin.apply(v, x)[0].shape == (4, 8)
     gl = jax.grad(lambda v: jnp.sum(jnp.where(keep > 0, lin.apply(v, x)[0], 0.0) ** 2))(v)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(gl))
 
