@@ -177,6 +177,7 @@ def prepare(module: str, tests: list[str], sampled: bool = False) -> Path:
         "only_mutate": [module],
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+        "also_copy": ["docs/"],  # tests/test_bad_input.py compares docs/errors.md with today's messages
         "process_isolation": "forkserver",
         "forkserver_warmup": "collect",
     }
