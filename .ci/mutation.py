@@ -446,6 +446,7 @@ def main(argv=None) -> None:
     if args.docs_only:
         write_docs(results, equivalent)
         return
+    failed: list[str] = []
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
         if args.recheck_only:
@@ -464,17 +465,23 @@ def main(argv=None) -> None:
             r["tests_commit"] = _commit()
             r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
         else:
-            if args.sample:
-                key = SAMPLE_KEY + module
-                results[key] = sample_module(module, MODULES[module], args.sample, args.seed, args.max_children)
-            else:
-                key = module
-                results[key] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
+            key = (SAMPLE_KEY if args.sample else "") + module
+            try:
+                if args.sample:
+                    results[key] = sample_module(module, MODULES[module], args.sample, args.seed, args.max_children)
+                else:
+                    results[key] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
+            except RuntimeError as e:  # e.g. its selection fails unmutated: say so, go on with the others
+                failed.append(module)
+                print(f"  {module} not measured: {e}", flush=True)
+                continue
         write_docs(results, equivalent)  # after every module: a stopped run keeps what it measured
         s = score(results[key], equivalent)
         print(f"  {s['killed']}/{s['mutants'] - s['equivalent']} killed ({s['score']:.0%}), "
               f"{s['survived']} survived, {s['unchecked']} unchecked", flush=True)
     print(f"wrote {DOC_MD.relative_to(ROOT)} and {DOC_JSON.relative_to(ROOT)}")
+    if failed:
+        raise SystemExit(f"not measured: {failed}")
 
 
 if __name__ == "__main__":
