@@ -76,6 +76,15 @@ def test_z0_leaves_with_different_batch_sizes():
         jdeq.fixed_point(lambda t, a: t, {"a": Z0, "b": jnp.zeros((3, 3))}, A)
 
 
+def test_z0_with_an_empty_batch_or_a_non_array_leaf_in_full():
+    with pytest.raises(ValueError) as e:
+        jdeq.fixed_point(lambda t, a: t, jnp.zeros((0, 3)), A)
+    assert str(e.value) == "`z0` has batch size 0 (leading axis of shape (0, 3)): nothing to solve."
+    with pytest.raises(TypeError) as e:
+        jdeq.fixed_point(lambda t, a: t, {"z": Z0, "name": "zeros"}, A)
+    assert str(e.value) == "`z0` must be a pytree of arrays; leaf ['name'] is a str: 'zeros'."
+
+
 def test_z0_empty():
     with pytest.raises(ValueError, match="`z0` has no array leaves"):
         jdeq.fixed_point(lambda t, a: t, {}, A)

@@ -230,6 +230,26 @@ def test_fallback_per_example():
         assert (seen[-1][accept] == 1).all() and (seen[-1][~accept] > 2).all()
 
 
+def test_direct_reports_the_residual_of_the_estimate_to_the_callback():
+    """With a callback, "direct" spends one matvec on stats: per example ``||g - (I - J^T) u0||``
+    and that divided by ``||g||``, the quantity "fallback" tests against shine_tol."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["anderson"]
+        z, _, state = _final_state(solver, p)
+        g = jax.grad(readout)(z)
+        u0 = _estimate(solver, state, g, True)
+        jt = jnp.einsum("nij,nj->ni", jnp.linalg.inv(_exact_inverse(p, z, transpose=True)), u0)
+        abs_res = np.asarray(jnp.linalg.norm(g - jt, axis=1))
+        seen = []
+        _loss_grad(p, solver, jdeq.Implicit(shine="direct", callback=seen.append))
+        jax.effects_barrier()
+        st = seen[-1]
+        np.testing.assert_allclose(st.abs_residual, abs_res, rtol=1e-6)
+        np.testing.assert_allclose(st.rel_residual, abs_res / np.linalg.norm(g, axis=1), rtol=1e-6)
+        np.testing.assert_array_equal(st.nsteps, 0)
+
+
 def test_forward_mode_refine_and_direct():
     """jax.jvp uses the non-transposed estimate: refine matches the exact tangent, direct is
     the estimate applied to df/dp . dp."""
