@@ -186,8 +186,11 @@ def test_unrolled_with_traced_maxiter():
 
 def test_trace_with_traced_maxiter():
     run = jax.jit(lambda a, m: _fp(args=a, solver=jdeq.Anderson(trace=True), maxiter=m).value)
-    with pytest.raises(ValueError, match=r"`trace=True` needs a static `maxiter`"):
+    with pytest.raises(ValueError) as e:
         run(A, 5)
+    assert str(e.value).startswith(
+        "`trace=True` needs a static `maxiter` (the trace has one column per iteration); pass a Python int, "
+        "not a traced value.")
 
 
 def test_unrolled_with_jaxopt_solver():
