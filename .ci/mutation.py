@@ -84,13 +84,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_solvers.py", "tests/test_stop_fraction.py", "tests/test_divergence.py",
         "tests/test_vmap.py", "-k", "not scan and not nnx and not fit and not resume",
     ],
-    # fixed_point / unroll: argument checks and their messages, throw=True, batched=False, stats
-    # (not test_docs_errors_md_is_current: under mutmut, Python names a function's trampoline
-    # in "unexpected keyword" errors, so docs/errors.md cannot match in a mutated tree)
+    # fixed_point / unroll: argument checks and their messages (docs/errors.md holds every
+    # message of the bad-input table in full), throw=True, batched=False, stats
     "jdeq/_fixed_point.py": [
         "tests/test_errors.py", "tests/test_promises_core.py", "tests/test_divergence.py",
         "tests/test_bad_input.py", "tests/test_solvers.py", "tests/test_promises.py",
-        "-k", "not test_bad_input or fixed_point or unroll",
+        "-k", "not test_bad_input or fixed_point or unroll or errors_md",
     ],
     # the solvers' numerics: Picard damping, Anderson (weights, ring buffer, ridge), Broyden
     "jdeq/_solvers.py": [
@@ -103,10 +102,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_gradients.py", "tests/test_promises_core.py", "tests/test_shine.py", "tests/test_divergence.py",
     ],
     # pytree <-> (batch, dim) rows, dtypes and batch checks
-    "jdeq/_flatten.py": ["tests/test_solvers.py", "tests/test_errors.py", "tests/test_protocols.py"],
+    "jdeq/_flatten.py": ["tests/test_solvers.py", "tests/test_errors.py", "tests/test_protocols.py",
+        "tests/test_bad_input.py::test_docs_errors_md_is_current"],
     # the Solver and Gradient base classes: options, validation, the shared solve
     "jdeq/_protocols.py": [
         "tests/test_protocols.py", "tests/test_errors.py", "tests/test_solvers.py", "tests/test_promises_core.py",
+        "tests/test_bad_input.py::test_docs_errors_md_is_current",
     ],
     "jdeq/_jaxopt.py": ["tests/test_jaxopt_solver.py"],
     "jdeq/_reversible.py": ["tests/test_reversible.py", "tests/test_promises_core.py", "-k", "reversible"],
@@ -115,7 +116,8 @@ MODULES: dict[str, list[str]] = {
     "jdeq/_hypersolver.py": ["tests/test_hypersolver.py", "tests/test_promises_core.py", "-k", "hyper"],
     "jdeq/_splitting.py": ["tests/test_mondeq.py", "tests/test_promises_core.py", "-k", "mondeq or forward_backward or peaceman"],
     "jdeq/_path_independence.py": ["tests/test_path_independence.py"],
-    "jdeq/_validate.py": ["tests/test_validate.py", "tests/test_errors.py"],
+    "jdeq/_validate.py": ["tests/test_validate.py", "tests/test_errors.py",
+        "tests/test_bad_input.py::test_docs_errors_md_is_current"],
     # the Flax adapters
     "jdeq/nnx.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_norm_dropout.py",
                     "tests/test_promises.py", "-k", "not linen and not checksum and not crc32 and not hash32"],
@@ -179,7 +181,8 @@ def prepare(module: str, tests: list[str], sampled: bool = False) -> Path:
         "only_mutate": [module],
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
-        "also_copy": ["docs/"],  # tests/test_bad_input.py compares docs/errors.md with today's messages
+        # tests/test_bad_input.py compares docs/errors.md with the messages, benchmarks/ included
+        "also_copy": ["docs/", "benchmarks/"],
         "process_isolation": "forkserver",
         "forkserver_warmup": "collect",
     }

@@ -67,6 +67,9 @@ def test_bad_input(i):
 
 def test_docs_errors_md_is_current():
     text = render({i: _outcome(i) for i in range(len(CASES))})
+    # under mutation testing (.ci/mutation.py), Python names mutmut's copy of a function in its
+    # own "unexpected keyword argument" errors: read it as the function's name
+    text = re.sub(r"\bx_(\w+?)__mutmut_orig\b", r"\1", text)
     if os.environ.get("JDEQ_WRITE_DOCS") == "1":
         DOCS.write_text(text)
     assert DOCS.is_file(), "docs/errors.md is missing: python -m tests.bad_input_cases > docs/errors.md"
