@@ -149,7 +149,10 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
 }
-KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a recheck"}
+# pytest's exit code 2 under -x, when the unmutated selection passes: the mutant broke the test
+# modules' import (an error during collection), which is a failure the tests report
+COLLECTION = "killed (the tests could not be collected)"
+KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a recheck", COLLECTION}
 
 
 def tracked_files() -> list[str]:
@@ -271,7 +274,8 @@ def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | N
             raise RuntimeError(f"{tests} fail without any mutant in {work / 'mutants'}")
         for name in todo:
             code = _pytest(work, tests, name)
-            out[name] = {0: "survived", 1: "killed by a recheck"}.get(code, f"recheck error (pytest exit {code})")
+            out[name] = {0: "survived", 1: "killed by a recheck", 2: COLLECTION}.get(
+                code, f"recheck error (pytest exit {code})")
             print(f"  recheck {name}: {out[name]}", flush=True)
     return out
 
@@ -337,7 +341,7 @@ def sample_module(module: str, tests: list[str], k: int, seed: int, max_children
     def verdict(name: str) -> tuple[str, str]:
         env = _env(MUTANT_UNDER_TEST=name, JDEQ_TEST_DURATIONS=str(durations))
         rc = _run_killable(pytest, work / "mutants", env, timeout)
-        return name, {None: "timeout", 0: "survived", 1: "killed", -signal.SIGSEGV: "segfault"}.get(
+        return name, {None: "timeout", 0: "survived", 1: "killed", 2: COLLECTION, -signal.SIGSEGV: "segfault"}.get(
             rc, f"suspicious (pytest exit {rc})")
 
     status = dict.fromkeys(names, NOT_SAMPLED)
