@@ -140,6 +140,24 @@ def test_hashable_and_equal_by_value():
     assert len(traces) == 1
 
 
+def test_a_pytree_with_no_leaves_that_crosses_jit_as_an_argument():
+    """A JaxoptSolver is a pytree (no leaves: every option is static), so it can also be an
+    ordinary argument of a jitted function; flattening and rebuilding it gives an equal solver."""
+    a = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-5, history_size=3)
+    leaves, treedef = jax.tree_util.tree_flatten(a)
+    assert leaves == [] and jax.tree_util.tree_unflatten(treedef, leaves) == a
+    f = lambda z, x: 0.5 * jnp.tanh(z) + x  # noqa: E731
+    run = jax.jit(lambda x, solver: jdeq.fixed_point(f, jnp.zeros((2, 3)), x, solver=solver).value)
+    np.testing.assert_allclose(run(jnp.ones((2, 3)), a), jdeq.fixed_point(f, jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                                                                         solver=a).value, rtol=1e-6)
+
+
+def test_nsteps_is_int32_as_for_every_solver(x64):
+    st = jdeq.fixed_point(affine, jnp.zeros((3, 6)), tuple(map(jnp.asarray, affine_problem()[:2])),
+                          solver=SOLVERS["anderson"]).stats
+    assert st.nsteps.dtype == jnp.int32 and st.nsteps.shape == (3,)
+
+
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match="unknown option `histroy_size` for jaxopt.AndersonAcceleration"):
         jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, histroy_size=3)
