@@ -100,6 +100,22 @@ def test_each_state_carries_its_phantom_gradient():
             np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
 
 
+def test_each_state_carries_the_implicit_gradient_of_its_solver():
+    """gradient=jdeq.Implicit(): each state's backward is the forward solver's (its tol and
+    iteration, as in jdeq.fixed_point), at that state."""
+    p = make_params(scale=0.8)
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.Anderson(tol=1e-6, maxiter=40)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(N, D)), jnp.float32)
+    g_states = jax.jit(jax.jacrev(lambda p: jnp.stack([jnp.sum(w * s) for s in
+                       jdeq.fixed_point_states(cell, z0, p, states=[20, 40], solver=solver,
+                                               gradient=jdeq.Implicit()).value])))(p)
+    g_ref = jax.jit(jax.grad(lambda p, m: jnp.sum(w * reference(solver)(p, m).value)))
+    for j, budget in enumerate((20, 40)):
+        for a, b in zip(jax.tree_util.tree_leaves(g_states), jax.tree_util.tree_leaves(g_ref(p, budget))):
+            np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
+
+
 def test_correction_weights_as_documented():
     np.testing.assert_allclose(jdeq.correction_weights(4, "exp", gamma=0.5), [0.125, 0.25, 0.5, 1.0])
     np.testing.assert_allclose(jdeq.correction_weights(4, "linear"), [0.25, 0.5, 0.75, 1.0])
@@ -136,8 +152,10 @@ def test_bad_inputs_raise():
         jdeq.fixed_point_states(cell, z0, p, states="two")
     with pytest.raises(TypeError, match="gradient"):
         jdeq.fixed_point_states(cell, z0, p, gradient=jdeq.Unrolled())
-    with pytest.raises(TypeError, match="solver"):
+    with pytest.raises(TypeError) as e:
         jdeq.fixed_point_states(cell, z0, p, solver="anderson")
+    assert str(e.value) == ("`solver` must be a jdeq.Solver run in jdeq's own loop (FixedPointIteration, Anderson, "
+                            "Broyden or a subclass) for fixed_point_states, got 'anderson'.")
     with pytest.raises(ValueError, match="kind"):
         jdeq.correction_weights(3, "cosine")
     with pytest.raises(ValueError, match="gamma"):
