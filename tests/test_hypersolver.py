@@ -72,6 +72,12 @@ def test_hypersolver_cuts_iterations_on_a_frozen_deq():
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="init_mixer"):
         jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=3), memory=5)
+    # each check on its own: the first layer's input size, a missing first layer
+    mixer = jdeq.init_mixer(jax.random.key(0), memory=5)
+    for bad in ({**mixer, "w1": mixer["w1"][:-1]}, {k: v for k, v in mixer.items() if k != "w1"}):
+        with pytest.raises(ValueError, match=r"`params` must come from jdeq.init_mixer\(key, memory=5\)"):
+            jdeq.HyperAnderson(params=bad, memory=5)
+    jdeq.HyperAnderson(params=mixer, memory=5)  # the right sizes pass
     with pytest.raises(ValueError, match="learned_steps"):
         jdeq.HyperAnderson(learned_steps=-1)
     with pytest.raises(ValueError, match="memory"):

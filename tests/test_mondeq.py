@@ -136,6 +136,12 @@ def test_bad_input_errors():
     problem = jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0)
     with pytest.raises(ValueError, match="alpha"):
         jdeq.monotone_fixed_point(problem, jnp.ones((1, 2)), jnp.zeros((1, 2)))
+    with pytest.raises(TypeError) as e:
+        jdeq.MonotoneProblem(linear=3, monotonicity=1.0)
+    assert str(e.value) == "`linear` must be callable as linear(z, args), got 3."
+    with pytest.raises(TypeError) as e:
+        jdeq.monotone_fixed_point(problem, jnp.ones((1, 2)), jnp.zeros((1, 2)), splitting="fb")
+    assert str(e.value) == "`splitting` must be jdeq.ForwardBackward or jdeq.PeacemanRachford, got 'fb'."
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
