@@ -20,6 +20,18 @@ def test_unique_fixed_point_scores_one():
         assert sorted(np.asarray(s.perm).tolist()) == list(range(6))
 
 
+def test_eps_is_added_to_the_norms_product():
+    """The cosine is <a, b> / (|a| |b| + eps): a large eps shrinks every score by that factor."""
+    f = lambda z, x: 0.5 * jnp.tanh(z) + x  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    z = jdeq.fixed_point(f, jnp.zeros((4, 3)), x, solver=jdeq.Anderson(tol=1e-8)).value
+    s = jdeq.aa_score(f, x, z, solver=jdeq.Anderson(tol=1e-8), eps=1.0)
+    a, b = s.value, z
+    want = jnp.sum(a * b, axis=1) / (jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1) + 1.0)
+    np.testing.assert_allclose(s.per_example, want, rtol=1e-6)
+    assert bool((s.per_example < 0.99).all())
+
+
 def test_two_attractors_score_below_one():
     # per coordinate, z -> tanh(3 z) + 0.05 x has two stable fixed points near +1 and -1
     f = lambda z, x: jnp.tanh(3 * z) + 0.05 * x
