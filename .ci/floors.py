@@ -34,6 +34,9 @@ DEFAULT_TESTS = [
     "tests/test_jaxopt_solver.py",
     "tests/test_import.py",
     "tests/test_train.py::test_resume_equals_uninterrupted",
+    # FixedPointCache writes through Variable.set_value where flax has it, else .value (0.12.0)
+    "tests/test_warm_start.py::test_lookup_and_update_by_index",
+    "tests/test_warm_start.py::test_pytree_state",
 ]
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5"]
 

@@ -11,6 +11,7 @@ import functools
 import json
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ def test_lookup_and_update_by_index():
     cache = jdeq.nnx.FixedPointCache(5, (2,))
     default = jnp.full((2, 2), -1.0)
     np.testing.assert_array_equal(cache.lookup(jnp.array([3, 1]), default), default)  # empty: the default
-    cache.update(jnp.array([3, 1]), jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([True, False]))
+    with warnings.catch_warnings():  # writes through the installed flax's own API (no deprecated path)
+        warnings.simplefilter("error", DeprecationWarning)
+        cache.update(jnp.array([3, 1]), jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([True, False]))
     got = cache.lookup(jnp.array([1, 3, 0]), jnp.zeros((3, 2)))
     np.testing.assert_array_equal(got, [[0, 0], [1, 2], [0, 0]])  # 1 was not ok: not stored
     assert float(cache.fraction_filled()) == pytest.approx(0.2)
