@@ -126,9 +126,10 @@ MODULES: dict[str, list[str]] = {
                     "-k", "not linen and not checksum and not crc32 and not hash32 and not data_mesh "
                           "and not import and not resume"],
     "jdeq/linen.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_promises.py",
-                      "-k", "linen"],
+                      "tests/test_protocols.py", "tests/test_norm_dropout.py", "-k", "linen or jacobian_penalty"],
     # the training loop
-    "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "-k", "step or jac_reg or skip"],
+    "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_warm_start.py",
+                           "-k", "step or jac_reg or skip"],
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                            "-k", "not checksum and not import"],
     "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
@@ -150,6 +151,8 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
                                 ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     # snapshots (jdeq.correction_states) and the kept solver state (SHINE) through the vmap rule
     "jdeq/_loop.py": (("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
+    # TrainState.shardings: only sharded runs (8 simulated devices, in a subprocess) call it
+    "jdeq/train/step.py": (("shardings",), ["tests/test_sharding.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
 }
@@ -266,8 +269,9 @@ def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | N
     """Runs each group's tests once per mutant of ``names`` in the group's functions (None: any
     function), in mutmut's mutated tree with the mutant switched on through the environment
     (which subprocesses inherit); a failure kills it."""
-    def in_group(name, functions):  # mutmut's name: <module>.x_<function>__mutmut_<n>
-        return functions is None or any(f"x_{f}__mutmut_" in name for f in functions)
+    def in_group(name, functions):  # mutmut's name: <module>.x_<function>__mutmut_<n>, or
+        # <module>.xǁ<Class>ǁ<method>__mutmut_<n>
+        return functions is None or any(f"x_{f}__mutmut_" in name or f"ǁ{f}__mutmut_" in name for f in functions)
 
     out = {}
     for functions, tests in groups:

@@ -252,6 +252,25 @@ def test_own_loop_over_make_train_step_equals_fit(vec_data, jac_reg):
         np.testing.assert_array_equal(a, b)
 
 
+def test_train_step_key_draws_the_penalty(vec_data):
+    """make_train_step(key=...): step k draws the penalty (here whether it applies, prob 0.5)
+    from fold_in(key, k): the same key repeats the draws, another key draws others."""
+    opt, jac_reg = optax.adam(1e-2), T.JacReg(gamma=1.0, prob=0.5)
+    batch = {name: v[:32] for name, v in vec_data.items()}
+
+    def applied(key):
+        state = T.TrainState.create(_TinyDEQ(), opt)
+        step = jax.jit(T.make_train_step(T.classification_loss, opt, jac_reg=jac_reg, key=key))
+        out = []
+        for _ in range(8):
+            state, metrics = step(state, batch)
+            out.append(float(metrics["jac_reg"]) > 0)
+        return out
+
+    a, b = applied(jax.random.key(1)), applied(jax.random.key(2))
+    assert a == applied(jax.random.key(1)) and a != b, (a, b)
+
+
 def _mse(model, batch):
     loss = jax.numpy.mean((model(batch["x"]) - batch["y"]) ** 2)
     return loss, {"loss": loss}
