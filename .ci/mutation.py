@@ -138,7 +138,8 @@ MODULES: dict[str, list[str]] = {
                                  "-k", "predict or evaluate or smoke"],
     "jdeq/train/losses.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_correction.py",
                              "-k", "loss or smoke"],
-    "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py", "-k", "batch or epoch or smoke"],
+    "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py",
+                              "-k", "batch or epoch or smoke or data_size or run_options"],
 }
 # Survivors in the listed functions are run again against more tests (module -> (functions,
 # tests)); a failure there kills them. For tests that exercise a function only in subprocesses
@@ -151,8 +152,10 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
                                 ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     # snapshots (jdeq.correction_states) and the kept solver state (SHINE) through the vmap rule
     "jdeq/_loop.py": (("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
-    # TrainState.shardings: only sharded runs (8 simulated devices, in a subprocess) call it
+    # TrainState.shardings, evaluate/predict on a mesh: only sharded runs (8 simulated devices,
+    # in a subprocess) take those paths
     "jdeq/train/step.py": (("shardings",), ["tests/test_sharding.py"]),
+    "jdeq/train/evaluation.py": (("evaluate", "predict"), ["tests/test_sharding.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
 }

@@ -173,3 +173,77 @@ def test_restore_a_given_step_and_a_bad_given_step_raises(tmp_path):
         T.restore_checkpoint(tmp_path, like, step=2)
     assert T.checkpoint_steps(tmp_path) == [1, 2, 3]  # nothing moved
     assert not (tmp_path / "corrupt").exists()
+
+
+# ---- the default loss's metrics, as documented -------------------------------------------------
+
+
+def test_classification_loss_metrics_as_documented():
+    """Accuracy per row of the logits; the solver's stats as batch means, the residuals over
+    the finite examples only (example 2 has a NaN residual: counted by `nonfinite` instead)."""
+    import jdeq
+
+    logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
+    stats = jdeq.SolverStats(
+        nsteps=jnp.array([3, 5, 30, 2], jnp.int32),
+        abs_residual=jnp.array([1e-3, 3e-3, jnp.nan, 2e-3]),
+        rel_residual=jnp.array([1e-4, 2e-4, 6e-4, jnp.inf]),
+        converged=jnp.array([True, True, False, False]),
+        nonfinite=jnp.array([False, False, True, True]),
+    )
+    loss, m = T.classification_loss(lambda x: (x, stats), {"inputs": logits, "labels": jnp.array([1, 0, 2, 1])})
+    assert sorted(m) == ["abs_residual", "accuracy", "converged", "loss", "nonfinite", "nsteps", "rel_residual"]
+    np.testing.assert_allclose(m["accuracy"], 0.75)  # argmax per row: 1, 0, 2, 0
+    np.testing.assert_allclose(m["loss"], optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.array([1, 0, 2, 1])).mean())
+    np.testing.assert_allclose(m["nsteps"], 10.0)
+    np.testing.assert_allclose(m["abs_residual"], 2e-3, rtol=1e-6)  # (1e-3 + 3e-3) / 2: both residuals finite
+    np.testing.assert_allclose(m["rel_residual"], 1.5e-4, rtol=1e-6)
+    np.testing.assert_allclose(m["converged"], 0.5)
+    np.testing.assert_allclose(m["nonfinite"], 0.5)
+
+
+def test_classification_loss_accuracy_over_the_last_axis_of_sequence_logits():
+    logits = jnp.zeros((2, 3, 4)).at[:, :, 3].set(1.0)  # every position predicts class 3
+    labels = jnp.array([[3, 3, 0], [3, 1, 3]])
+    _, m = T.classification_loss(lambda x: x, {"inputs": logits, "labels": labels})
+    np.testing.assert_allclose(m["accuracy"], 4 / 6)
+
+
+def test_data_size_checks_and_their_messages():
+    """data_size: every documented check, each message in full."""
+    from jdeq.train.batches import data_size
+
+    good = {"x": np.zeros((4, 2), np.float32), "y": np.arange(4)}
+    assert data_size(good) == 4
+    cases = [
+        ([], TypeError, "`data` must be a non-empty mapping of arrays, got list."),
+        ({}, TypeError, "`data` must be a non-empty mapping of arrays, got dict."),
+        ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, ValueError,
+         "the arrays of `data` must share a leading axis, got sizes {'x': 4, 'y': 3}."),
+        ({"x": np.zeros((0, 2))}, ValueError, "`data` has no examples (leading size 0)."),
+        ({"x": np.array(["a", "b"])}, TypeError, "`data['x']` must be real numbers (bool, int or float), got dtype <U1."),
+        ({"x": np.array([1.0, np.nan])}, ValueError,
+         "`data['x']` has 1 non-finite value (NaN/inf); clean or drop those examples."),
+        ({"x": np.array([np.inf, np.nan])}, ValueError,
+         "`data['x']` has 2 non-finite values (NaN/inf); clean or drop those examples."),
+    ]
+    for data, exc, message in cases:
+        with pytest.raises(exc) as e:
+            data_size(data)
+        assert str(e.value) == message
+    assert data_size({"x": np.array([0, 1, 2]), "ok": np.array([True, False, True])}) == 3  # ints and bools pass
+
+
+def test_run_options_messages_name_the_argument():
+    from jdeq.train.batches import check_run_options
+
+    with pytest.raises(ValueError) as e:
+        check_run_options(0, {})
+    assert str(e.value) == "`batch_size` must be an int >= 1, got 0."
+    with pytest.raises(TypeError) as e:
+        check_run_options(8, {}, loss_fn="mse")
+    assert str(e.value) == "`loss_fn` must be callable as loss_fn(model, batch), got 'mse'."
+    with pytest.raises(ValueError, match="`maxiter`"):
+        check_run_options(8, {"maxiter": 0})
+    check_run_options(8, {"maxiter": 3}, loss_fn=lambda m, b: 0.0)  # good options pass
