@@ -247,3 +247,10 @@ def test_run_options_messages_name_the_argument():
     with pytest.raises(ValueError, match="`maxiter`"):
         check_run_options(8, {"maxiter": 0})
     check_run_options(8, {"maxiter": 3}, loss_fn=lambda m, b: 0.0)  # good options pass
+
+
+def test_fit_progress_bar_counts_the_steps(capsys):
+    """``progress=True``: a tqdm bar over the run's steps, on stderr."""
+    T.fit(_linear(), optax.sgd(0.1), DATA, steps=3, batch_size=8, log_every=3, progress=True)
+    err = capsys.readouterr().err
+    assert "train" in err and "3/3" in err, err[-500:]
