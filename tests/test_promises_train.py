@@ -254,3 +254,10 @@ def test_fit_progress_bar_counts_the_steps(capsys):
     T.fit(_linear(), optax.sgd(0.1), DATA, steps=3, batch_size=8, log_every=3, progress=True)
     err = capsys.readouterr().err
     assert "train" in err and "3/3" in err, err[-500:]
+
+
+def test_save_checkpoint_names_a_bad_leaf(tmp_path):
+    with pytest.raises(TypeError) as e:
+        T.save_checkpoint(tmp_path / "ck", 1, {"w": np.zeros(2), "note": "text"})
+    assert str(e.value) == "`tree` must be a pytree of arrays, got a leaf of type str."
+    assert not (tmp_path / "ck").exists() or T.checkpoint_steps(tmp_path / "ck") == []  # nothing written
