@@ -220,7 +220,10 @@ def solve_rows(solver, F, z0, maxiter, *, trace_len, snapshots, keep_state):
     own arrays are batched."""
     Fc, consts = _hoist(F, z0)
     solver_leaves, solver_def = jax.tree_util.tree_flatten(solver)
-    return _rows_call(Fc, solver_def, trace_len, keep_state)(z0, consts, solver_leaves, maxiter, snapshots)
+    static_maxiter = maxiter if isinstance(maxiter, int) else None
+    return _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state)(
+        z0, consts, solver_leaves, None if static_maxiter is not None else maxiter, snapshots
+    )
 
 
 def _mapped_zeros(consts, batched, v, dtype):
@@ -234,14 +237,15 @@ def _mapped_zeros(consts, batched, v, dtype):
     return jnp.zeros_like(col, dtype=dtype)[:, :, None]
 
 
-def _rows_call(Fc, solver_def, trace_len, keep_state):
+def _rows_call(Fc, solver_def, trace_len, static_maxiter, keep_state):
     def plain(z0, consts, solver_leaves, maxiter, snapshots):
         solver = jax.tree_util.tree_unflatten(solver_def, solver_leaves)
+        budget = static_maxiter if static_maxiter is not None else maxiter
         return run_loop(
             solver,
             lambda z: Fc(z, consts),
             z0,
-            maxiter,
+            budget,
             trace_len=trace_len,
             snapshots=snapshots,
             keep_state=keep_state,
@@ -266,7 +270,7 @@ def _rows_call(Fc, solver_def, trace_len, keep_state):
                 out = jax.vmap(Fc, in_axes=(0, c_axes))(zm.reshape(v, n, d), consts)
                 return out.reshape(v * n, d)
 
-            merged = _rows_call(Fb, solver_def, trace_len, keep_state)(
+            merged = _rows_call(Fb, solver_def, trace_len, static_maxiter, keep_state)(
                 z0.reshape(v * n, d), consts, solver_leaves, maxiter, snapshots
             )
             split = lambda x: x.reshape((v, n) + x.shape[1:])
