@@ -366,9 +366,10 @@ def sample_module(module: str, tests: list[str], k: int, seed: int, max_children
     if module in RECHECK:
         status.update(recheck(work, [n for n, st in status.items() if st == "survived"], [RECHECK[module]]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, st in status.items() if st == "survived"}
+    status = {n: st for n, st in status.items() if st != NOT_SAMPLED}  # the mutants run (of `population`)
     return {"module": module, "tests": tests, "seconds": round(time.perf_counter() - start), "status": status,
             "survivors": diffs, "commit": _commit(), "recheck": RECHECK.get(module), "sample": len(chosen),
-            "seed": seed}
+            "seed": seed, "population": len(names)}
 
 
 def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -388,7 +389,7 @@ def score(result: dict, equivalent: dict[str, str]) -> dict:
     other = {s for s in st.values() if s not in KILLED and s != "survived"}
     unchecked = sum(s not in KILLED and s != "survived" for s in st.values())
     denominator = len(st) - len(eq)
-    return {"mutants": len(st), "of": len(result["status"]), "killed": killed, "survived": len(survived),
+    return {"mutants": len(st), "of": result.get("population", len(result["status"])), "killed": killed, "survived": len(survived),
             "equivalent": len(eq), "unchecked": unchecked, "unchecked_kinds": sorted(other),
             "score": killed / denominator if denominator else 1.0,
             "interval": wilson(killed, denominator) if result.get("sample") else None}
