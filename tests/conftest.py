@@ -46,6 +46,17 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_each_module():
+    """Drops JAX's compiled programs after each test module. One xdist worker runs hundreds of
+    modules; every XLA:CPU executable it keeps holds memory mappings, and a worker that reached
+    the kernel's limit (vm.max_map_count, 65530 here) died of a segfault inside XLA's compiler,
+    late in the run (twice, in the last tenth of the suite). Programs are rarely shared across
+    modules, so this costs little."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _trace_afresh_for_mutmut_stats():
     """mutmut maps each function to the tests that call it (its "stats" run) and later runs a
