@@ -214,20 +214,31 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": flags, **extra}
 
 
-def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
-    """Runs ``python -m mutmut *args`` in ``work``; past ``timeout`` its whole process group
-    (the forkserver and the mutants' pytest processes too) is killed and TimeoutExpired raised."""
-    proc = subprocess.Popen([sys.executable, "-m", "mutmut", *args], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+def _run_group(cmd: list[str], cwd: Path, env: dict, timeout: float | None) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``cmd`` run in its own process group; past ``timeout``
+    the whole group (forkservers, pytest's subprocesses) is killed and TimeoutExpired raised."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def mutmut(work: Path, *args: str, timeout: float | None = None) -> str:
+    """Runs ``python -m mutmut *args`` in ``work`` (see :func:`_run_group` for ``timeout``)."""
+    code, out, err = _run_group([sys.executable, "-m", "mutmut", *args], work, _env(), timeout)
+    if code not in (0, 1):
+        raise RuntimeError(f"mutmut {' '.join(args)} failed ({code}):\n{out[-3000:]}\n{err[-3000:]}")
     return out
+
+
+def _pytest_cmd(tests: list[str]) -> list[str]:
+    """pytest on ``tests``, stopping at the first failure (a mutant's verdict needs no more)."""
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
 
 
 def run_module(module: str, tests: list[str], max_children: int, timeout: float, resume: bool = False) -> dict:
@@ -266,9 +277,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
 
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
-    env = _env(MUTANT_UNDER_TEST=mutant)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    return subprocess.run(cmd, cwd=work / "mutants", env=env, capture_output=True, text=True).returncode
+    return _run_group(_pytest_cmd(tests), work / "mutants", _env(MUTANT_UNDER_TEST=mutant), None)[0]
 
 
 def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | None, list[str]]]) -> dict:
@@ -321,18 +330,6 @@ create_mutants(1)
 """
 
 
-def _run_killable(cmd: list[str], cwd: Path, env: dict, timeout: float) -> int | None:
-    """The exit code of ``cmd``, or None past ``timeout`` (its whole process group killed)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
-
-
 def sample_module(module: str, tests: list[str], k: int, seed: int, max_children: int) -> dict:
     """``k`` mutants of ``module`` drawn at random (``seed``), each run against the module's
     selection shortest test first, stopping at the first failure; the others are "not sampled".
@@ -343,7 +340,7 @@ def sample_module(module: str, tests: list[str], k: int, seed: int, max_children
     meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
     names = sorted(meta["exit_code_by_key"])
     durations = work / "durations.json"
-    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    pytest = _pytest_cmd(tests)
     clean_start = time.perf_counter()
     code = subprocess.run(pytest, cwd=work / "mutants", env=_env(MUTANT_UNDER_TEST="", JDEQ_TEST_DURATIONS=str(durations)),
                           capture_output=True, text=True)
@@ -354,7 +351,10 @@ def sample_module(module: str, tests: list[str], k: int, seed: int, max_children
 
     def verdict(name: str) -> tuple[str, str]:
         env = _env(MUTANT_UNDER_TEST=name, JDEQ_TEST_DURATIONS=str(durations))
-        rc = _run_killable(pytest, work / "mutants", env, timeout)
+        try:
+            rc = _run_group(pytest, work / "mutants", env, timeout)[0]
+        except subprocess.TimeoutExpired:
+            rc = None
         return name, {None: "timeout", 0: "survived", 1: "killed", 2: COLLECTION, -signal.SIGSEGV: "segfault"}.get(
             rc, f"suspicious (pytest exit {rc})")
 
