@@ -250,6 +250,47 @@ def test_nan_input_example_cannot_poison_the_weight_gradient(gradient):
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(gl))
 
 
+class _TwoInputCell(nnx.Module):
+    """A cell whose input is a pair: per-example features (batch, 4) and a per-example scalar
+    (batch,), the one-axis leaf that the guard must still read per example."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, z, x):
+        a, s = x
+        return jnp.tanh(0.5 * self.lin(z) + a + s[:, None])
+
+    def init_z(self, x):
+        return jnp.zeros_like(x[0])
+
+
+def test_nan_guard_reads_every_input_leaf_and_reports_nan_residuals():
+    """The guard's promises: every floating leaf with the batch axis counts, a (batch,) leaf
+    included; a flagged example is reported as an unguarded solve reports it (value z0, NaN
+    residuals, nsteps 1, nonfinite, not converged), and its neighbours are untouched."""
+    deq = jdeq.nnx.DEQ(_TwoInputCell(nnx.Rngs(0)), solver=jdeq.Anderson(tol=1e-6, maxiter=40))
+    a = jax.random.normal(jax.random.key(1), (5, 4))
+    s = jnp.linspace(-1.0, 1.0, 5)
+    z_clean, st_clean = deq((a, s))
+    bad_a = a.at[3, 2].set(jnp.nan)  # the first leaf: example 3
+    bad_s = s.at[1].set(jnp.inf)  # the second, one-axis leaf: example 1
+    z, st = deq((bad_a, bad_s))
+    flagged = np.array([False, True, False, True, False])
+    np.testing.assert_array_equal(st.nonfinite, flagged)
+    np.testing.assert_array_equal(st.converged, ~flagged)
+    np.testing.assert_array_equal(np.isnan(st.abs_residual), flagged)
+    np.testing.assert_array_equal(np.isnan(st.rel_residual), flagged)
+    np.testing.assert_array_equal(np.asarray(st.nsteps)[flagged], 1)
+    np.testing.assert_array_equal(z[flagged], 0.0)
+    np.testing.assert_allclose(z[~flagged], z_clean[~flagged], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(st.nsteps[~flagged], st_clean.nsteps[~flagged])
+    # and the weights' gradient of the other examples' loss stays finite
+    keep = jnp.asarray(~flagged, jnp.float32)[:, None]
+    g = nnx.grad(lambda m: jnp.sum(keep * jnp.where(keep > 0, m((bad_a, bad_s))[0], 0.0) ** 2))(deq)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
+
+
 def test_core_without_guard_still_zeroes_the_flagged_cotangent():
     """What holds in the pure core (documented in jdeq.Implicit): a flagged example's cotangent
     is zero, so gradients with respect to its own inputs are zero and finite; the layers add the
