@@ -172,7 +172,7 @@ def run_loop(
     if unrolled:
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=maxiter - 1)
     else:
-        frac = getattr(solver, "stop_fraction", 1.0)
+        frac = solver.stop_fraction
         carry = jax.lax.while_loop(lambda c: (c.k < maxiter) & keep_going(c.active, frac), step, carry)
 
     best_metric = carry.best_rel if pick else carry.best_abs
