@@ -89,6 +89,9 @@ MODULES: dict[str, list[str]] = {
     "jdeq/_fixed_point.py": [
         "tests/test_errors.py", "tests/test_promises_core.py", "tests/test_divergence.py",
         "tests/test_bad_input.py", "tests/test_solvers.py", "tests/test_promises.py",
+        # batched=False: one example per call, with and without jax.vmap
+        "tests/test_vmap.py::test_unbatched_single_example_without_vmap_and_scalar_state",
+        "tests/test_vmap.py::test_the_reported_bug_vmap_of_1d_state_was_d_scalar_problems",
         "-k", "not test_bad_input or fixed_point or unroll or errors_md",
     ],
     # the solvers' numerics: Picard damping, Anderson (weights, ring buffer, ridge), Broyden
