@@ -322,11 +322,11 @@ def test_dict_state_matches_flat_solve(x64):
     A, b, _ = affine_problem(6, n=3, d=10, rho=0.7)
     A, b = jnp.asarray(A), jnp.asarray(b)
 
-    def to_dict(z):
-        return {"a": z[:, :6].reshape(3, 2, 3), "b": z[:, 6:]}
+    def to_dict(z):  # three leaves of different sizes: each one's slice of the flat rows counts
+        return {"a": z[:, :6].reshape(3, 2, 3), "b": z[:, 6:7], "c": z[:, 7:]}
 
     def to_flat(t):
-        return jnp.concatenate([t["a"].reshape(3, 6), t["b"]], axis=1)
+        return jnp.concatenate([t["a"].reshape(3, 6), t["b"], t["c"]], axis=1)
 
     f_flat = lambda z, p: jnp.tanh(affine(z, p))  # noqa: E731
     f_dict = lambda t, p: to_dict(f_flat(to_flat(t), p))  # noqa: E731
@@ -334,8 +334,8 @@ def test_dict_state_matches_flat_solve(x64):
     for solver in (jdeq.FixedPointIteration(tol=1e-10, maxiter=200),):
         flat = jdeq.fixed_point(f_flat, jnp.zeros((3, 10)), (A, b), solver=solver)
         tree = jdeq.fixed_point(f_dict, to_dict(jnp.zeros((3, 10))), (A, b), solver=solver)
-        assert set(tree.value) == {"a", "b"}
-        assert tree.value["a"].shape == (3, 2, 3) and tree.value["b"].shape == (3, 4)
+        assert set(tree.value) == {"a", "b", "c"}
+        assert tree.value["a"].shape == (3, 2, 3) and tree.value["b"].shape == (3, 1)
         np.testing.assert_allclose(to_flat(tree.value), flat.value, rtol=1e-12, atol=1e-13)
         np.testing.assert_array_equal(tree.stats.nsteps, flat.stats.nsteps)
         np.testing.assert_allclose(tree.stats.abs_residual, flat.stats.abs_residual, rtol=1e-8, atol=1e-16)
@@ -359,6 +359,23 @@ def test_value_has_z0_structure_shapes_dtypes(dtype):
         assert bool(sol.stats.converged.all())
         assert sol.stats.abs_residual.dtype == dt
         assert sol.stats.nsteps.shape == (2,) and sol.stats.converged.dtype == jnp.bool_
+
+
+def test_mixed_dtype_state_keeps_each_leafs_dtype():
+    """A state whose leaves differ in dtype is solved in their common dtype, and each leaf of the
+    value (and each leaf the cell sees) has its own dtype again."""
+    z0 = {"h": jnp.zeros((2, 3), jnp.float32), "l": jnp.zeros((2, 2), jnp.bfloat16)}
+    seen = []
+
+    def f(t, x):
+        seen.append((t["h"].dtype, t["l"].dtype))
+        h = jnp.tanh(0.5 * t["h"] + x)
+        return {"h": h, "l": (0.5 * h[:, :2]).astype(jnp.bfloat16) + 0.25 * t["l"]}
+
+    sol = jdeq.fixed_point(f, z0, jnp.ones((2, 3)), solver=jdeq.Anderson(tol=1e-4))
+    assert sol.value["h"].dtype == jnp.float32 and sol.value["l"].dtype == jnp.bfloat16
+    assert set(seen) == {(jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))}
+    assert bool(sol.stats.converged.all())
 
 
 # ----------------------------------------------------------------------------- config objects
