@@ -276,6 +276,14 @@ def _jit_throw():
     return jax.block_until_ready(run(_a(value=np.nan)))
 
 
+def _jit_trace(solver: str):
+    """``trace=True`` with a budget traced under ``jit``: the trace needs its length statically."""
+    import jdeq
+
+    run = jax.jit(lambda m: _fp(solver=getattr(jdeq, solver)(trace=True), maxiter=m).value)
+    return jax.block_until_ready(run(5))
+
+
 def _key():
     return jax.random.key(0)
 
@@ -538,6 +546,11 @@ CASES: list[Case] = [
     C(CORE_OPT, "jdeq.Implicit(solver=jdeq.Anderson)", "the class, not an instance",
       lambda: __import__("jdeq").Implicit(solver=__import__("jdeq").Anderson), ValueError,
       r"`solver` must be None, a jdeq solver or one of"),
+    C(CORE_OPT, "jax.jit(lambda m: jdeq.fixed_point(..., solver=jdeq.Anderson(trace=True), maxiter=m))(5)",
+      "trace with a traced maxiter", lambda: _jit_trace("Anderson"), ValueError, r"`trace=True` needs a static `maxiter`"),
+    C(CORE_OPT, "jax.jit(lambda m: jdeq.fixed_point(..., solver=jdeq.ReversibleIteration(trace=True), maxiter=m))(5)",
+      "trace with a traced maxiter", lambda: _jit_trace("ReversibleIteration"), ValueError,
+      r"`trace=True` needs a static `maxiter`"),
     C(CORE_OPT, "jdeq.Phantom(steps=True)", "steps a bool", _core("Phantom", steps=True), ValueError, r"`steps` must be an int >= 1"),
     C(CORE_OPT, "jdeq.Phantom(damping=nan)", "damping NaN", _core("Phantom", damping=NAN), ValueError, r"`damping` must be a number in \(0, 1\]"),
     C(CORE_OPT, "jdeq.Phantom(damping='1')", "damping a string", _core("Phantom", damping="1"),
