@@ -95,9 +95,6 @@ class JaxoptSolver(Solver):
         object.__setattr__(self, "_cls", jaxopt_class)
         object.__setattr__(self, "_options", tuple(sorted(options.items())))
 
-    def _tree_flatten(self):
-        return [], (self._cls, self._options)
-
     def _tree_flatten_with_keys(self):
         return [], (self._cls, self._options)
 
@@ -166,7 +163,7 @@ class JaxoptSolver(Solver):
         run_dtype = z0.dtype
         if self._cls is jaxopt().AndersonAcceleration:
             run_dtype = jnp.promote_types(z0.dtype, jnp.result_type(float))
-        G = F if run_dtype == z0.dtype else (lambda z: F(z.astype(z0.dtype)).astype(run_dtype))
+        G = lambda z: F(z.astype(z0.dtype)).astype(run_dtype)  # noqa: E731  (no-op casts unless promoted)
         if self._cls in _root_classes():
             solver = self._cls(fun=lambda z: G(z) - z, **options)
         else:
@@ -176,7 +173,8 @@ class JaxoptSolver(Solver):
         abs_res, rel_res = residuals(z, F(z))
         # jaxopt keeps no best iterate: an example whose final iterate (or its residual) is
         # non-finite falls back to z0, and its residuals are re-measured there (one more
-        # evaluation of F, only when some example went non-finite).
+        # evaluation of F, only when some example went non-finite). As in jdeq's loop, a state
+        # whose norm overflows counts as non-finite (its rel residual is NaN, its abs one may not be).
         nonfinite = ~(jnp.isfinite(abs_res) & jnp.isfinite(rel_res))
 
         def fall_back(_):

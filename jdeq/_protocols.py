@@ -50,24 +50,19 @@ class Pytree:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        jax.tree_util.register_pytree_with_keys(
-            cls, cls._tree_flatten_with_keys, cls._tree_unflatten, cls._tree_flatten
-        )
+        # (JAX derives the plain flatten from this one by dropping the keys)
+        jax.tree_util.register_pytree_with_keys(cls, cls._tree_flatten_with_keys, cls._tree_unflatten)
 
     def _split_fields(self):
         fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
-        leaves = tuple(f.name for f in fields if f.metadata.get("leaf", False))
-        static = tuple(f.name for f in fields if not f.metadata.get("leaf", False))
+        leaves = tuple(f.name for f in fields if f.metadata.get("leaf"))
+        static = tuple(f.name for f in fields if f.name not in leaves)
         return leaves, static
 
     def _tree_flatten_with_keys(self):
         leaves, static = self._split_fields()
         children = [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in leaves]
         return children, (leaves, tuple((n, getattr(self, n)) for n in static))
-
-    def _tree_flatten(self):
-        leaves, static = self._split_fields()
-        return [getattr(self, n) for n in leaves], (leaves, tuple((n, getattr(self, n)) for n in static))
 
     @classmethod
     def _tree_unflatten(cls, aux, children):

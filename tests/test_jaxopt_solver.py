@@ -173,3 +173,58 @@ def test_reserved_option(key):
 def test_not_a_jaxopt_fixed_point_class(cls):
     with pytest.raises(TypeError, match="`jaxopt_class` must be one of jaxopt's"):
         jdeq.JaxoptSolver(cls)
+
+
+def test_a_float32_state_under_x64_stays_float32(x64):
+    """Under x64 jaxopt iterates a float32 state in float32 (AndersonAcceleration in float64, its
+    Gram matrix's dtype); the cell always sees, and the value keeps, the state's own dtype."""
+    A, b, z_star = affine_problem()
+    p = (jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32))
+    for name, solver in SOLVERS.items():
+        seen = set()
+
+        def f(z, p):
+            seen.add(z.dtype)
+            return affine(z, p)
+
+        sol = jdeq.fixed_point(f, jnp.zeros((3, 6), jnp.float32), p,
+                               solver=solver.backward(tol=1e-5))
+        assert sol.value.dtype == jnp.float32 and seen == {jnp.dtype(jnp.float32)}, (name, seen)
+        np.testing.assert_allclose(sol.value, z_star, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_a_state_whose_norm_overflows_is_nonfinite_as_in_jdeqs_loop():
+    """An iterate at 1e20 per entry: ``z - f(z)`` is 0 but ``||f(z)||`` overflows float32, so
+    the relative residual is NaN. jdeq's loop flags such an example non-finite (not
+    converged); JaxoptSolver must agree rather than report it converged."""
+    f = lambda z, c: jnp.broadcast_to(c, z.shape)  # noqa: E731
+    c = jnp.array([[1.0], [1e20]]) * jnp.ones((2, 4))
+    own = jdeq.fixed_point(f, jnp.zeros((2, 4)), c, solver=jdeq.FixedPointIteration(tol=1e-3)).stats
+    np.testing.assert_array_equal(own.nonfinite, [False, True])
+    for name in ("fpi", "anderson"):
+        st = jdeq.fixed_point(f, jnp.zeros((2, 4)), c, solver=SOLVERS[name].backward(tol=1e-3)).stats
+        np.testing.assert_array_equal(st.nonfinite, own.nonfinite, err_msg=name)
+        np.testing.assert_array_equal(st.converged, own.converged, err_msg=name)
+
+
+def test_only_jaxopts_unmaintained_warning_is_filtered(tmp_path, monkeypatch):
+    """jdeq filters jaxopt's one "no longer maintained" warning at import, by message: any other
+    warning the import raises still reaches the user. (A stand-in jaxopt package raises both.)"""
+    import sys
+
+    from jdeq._jaxopt import jaxopt as import_jaxopt
+
+    pkg = tmp_path / "jaxopt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import warnings\n"
+        "warnings.warn('JAXopt is no longer maintained. See ...', DeprecationWarning)\n"
+        "warnings.warn('some other deprecation', DeprecationWarning)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "jaxopt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = import_jaxopt()
+    assert module.__file__ == str(pkg / "__init__.py")
+    assert [str(w.message) for w in caught] == ["some other deprecation"]
