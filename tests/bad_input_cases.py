@@ -71,6 +71,9 @@ class Outcome:
     exc: type | None
     message: str
     exit_code: Any = None
+    # a jdeq.BadValue's (name, expected, value) attributes, for the test that they agree
+    # with the message (they are the exception's documented, machine-readable part)
+    details: tuple | None = None
 
 
 _ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -101,7 +104,10 @@ def outcome(case: Case) -> Outcome:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         return Outcome(SystemExit, lines[-1] if lines else "", e.code)
     except Exception as e:  # noqa: BLE001 - any exception is an outcome to check
-        return Outcome(type(e), _message(e))
+        from jdeq._validate import BadValue
+
+        details = (e.name, e.expected, e.value) if isinstance(e, BadValue) else None
+        return Outcome(type(e), _message(e), details=details)
     return Outcome(None, _ADDR.sub("", str(value)))
 
 

@@ -61,6 +61,11 @@ def test_bad_input(i):
         if not case.runtime:
             assert _NAMES_ARGUMENT.search(out.message), f"message names no argument: {out.message}"
     assert re.search(case.match, out.message), f"/{case.match}/ not in: {out.message}"
+    if out.details is not None:  # a jdeq.BadValue: its attributes say what its message says
+        name, expected, value = out.details
+        assert name and f"`{name}`" in out.message, (name, out.message)
+        assert expected and expected in out.message, (expected, out.message)
+        assert value is not None or "None" in out.message, ("value", out.message)
     if not case.runtime:
         assert not _INTERNAL.search(out.message), f"internal error reached the user: {out.message}"
 
