@@ -142,6 +142,35 @@ def test_bad_input_errors():
     with pytest.raises(TypeError) as e:
         jdeq.monotone_fixed_point(problem, jnp.ones((1, 2)), jnp.zeros((1, 2)), splitting="fb")
     assert str(e.value) == "`splitting` must be jdeq.ForwardBackward or jdeq.PeacemanRachford, got 'fb'."
+    # every argument check names its argument and says what it expects, in full
+    one, zero = jnp.ones((1, 2)), jnp.zeros((1, 2))
+    fb = jdeq.ForwardBackward(alpha=0.5)
+    cases = [
+        (lambda: jdeq.monotone_fixed_point("p", one, zero), "`problem` must be a jdeq.MonotoneProblem, got 'p'."),
+        (lambda: jdeq.monotone_fixed_point(problem, one, zero, splitting=fb, solver="fpi"),
+         "`solver` must be a jdeq solver (FixedPointIteration, Anderson or Broyden) to iterate the "
+         "splitting operator, got 'fpi'."),
+        (lambda: jdeq.monotone_fixed_point(problem, (one,), zero, splitting=fb),
+         "`bias` must have the pytree structure of `z0`."),
+        (lambda: jdeq.monotone_fixed_point(problem, jnp.ones((1, 3)), zero, splitting=fb),
+         "`bias` leaves must have the shapes of `z0`: (1, 3) vs (1, 2)."),
+        (lambda: jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0, lipschitz=2.0),
+         "`lipschitz` must be None or callable as lipschitz(args), got 2.0."),
+        (lambda: jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0, resolvent=(len,)),
+         "`resolvent` must be None or a pair (setup, apply) of callables, got (<built-in function len>,)."),
+        (lambda: jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0, prox=None),
+         "`prox` must be callable as prox(v, alpha), got None."),
+        (lambda: jdeq.monotone_fixed_point(problem, one, zero, splitting=jdeq.PeacemanRachford(alpha=1.0)),
+         "PeacemanRachford needs the problem's `resolvent=(setup, apply)` (a solve with (1 + alpha) I - "
+         "alpha W); this problem has none: use ForwardBackward."),
+        (lambda: jdeq.monotone_fixed_point(problem, one, zero),
+         "ForwardBackward(alpha=None) picks its step from the problem's Lipschitz bound, but the problem "
+         "has `lipschitz=None`: give `alpha` or the problem's `lipschitz`."),
+    ]
+    for call, message in cases:
+        with pytest.raises((TypeError, ValueError)) as e:
+            call()
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])

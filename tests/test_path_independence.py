@@ -32,6 +32,19 @@ def test_eps_is_added_to_the_norms_product():
     assert bool((s.per_example < 0.99).all())
 
 
+def test_maxiter_is_the_resolves_budget():
+    """``maxiter`` bounds the re-solve: with one evaluation each example has moved only one step
+    from its neighbour's fixed point, so it scores below the converged re-solve."""
+    f = lambda z, x: 0.9 * jnp.tanh(z) + x  # noqa: E731  (a slow contraction)
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    solver = jdeq.FixedPointIteration(tol=1e-7, maxiter=300)
+    z = jdeq.fixed_point(f, jnp.zeros((4, 3)), x, solver=solver).value
+    short = jdeq.aa_score(f, x, z, solver=solver, maxiter=1)
+    full = jdeq.aa_score(f, x, z, solver=solver)
+    np.testing.assert_array_equal(short.stats.nsteps, 1)
+    assert float(short.mean) < float(full.mean) - 1e-3 and float(full.mean) > 0.9999
+
+
 def test_two_attractors_score_below_one():
     # per coordinate, z -> tanh(3 z) + 0.05 x has two stable fixed points near +1 and -1
     f = lambda z, x: jnp.tanh(3 * z) + 0.05 * x
@@ -55,6 +68,8 @@ def test_initial_states():
     assert normal["b"].dtype == jnp.float16 and bool((normal["a"] != 0).all())
     mixed = jdeq.initial_states("mixed", like, jax.random.key(0))
     assert bool((mixed["a"][:3] != 0).all()) and bool((mixed["a"][3:] == 0).all())
+    even = jdeq.initial_states("mixed", jnp.zeros((4, 3)), jax.random.key(0))  # ceil(4 / 2) = 2 drawn
+    assert bool((even[:2] != 0).all()) and bool((even[2:] == 0).all())
     with pytest.raises(ValueError, match="kind"):
         jdeq.initial_states("uniform", like)
     with pytest.raises(ValueError, match="key"):

@@ -146,6 +146,8 @@ def test_number_messages():
     assert str(_raises(V.BadValue, V.rate, 1, "rate")) == "`rate` must be a number in [0, 1), got 1."
     assert str(_raises(V.BadValue, V.positive_number, NAN, "tol")) == "`tol` must be a number > 0, got nan."
     assert str(_raises(V.BadValue, V.number, 3.0, "x", hi=2.5, hi_open=True)) == "`x` must be a number < 2.5, got 3.0."
+    assert str(_raises(V.BadValue, V.number, 3.0, "x", hi=2.5)) == "`x` must be a number <= 2.5, got 3.0."
+    assert str(_raises(V.BadValue, V.number, -1, "x", lo=0)) == "`x` must be a number >= 0, got -1."
     assert V.positive_number(None, "alpha", none=True) is None
     assert "None or a number > 0" in str(_raises(V.BadValue, V.positive_number, -1, "alpha", none=True))
 
@@ -218,6 +220,7 @@ def test_budget_accepts_static_and_traced_integer_budgets():
     V.budget(1)
     V.budget(np.int64(3))
     V.budget(jnp.int32(2))
+    V.budget(jnp.int32(1))  # the edge: an integer array of one evaluation is a budget too
     assert jax.jit(lambda m: V.budget(m) or m + 1)(4) == 5  # traced: only the dtype is checked
     assert str(_raises(V.BadValue, V.budget, 0)) == "`maxiter` must be an int >= 1, got 0."
     _raises(V.BadValue, V.budget, jnp.int32(0))
