@@ -119,6 +119,28 @@ def test_spectral_radius_symmetric_is_tight(x64):
     np.testing.assert_allclose(est, rho, rtol=1e-3)
 
 
+@pytest.mark.parametrize("iters", [2, 5, 8])
+def test_spectral_radius_is_the_documented_power_method(x64, iters):
+    """The docstring's estimate, step for step: ``iters`` power iterations ``v <- J v / ||J v||``
+    from a normal start (per example), the geometric mean of ``||J v||`` over the last
+    ``iters - iters // 2`` of them. Few iterations on a non-normal map, where every detail
+    (how many run, which count) changes the number."""
+    rng = np.random.default_rng(3)
+    A = jnp.asarray(rng.normal(size=(2, D, D)) * 0.4)  # one matrix per example
+    f = lambda z, a: jnp.einsum("bij,bj->bi", a, z)  # noqa: E731
+    key = jax.random.key(7)
+    est = jdeq.spectral_radius(f, jnp.ones((2, D)), A, key, iters=iters)
+    v = np.asarray(jax.random.normal(key, (2, D), jnp.float64))
+    logs = []
+    for _ in range(iters):
+        w = np.einsum("bij,bj->bi", np.asarray(A), v)
+        n = np.linalg.norm(w, axis=1)
+        logs.append(np.log(n))
+        v = w / n[:, None]
+    want = np.exp(np.mean(logs[iters // 2:], axis=0))
+    np.testing.assert_allclose(est, want, rtol=1e-10)
+
+
 def test_bad_inputs_raise():
     p = make_params(dtype=np.float32)
     z = jnp.ones((N, D))
