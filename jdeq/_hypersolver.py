@@ -44,6 +44,12 @@ _DIVERGED = 10.0  # hyper_loss's log-residual charged for each iteration after a
 def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: jax.Array):
     """Dimension-free features of an Anderson history, newest slot first: ``(batch, m*m + 3m)``.
 
+    With the slots reordered newest first (``i = 0`` the newest) and ``G`` the Gram matrix of
+    the residuals, the features are, in this order: the cosines
+    ``G_ij / sqrt(G_ii G_jj)`` (``m*m``), the log norm ratios ``log(||g_i|| / ||g_0||)``
+    clipped to ``[-20, 20]`` (``m``), Anderson's weights ``alpha_i`` (``m``) and the filled
+    mask (``m``); an empty slot's entries are 0.
+
     Args:
       gram: ``(batch, m, m)`` residual Gram matrix (ring-buffer order).
       valid: ``(m,)`` filled slots.
@@ -74,7 +80,9 @@ def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: j
 def init_mixer(key, memory: int = 5, hidden: int = 32, dtype=jnp.float32) -> dict:
     """Parameters of the mixer MLP ``features -> hidden -> (m weight corrections, 1 step logit)``.
 
-    The output layer is zero, so the untrained mixer reproduces plain Anderson exactly.
+    The hidden layer's weights are i.i.d. ``N(0, 1/n_in)`` (LeCun normal: unit-variance
+    pre-activations for unit-variance features), its bias zero; the output layer is zero, so
+    the untrained mixer reproduces plain Anderson exactly.
 
     Args:
       key: PRNG key.

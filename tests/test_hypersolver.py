@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import jdeq
+from jdeq._hypersolver import mixer_features
 
 N, D, IN = 8, 16, 4
 
@@ -67,6 +68,33 @@ def test_hypersolver_cuts_iterations_on_a_frozen_deq():
     z_ref, _ = deq(x_test)
     assert bool(stats.converged.all())
     np.testing.assert_allclose(z, z_ref, atol=2e-3)  # same fixed point (tol 1e-4), fewer evaluations
+
+
+def test_mixer_features_are_the_documented_ones():
+    """Two filled slots of three, in ring-buffer order [slot 2 newest, slot 0 older, slot 1
+    empty]: cosines, log norm ratios to the newest, weights and mask, newest first."""
+    gram = np.zeros((3, 3))
+    gram[np.ix_([0, 2], [0, 2])] = [[4.0, 1.0], [1.0, 9.0]]  # ||r_slot0||=2, ||r_slot2||=3, <.,.>=1
+    valid = jnp.array([True, False, True])
+    alpha = jnp.array([[0.25, 0.0, 0.75]])
+    order = jnp.array([2, 0, 1])  # newest to oldest
+    feats = np.asarray(mixer_features(jnp.asarray(gram[None], jnp.float32), valid, alpha, order))[0]
+    m = 3
+    cos, lognorm, a, mask = feats[: m * m].reshape(m, m), feats[m * m: m * m + m], feats[-2 * m: -m], feats[-m:]
+    np.testing.assert_allclose(cos, [[1.0, 1 / 6, 0.0], [1 / 6, 1.0, 0.0], [0.0, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(lognorm, [0.0, np.log(2 / 3), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(a, [0.75, 0.25, 0.0])
+    np.testing.assert_array_equal(mask, [1.0, 1.0, 0.0])
+
+
+def test_init_mixer_is_lecun_normal_with_a_zero_output_layer():
+    p = jdeq.init_mixer(jax.random.key(0), memory=5, hidden=64)
+    n_in = 5 * 5 + 3 * 5
+    assert p["w1"].shape == (n_in, 64)
+    np.testing.assert_allclose(float(jnp.var(p["w1"])), 1 / n_in, rtol=0.1)  # 2,560 draws
+    assert abs(float(jnp.mean(p["w1"]))) < 0.1 / np.sqrt(n_in)
+    for name in ("b1", "w2", "b2"):
+        assert not bool(jnp.any(p[name]))
 
 
 def test_bad_inputs_raise():
