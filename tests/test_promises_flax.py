@@ -210,18 +210,21 @@ def test_remat_set_at_construction_lowers_the_compiled_memory(flavour):
     depth, width, batch = 24, 64, 32
     x = jnp.ones((batch, width))
 
-    def loss_of(remat):
+    def loss_of(remat):  # remat None: the constructor's default (documented: False, stored)
+        kw = {} if remat is None else {"remat": remat}
         if flavour == "nnx":
-            net = jdeq.nnx.Unrolled(jdeq.models.MLPCell(width, width, rngs=nnx.Rngs(0)), depth=depth, remat=remat)
+            net = jdeq.nnx.Unrolled(jdeq.models.MLPCell(width, width, rngs=nnx.Rngs(0)), depth=depth, **kw)
             graphdef, state = nnx.split(net)
             return (lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)), state
-        net = jdeq.linen.Unrolled(cell=jdeq.models.linen.MLPCell(features=width), depth=depth, remat=remat)
+        net = jdeq.linen.Unrolled(cell=jdeq.models.linen.MLPCell(features=width), depth=depth, **kw)
         return (lambda s, x: jnp.sum(net.apply(s, x)[0] ** 2)), net.init(jax.random.key(0), x)
 
     stored = _grad_temp_bytes(jax.grad(loss_of(False)[0]), loss_of(False)[1], x)
     loss, state = loss_of(True)
     recomputed = _grad_temp_bytes(jax.grad(loss), state, x)
     assert recomputed * 2 < stored, (recomputed, stored)
+    loss, state = loss_of(None)
+    assert _grad_temp_bytes(jax.grad(loss), state, x) == stored  # the default stores
 
 
 @pytest.mark.parametrize("m", [2.0])
