@@ -134,7 +134,8 @@ MODULES: dict[str, list[str]] = {
                     "-k", "not linen and not checksum and not crc32 and not hash32 and not data_mesh "
                           "and not import and not resume"],
     "jdeq/linen.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_promises.py",
-                      "tests/test_protocols.py", "tests/test_norm_dropout.py", "-k", "linen or jacobian_penalty"],
+                      "tests/test_protocols.py", "tests/test_norm_dropout.py", "tests/test_bad_input.py",
+                      "-k", "linen or jacobian_penalty"],
     # the training loop
     "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_warm_start.py",
                            "-k", "step or jac_reg or skip"],

@@ -130,6 +130,7 @@ def fixed_point_states(
     effective = solver.maxiter if maxiter is None else maxiter
     budgets = _budgets(states, effective)
     args_ng = jax.lax.stop_gradient(args)
+    solver = jax.lax.stop_gradient(solver)  # no derivative along the path (see Gradient.solve)
     _, stats, snaps = solver.solve(
         layout.wrap(f, args_ng),
         layout.flatten(jax.lax.stop_gradient(z0)),

@@ -137,7 +137,9 @@ class HyperAnderson(Solver):
     Args:
       tol, maxiter, stop_mode, trace, memory, ridge, damping: as in :class:`jdeq.Anderson`.
       params: mixer parameters (from :func:`init_mixer`, trained with :func:`hyper_loss`), or
-        None.
+        None. A model's loss gives them a zero gradient under ``Implicit``, ``Phantom`` and
+        ``JacobianFree`` (the forward path is not differentiated), and a path gradient only
+        under ``jdeq.Unrolled()``.
       learned_steps: use learned mixing for the first ``learned_steps`` iterations only
         (None: all).
       safeguard: switch an example to plain Anderson after a learned step that did not reduce

@@ -240,6 +240,10 @@ class Gradient(Pytree):
           A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
         """
         layout = batch_layout(z0)
+        # The forward path carries no derivative (this mode defines one at the fixed point): a
+        # solver's own arrays (a learned solver's weights) get a zero gradient, and the loop is
+        # never linearized (reverse mode cannot differentiate a while loop).
+        solver = jax.lax.stop_gradient(solver)
         keep = self.uses_forward_state(solver)
         out = solver.solve(
             layout.wrap(f, jax.lax.stop_gradient(args)),

@@ -97,6 +97,32 @@ def test_init_mixer_is_lecun_normal_with_a_zero_output_layer():
         assert not bool(jnp.any(p[name]))
 
 
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=2), jdeq.JacobianFree()],
+                         ids=["implicit", "phantom", "jfb"])
+def test_a_models_loss_differentiates_with_a_learned_solver(gradient):
+    """A loss through a solve with HyperAnderson differentiates (reverse mode once tried to
+    linearize the forward while loop through the mixer's weights and failed): the cell's
+    arguments get their gradient, the solver's weights a zero one; also in an nnx layer."""
+    params = jdeq.init_mixer(jax.random.key(1), memory=3, hidden=8)
+    solver = jdeq.HyperAnderson(params=params, memory=3, tol=1e-6, maxiter=60)
+    f = lambda z, a: jnp.tanh(0.5 * z + a)  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+
+    def loss(s, a):
+        return jnp.sum(jdeq.fixed_point(f, jnp.zeros((2, 3)), a, solver=s, gradient=gradient).value ** 2)
+
+    g_solver, g_x = jax.grad(loss, argnums=(0, 1))(solver, x)
+    assert all(not bool(jnp.any(a)) for a in jax.tree.leaves(g_solver))
+    plain = jax.grad(loss, argnums=1)(jdeq.Anderson(memory=3, tol=1e-6, maxiter=60), x)
+    np.testing.assert_allclose(g_x, plain, rtol=1e-3, atol=1e-5)
+    states = jax.grad(lambda s: sum(jnp.sum(v) for v in jdeq.fixed_point_states(
+        f, jnp.zeros((2, 3)), x, states=2, solver=s, gradient=gradient).value))(solver)
+    assert all(not bool(jnp.any(a)) for a in jax.tree.leaves(states))
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=solver, gradient=gradient)
+    g = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(deq)
+    assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(nnx.state(g, nnx.Param)))
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="init_mixer"):
         jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=3), memory=5)

@@ -62,6 +62,54 @@ def test_linen_call_time_solver_maxiter_and_gradient_overrides():
     assert seen and int(np.max(seen[-1].nsteps)) == 2
 
 
+# ---- linen.DEQ: "a learned solver's arrays become the params 'solver' of this layer" ----------
+
+
+def test_linen_learned_solver_weights_are_trainable_params():
+    params = jdeq.init_mixer(jax.random.key(1), memory=3, hidden=8)
+    solver = jdeq.HyperAnderson(params=params, memory=3, tol=1e-5)
+    deq = jdeq.linen.DEQ(jdeq.models.linen.MLPCell(features=8), solver=solver)
+    variables = deq.init(jax.random.key(0), X)
+    held = variables["params"]["solver"]
+    assert [np.shape(a) for a in jax.tree.leaves(held)] == [np.shape(a) for a in jax.tree.leaves(params)]
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    # the layer solves with the weights held in its variables: changing them changes the solve
+    z, st = deq.apply(variables, X)
+    moved = jax.tree.map(lambda a: a + 0.5, variables["params"]["solver"])
+    z2, st2 = deq.apply({"params": {**variables["params"], "solver": moved}}, X)
+    assert not np.array_equal(np.asarray(st.nsteps), np.asarray(st2.nsteps)) or not np.allclose(z, z2, atol=0)
+    # a model's loss differentiates (this used to fail: reverse mode linearized the forward
+    # loop through the mixer's weights): zero for the solver under Implicit, which does not
+    # differentiate the path, a path gradient under Unrolled
+    def grads(gradient):
+        return jax.grad(lambda v: jnp.sum(deq.apply(v, X, maxiter=4, gradient=gradient)[0] ** 2))(variables)
+
+    g = grads(jdeq.Implicit())
+    assert all(not bool(jnp.any(a)) for a in jax.tree.leaves(g["params"]["solver"]))
+    assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g["params"]["cell"]))
+    g = grads(jdeq.Unrolled())
+    assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g["params"]["solver"]))
+
+
+# ---- linen.DEQ.jacobian_penalty with a cell that has no init_z (z0 given at the call) --------
+
+
+class _NoInitZCell(nn.Module):
+    @nn.compact
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * nn.Dense(8, use_bias=False)(z) + nn.Dense(8)(x))
+
+
+def test_linen_jacobian_penalty_needs_no_init_z():
+    deq = jdeq.linen.DEQ(_NoInitZCell(), solver=FPI)
+    z0 = jnp.zeros((2, 8))
+    variables = deq.init(jax.random.key(0), X, z0)
+    z, _ = deq.apply(variables, X, z0)
+    reg = deq.apply(variables, X, z, jax.random.key(1), gamma=1.0, method=jdeq.linen.DEQ.jacobian_penalty)
+    assert np.isfinite(float(reg)) and float(reg) > 0
+
+
 # ---- batched=False: "one example per call, for per-example code under vmap" ------------------
 
 
