@@ -235,6 +235,27 @@ def test_data_size_checks_and_their_messages():
     assert data_size({"x": np.array([0, 1, 2]), "ok": np.array([True, False, True])}) == 3  # ints and bools pass
 
 
+def test_data_size_of_predict_inputs_an_array_a_mapping_or_a_pytree():
+    """inputs_size (predict's check): an array, a mapping or any pytree of arrays, each leaf
+    checked as data_size checks a mapping (named by its path)."""
+    from jdeq.train.batches import inputs_size
+
+    a, b = np.zeros((4, 3), np.float32), np.ones((4,), np.int32)
+    assert inputs_size(a) == 4
+    assert inputs_size({"x": a, "m": b}) == 4
+    assert inputs_size((a, [b])) == 4
+    with pytest.raises(ValueError) as e:
+        inputs_size((a, np.zeros((5, 2))))
+    assert str(e.value) == "the arrays of `inputs` must share a leading axis, got sizes {'[0]': 4, '[1]': 5}."
+    with pytest.raises(ValueError) as e:
+        inputs_size(np.array([1.0, np.nan]))
+    assert str(e.value) == "`inputs` has 1 non-finite value (NaN/inf); clean or drop those examples."
+    for empty in (None, {}, ()):
+        with pytest.raises(TypeError) as e:
+            inputs_size(empty)
+        assert str(e.value) == f"`inputs` must be an array or a non-empty mapping of arrays, got {empty!r}."
+
+
 def test_run_options_messages_name_the_argument():
     from jdeq.train.batches import check_run_options
 

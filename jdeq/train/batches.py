@@ -47,10 +47,8 @@ def inputs_size(inputs, *, name: str = "inputs") -> int:
     """:func:`data_size` for an array or any pytree of arrays (the ``inputs`` of ``predict``)."""
     if isinstance(inputs, Mapping):
         named = dict(inputs)
-    elif jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(inputs)) and inputs is not None:
-        named = {None: inputs}
-    else:
-        named = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(inputs)[0]}
+    else:  # a bare array (the root leaf: an empty path) or a pytree of arrays, named by path
+        named = {jax.tree_util.keystr(p) or None: v for p, v in jax.tree_util.tree_flatten_with_path(inputs)[0]}
     if not named:
         raise TypeError(f"`{name}` must be an array or a non-empty mapping of arrays, got {inputs!r}.")
     return data_size(named, name=name)
