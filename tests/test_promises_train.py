@@ -282,3 +282,45 @@ def test_save_checkpoint_names_a_bad_leaf(tmp_path):
         T.save_checkpoint(tmp_path / "ck", 1, {"w": np.zeros(2), "note": "text"})
     assert str(e.value) == "`tree` must be a pytree of arrays, got a leaf of type str."
     assert not (tmp_path / "ck").exists() or T.checkpoint_steps(tmp_path / "ck") == []  # nothing written
+
+
+def test_checkpoint_quarantine_never_overwrites_an_earlier_one(tmp_path):
+    """Each bad checkpoint moved to ``corrupt/`` gets a name of its own, also when an earlier
+    one's name is taken out of order (here ``3-1`` is there and ``3-0`` was deleted): no
+    quarantined copy is ever replaced."""
+    tree = {"w": np.arange(4, dtype=np.float32)}
+    like = {"w": np.zeros(4, np.float32)}
+    (tmp_path / "corrupt" / "3-1").mkdir(parents=True)
+    (tmp_path / "corrupt" / "3-1" / "leftover").write_text("kept")
+    names = []
+    for attempt in range(2):
+        assert T.save_checkpoint(tmp_path, 2, tree) or attempt  # step 2 is the good fallback
+        assert T.save_checkpoint(tmp_path, 3, tree)
+        (tmp_path / "3" / "meta" / "metadata").write_text("{")
+        with pytest.warns(RuntimeWarning, match="checkpoint of step 3 is corrupt"):
+            assert T.restore_checkpoint(tmp_path, like).step == 2
+        names.append(sorted(p.name for p in (tmp_path / "corrupt").iterdir()))
+    assert len(names[0]) == 2 and len(names[1]) == 3, names
+    assert (tmp_path / "corrupt" / "3-1" / "leftover").read_text() == "kept"
+
+
+def test_checkpoint_found_bad_on_another_process_is_rejected_here_too(tmp_path, monkeypatch):
+    """The processes agree on each verdict: a checkpoint this process reads fine but another
+    found bad is rejected here as well, with that reason (the other process's side of
+    tests/test_multiprocess.py, simulated by the agreement saying no for step 3)."""
+    from jdeq.train import checkpoint
+
+    tree = {"w": np.arange(4, dtype=np.float32)}
+    for step in (2, 3):
+        T.save_checkpoint(tmp_path, step, tree)
+    calls = []
+
+    def agree(ok):  # the first verdict asked for (step 3, the newest) is "bad elsewhere"
+        calls.append(ok)
+        return ok and len(calls) > 1
+
+    monkeypatch.setattr(checkpoint, "_agree", agree)
+    with pytest.warns(RuntimeWarning) as caught:
+        got = T.restore_checkpoint(tmp_path, {"w": np.zeros(4, np.float32)})
+    assert got.step == 2 and calls[0] is True  # this process had found step 3 good
+    assert any("checkpoint of step 3 is corrupt (found bad on another process)" in str(w.message) for w in caught)
