@@ -164,7 +164,7 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # TrainState.shardings, evaluate/predict on a mesh: only sharded runs (8 simulated devices,
     # in a subprocess) take those paths
     "jdeq/train/step.py": (("shardings",), ["tests/test_sharding.py"]),
-    "jdeq/train/evaluation.py": (("evaluate", "predict"), ["tests/test_sharding.py"]),
+    "jdeq/train/evaluation.py": (("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"]),
     # fit's checks of a batch split over processes: only the two-process run takes that path
     "jdeq/train/loop.py": (("_check_fit_args",), ["tests/test_multiprocess.py"]),
     "jdeq/train/checkpoint.py": (("_agree",), ["tests/test_multiprocess.py"]),

@@ -358,8 +358,11 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
         seen = []
         original = T.evaluation._apply
 
+        layouts = []  # the parameters' layout the call got: split along "model" as in fit, or replicated
+
         def spy(graphdef, state, inputs, kwargs, out_sharding=None):
             seen.append(inputs.sharding)
+            layouts.append({tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state)})
             return original(graphdef, state, inputs, kwargs, out_sharding)
 
         ref_eval = T.evaluate(model, eval_set, batch_size=8, maxiter=5)
@@ -379,6 +382,9 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
                 assert int(stats.nsteps.max()) == 5  # the run-time budget reached the solver
                 # every batch went in split along the data axis (the last one padded)
                 assert seen and all(s.spec == P("data") and s.mesh == mesh_arg for s in seen), seen
+                split = [any("model" in spec for spec in specs) for specs in layouts]
+                assert split and all(split) == (axis == "model") and any(split) == (axis == "model"), layouts
+                layouts.clear()
             # a batch size that is no multiple of the data axis is rounded up (8 devices: 3 -> 8)
             seen.clear()
             logits, _ = T.predict(model, eval_set["inputs"], batch_size=3, mesh=mesh, maxiter=5)
