@@ -369,7 +369,9 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
         ref_pred = T.predict(model, eval_set["inputs"], batch_size=8, maxiter=5)
         T.evaluation._apply = spy
         try:
-            for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model")):
+            # (a model axis of another name too: the layout follows the argument, not a default)
+            tensor = T.model_mesh(4, model_axis="tensor")
+            for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model"), (tensor, "tensor")):
                 seen.clear()
                 kw = dict(mesh=mesh_arg, model_axis=axis, min_shard_size=64, maxiter=5)
                 got = T.evaluate(model, eval_set, batch_size=8, **kw)  # 21 = 8 + 8 + 5: a partial batch
@@ -382,8 +384,8 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
                 assert int(stats.nsteps.max()) == 5  # the run-time budget reached the solver
                 # every batch went in split along the data axis (the last one padded)
                 assert seen and all(s.spec == P("data") and s.mesh == mesh_arg for s in seen), seen
-                split = [any("model" in spec for spec in specs) for specs in layouts]
-                assert split and all(split) == (axis == "model") and any(split) == (axis == "model"), layouts
+                split = [any(axis is not None and axis in spec for spec in specs) for specs in layouts]
+                assert split and all(split) == (axis is not None) and any(split) == (axis is not None), layouts
                 layouts.clear()
             # a batch size that is no multiple of the data axis is rounded up (8 devices: 3 -> 8)
             seen.clear()
