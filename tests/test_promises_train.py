@@ -324,3 +324,25 @@ def test_checkpoint_found_bad_on_another_process_is_rejected_here_too(tmp_path, 
         got = T.restore_checkpoint(tmp_path, {"w": np.zeros(4, np.float32)})
     assert got.step == 2 and calls[0] is True  # this process had found step 3 good
     assert any("checkpoint of step 3 is corrupt (found bad on another process)" in str(w.message) for w in caught)
+
+
+def test_loss_metrics_average_the_residuals_over_the_finite_examples_only():
+    """solver_metrics (the solver columns of every loss's metrics): residual means over the
+    finite examples, whatever their number (one here), and 0 when there is none."""
+    import jdeq
+
+    def stats(abs_res, rel_res):
+        n = len(abs_res)
+        bad = ~(np.isfinite(abs_res) & np.isfinite(rel_res))
+        return jdeq.SolverStats(nsteps=jnp.full((n,), 3, jnp.int32), abs_residual=jnp.asarray(abs_res),
+                                rel_residual=jnp.asarray(rel_res), converged=jnp.asarray(~bad),
+                                nonfinite=jnp.asarray(bad), trace=None)
+
+    m = T.solver_metrics(stats(np.array([0.5, np.nan, np.inf, 2.0]), np.array([0.1, np.nan, 0.3, np.nan])))
+    np.testing.assert_allclose(m["abs_residual"], 0.5)  # only example 0 is finite in both
+    np.testing.assert_allclose(m["rel_residual"], 0.1)
+    np.testing.assert_allclose(m["nonfinite"], 0.75)
+    np.testing.assert_allclose(m["nsteps"], 3.0)
+    none = T.solver_metrics(stats(np.array([np.nan, np.nan]), np.array([np.nan, np.nan])))
+    assert float(none["abs_residual"]) == 0.0 and float(none["nonfinite"]) == 1.0
+    assert T.solver_metrics(None) == {}
