@@ -427,10 +427,16 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
     for _, r in sorted(results.items()):
         module = r["module"]
         s = score(r, equivalent)
-        run = f"{s['mutants']} (sample of {s['of']})" if r.get("sample") else f"{s['mutants']} (all)"
+        run = f"{s['mutants']} (sample of {s['of']}, seed {r['seed']})" if r.get("sample") else f"{s['mutants']} (all)"
         est = f"{s['score']:.0%}" + (f" ({s['interval'][0]:.0%}-{s['interval'][1]:.0%})" if s["interval"] else "")
         lines.append(f"| `{module}` | {run} | {s['killed']} | {s['survived']} | {s['equivalent']} | "
                      f"{s['unchecked']} | {est} | {r['commit']} | {r['seconds'] / 60:.0f} |")
+    sampled = [score(r, equivalent) for r in results.values() if r.get("sample")]
+    if sampled:  # every module's sample together: each module weighs the same (K mutants each)
+        k, n = sum(s["killed"] for s in sampled), sum(s["mutants"] - s["equivalent"] for s in sampled)
+        lo, hi = wilson(k, n)
+        lines += ["", f"All sampled modules together: {k} of {n} non-equivalent mutants killed "
+                      f"({k / n:.0%}, 95% interval {lo:.0%}-{hi:.0%}; each module's sample weighs the same)."]
     for _, r in sorted(results.items()):
         module = r["module"]
         survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
