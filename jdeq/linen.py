@@ -33,7 +33,8 @@ def _pure(module: nn.Module, x, z0):
 
 def _config(module: nn.Module, name: str, config):
     """``config`` with its arrays (e.g. a learned solver's weights) held as the Linen params
-    ``name`` of ``module`` (trainable like any parameter); built-in configs have none."""
+    ``name`` of ``module`` (trainable by ``jdeq.hyper_loss`` or through ``jdeq.Unrolled()``; the
+    fixed-point gradients give them zero); built-in configs have none."""
     leaves, treedef = jax.tree_util.tree_flatten(config)
     if not leaves:
         return config

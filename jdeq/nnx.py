@@ -27,7 +27,9 @@ __all__ = ["DEQ", "CachedFixedPoint", "FixedPointCache", "SolverParam", "Unrolle
 class SolverParam(nnx.Param):
     """The arrays of a solver or gradient config held by a :class:`DEQ` (e.g. the mixer of
     ``jdeq.HyperAnderson``): ordinary trainable parameters, of their own type for filtering
-    (``nnx.Optimizer(deq, tx, wrt=jdeq.nnx.SolverParam)``)."""
+    (``nnx.Optimizer(deq, tx, wrt=jdeq.nnx.SolverParam)``). Trained by :meth:`DEQ.solver_loss`
+    (``jdeq.hyper_loss``) or through ``gradient=jdeq.Unrolled()``; the layer's ``Implicit``,
+    ``Phantom`` and ``JacobianFree`` gradients give them zero."""
 
 
 def _check_cell(cell) -> None:
