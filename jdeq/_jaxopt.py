@@ -15,13 +15,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jdeq import _validate as V
 from jdeq._loop import residuals
 from jdeq._solvers import Solver
 from jdeq._stats import SolverStats
 
 __all__ = ["JaxoptSolver", "jaxopt", "linear_solve"]
 
-_RESERVED = ("fixed_point_fun", "fun", "implicit_diff", "implicit_diff_solve", "has_aux")
+# set by JaxoptSolver: the map, jdeq's own differentiation, and jaxopt's loop as a lax.while_loop
+# (its "auto" unrolls into a maxiter-step scan when implicit_diff is off, which needs a static
+# budget and runs every step's guard after convergence)
+_RESERVED = ("fixed_point_fun", "fun", "implicit_diff", "implicit_diff_solve", "has_aux", "unroll", "jit")
 
 
 def jaxopt():
@@ -62,8 +66,9 @@ class JaxoptSolver(Solver):
     ``z0`` back instead, with ``nonfinite=True`` and the residuals measured at ``z0`` (jaxopt's
     global error is then NaN, which ends its loop at once for the whole batch). jaxopt's
     implicit differentiation is turned off: the jdeq gradient mode (``Implicit``, ``Phantom``,
-    ``JacobianFree``) applies.
-    ``Unrolled`` is not supported (use jdeq's solvers); ``maxiter`` must be static.
+    ``JacobianFree``) applies. Its loop runs as a ``lax.while_loop`` that stops at convergence.
+    ``Unrolled`` is not supported (use jdeq's solvers). A run-time ``maxiter`` may be traced,
+    but for ``jaxopt.Broyden``, which sizes its history by it: there it must be a Python int.
 
     Args:
       jaxopt_class: the jaxopt solver class.
@@ -80,7 +85,12 @@ class JaxoptSolver(Solver):
     stop_mode = "abs"
     trace = False
     stop_fraction = 1.0  # jaxopt stops the whole batch on one global test
-    static_budget = True
+
+    @property
+    def static_budget(self) -> bool:
+        """Whether the budget must be static (baked into jaxopt's options): jaxopt's Broyden
+        allocates its history with ``maxiter`` rows."""
+        return self._cls in _root_classes()
 
     def __init__(self, jaxopt_class, **options):
         if jaxopt_class not in _root_classes() + _fixed_point_classes():
@@ -154,8 +164,13 @@ class JaxoptSolver(Solver):
                 "`solver`: JaxoptSolver runs jaxopt's own loop, which takes no snapshots "
                 "(fixed_point_states); use a jdeq solver."
             )
-        options = dict(self.options, implicit_diff=False)
+        options = dict(self.options, implicit_diff=False, unroll=False, jit=True)
         if maxiter is not None:
+            if self.static_budget and not V.is_int(maxiter):
+                raise ValueError(
+                    f"`maxiter` must be a Python int with JaxoptSolver(jaxopt.{self._cls.__name__}) (jaxopt "
+                    "sizes its history by it), not a traced value."
+                )
             options["maxiter"] = maxiter
         # jaxopt's AndersonAcceleration builds its Gram matrix in the default float dtype
         # (float64 under x64), and a float32 state then fails its lax.cond dtype check: it

@@ -163,7 +163,7 @@ def test_unknown_option_is_named():
         jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, histroy_size=3)
 
 
-@pytest.mark.parametrize("key", ["fixed_point_fun", "implicit_diff"])
+@pytest.mark.parametrize("key", ["fixed_point_fun", "implicit_diff", "unroll", "jit"])
 def test_reserved_option(key):
     with pytest.raises(TypeError, match=f"JaxoptSolver sets `{key}` itself"):
         jdeq.JaxoptSolver(jaxopt.FixedPointIteration, **{key: None})
@@ -228,3 +228,32 @@ def test_only_jaxopts_unmaintained_warning_is_filtered(tmp_path, monkeypatch):
         module = import_jaxopt()
     assert module.__file__ == str(pkg / "__init__.py")
     assert [str(w.message) for w in caught] == ["some other deprecation"]
+
+
+@pytest.mark.parametrize("name", ["fpi", "anderson"])
+def test_a_traced_budget_and_a_loop_that_stops_at_convergence(name):
+    """jaxopt's loop runs as a while loop: a run-time ``maxiter`` may be traced (jit over the
+    budget), and a solve that converges early stops there (jaxopt's default here, a scan of
+    ``maxiter`` guarded steps, needed a static budget: a traced one raised JAX's internal
+    "Non-hashable static arguments" error)."""
+    f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    z0, a = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    solver = SOLVERS[name].backward(tol=1e-6)
+    run = jax.jit(lambda m: jdeq.fixed_point(f, z0, a, solver=solver, maxiter=m).stats.nsteps)
+    np.testing.assert_array_equal(run(5), 5)
+    np.testing.assert_array_equal(run(7), 7)  # the same program, another budget
+    assert run._cache_size() == 1
+    jaxpr = str(jax.make_jaxpr(lambda a: jdeq.fixed_point(f, z0, a, solver=solver).value)(a))
+    assert "while" in jaxpr and " scan" not in jaxpr
+
+
+def test_jaxopt_broyden_needs_a_static_budget_and_says_so():
+    f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    run = jax.jit(lambda m: jdeq.fixed_point(f, jnp.zeros((2, 3)), jnp.ones((2, 3)), solver=SOLVERS["broyden"],
+                                             maxiter=m).value)
+    with pytest.raises(ValueError) as e:
+        run(5)
+    assert str(e.value) == ("`maxiter` must be a Python int with JaxoptSolver(jaxopt.Broyden) (jaxopt sizes its "
+                            "history by it), not a traced value.")
+    st = jdeq.fixed_point(f, jnp.zeros((2, 3)), jnp.ones((2, 3)), solver=SOLVERS["broyden"], maxiter=4).stats
+    assert int(st.nsteps.max()) <= 4
