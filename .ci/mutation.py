@@ -103,6 +103,7 @@ MODULES: dict[str, list[str]] = {
     # the gradient modes: implicit (and SHINE), phantom, Jacobian-free, unrolled; their backward
     "jdeq/_gradients.py": [
         "tests/test_gradients.py", "tests/test_promises_core.py", "tests/test_shine.py", "tests/test_divergence.py",
+        "tests/test_bad_input.py",  # (its 200-odd cases take ~15 s: the gradient modes' messages)
     ],
     # pytree <-> (batch, dim) rows, dtypes and batch checks
     "jdeq/_flatten.py": ["tests/test_solvers.py", "tests/test_errors.py", "tests/test_protocols.py",
@@ -112,7 +113,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_protocols.py", "tests/test_errors.py", "tests/test_solvers.py", "tests/test_promises_core.py",
         "tests/test_bad_input.py::test_docs_errors_md_is_current",
     ],
-    "jdeq/_jaxopt.py": ["tests/test_jaxopt_solver.py"],
+    "jdeq/_jaxopt.py": ["tests/test_jaxopt_solver.py", "tests/test_bad_input.py", "-k", "jaxopt or Jaxopt or errors_md"],
     "jdeq/_reversible.py": ["tests/test_reversible.py", "tests/test_promises_core.py", "tests/test_bad_input.py",
                             "-k", "reversible or errors_md"],
     "jdeq/_correction.py": ["tests/test_correction.py", "tests/test_promises_core.py", "tests/test_bad_input.py",
@@ -170,6 +171,7 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/checkpoint.py": (("_agree",), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
+    "jdeq/_gradients.py": (("linear_solve",), ["tests/test_explicit_sharding.py"]),
 }
 # pytest's exit code 2 under -x, when the unmutated selection passes: the mutant broke the test
 # modules' import (an error during collection), which is a failure the tests report

@@ -156,7 +156,7 @@ class JaxoptSolver(Solver):
     def solve(self, F, z0: jax.Array, maxiter=None, *, unrolled: bool = False, snapshots=None):
         if unrolled:
             raise ValueError(
-                "gradient=jdeq.Unrolled() is not supported with JaxoptSolver; use a jdeq solver "
+                "`gradient=jdeq.Unrolled()` is not supported with JaxoptSolver; use a jdeq solver "
                 "(FixedPointIteration, Anderson, Broyden) to differentiate through iterations."
             )
         if snapshots is not None:

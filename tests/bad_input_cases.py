@@ -290,6 +290,12 @@ def _jit_trace(solver: str):
     return jax.block_until_ready(run(5))
 
 
+def _jit_budget(**kw):
+    """A solve whose budget is traced under ``jit`` (``kw``: its solver or gradient)."""
+    run = jax.jit(lambda m: _fp(maxiter=m, **{k: v() for k, v in kw.items()}).value)
+    return jax.block_until_ready(run(5))
+
+
 def _key():
     return jax.random.key(0)
 
@@ -422,6 +428,14 @@ def _FPI_JAXOPT():
     return jdeq.JaxoptSolver(jaxopt.FixedPointIteration, maxiter=5)
 
 
+def _jaxopt_broyden():
+    import jaxopt
+
+    import jdeq
+
+    return jdeq.JaxoptSolver(jaxopt.Broyden, maxiter=5, gamma=-1.0)
+
+
 @_arg
 def _UNROLLED():
     import jdeq
@@ -544,6 +558,15 @@ CASES: list[Case] = [
       TypeError, r"`jaxopt_class` must be one of jaxopt's"),
     C(CORE_OPT, "jdeq.JaxoptSolver(jaxopt.FixedPointIteration, history_size=5)", "option of another class",
       _core("JaxoptSolver", _jaxopt_fpi, history_size=5), TypeError, r"unknown option `history_size`"),
+    C(CORE_OPT, "jdeq.fixed_point(..., solver=jdeq.JaxoptSolver(...), gradient=jdeq.Unrolled())",
+      "Unrolled through jaxopt's loop", lambda: _fp(solver=_FPI_JAXOPT(), gradient=_UNROLLED()), ValueError,
+      r"`gradient=jdeq.Unrolled\(\)` is not supported with JaxoptSolver"),
+    C(CORE_OPT, "jax.jit(lambda m: jdeq.fixed_point(..., gradient=jdeq.Unrolled(), maxiter=m))(5)",
+      "Unrolled with a traced maxiter", lambda: _jit_budget(gradient=_UNROLLED), ValueError,
+      r"`maxiter` must be a static int with gradient=jdeq.Unrolled\(\)"),
+    C(CORE_OPT, "jax.jit(lambda m: jdeq.fixed_point(..., solver=jdeq.JaxoptSolver(jaxopt.Broyden), maxiter=m))(5)",
+      "jaxopt's Broyden with a traced maxiter", lambda: _jit_budget(solver=_jaxopt_broyden), ValueError,
+      r"`maxiter` must be a Python int with JaxoptSolver\(jaxopt.Broyden\)"),
     C(CORE_OPT, "jdeq.JaxoptSolver(jaxopt.FixedPointIteration, implicit_diff=True)", "reserved option",
       _core("JaxoptSolver", _jaxopt_fpi, implicit_diff=True), TypeError, r"sets `implicit_diff` itself"),
     C(CORE_OPT, "jdeq.Implicit(tol=nan)", "tol NaN", _core("Implicit", tol=NAN), ValueError, r"`tol` must be (None or )?a number > 0"),

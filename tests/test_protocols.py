@@ -109,6 +109,36 @@ def test_user_solver_and_gradient_in_both_flax_layers():
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
 
 
+def test_an_incomplete_user_solver_or_gradient_says_what_it_lacks():
+    """A subclass of the extension points that misses a method raises NotImplementedError
+    naming the subclass and the method's signature."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class NoUpdate(jdeq.Solver):
+        def init(self, z):
+            return ()
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class NoInit(jdeq.Solver):
+        pass
+
+    class NoAttach(jdeq.Gradient):
+        pass
+
+    f = lambda z, a: 0.5 * z + a  # noqa: E731
+    z0, a = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    cases = [
+        (NoUpdate(), jdeq.Implicit(), "NoUpdate must implement update(state, k, z, fz) -> (z_next, state)."),
+        (NoInit(), jdeq.Implicit(), "NoInit must implement init(z) -> state."),
+        (jdeq.Anderson(), NoAttach(), "NoAttach must implement attach(...) or override solve(...)."),
+    ]
+    for solver, gradient, message in cases:
+        with pytest.raises(NotImplementedError) as e:
+            jdeq.fixed_point(f, z0, a, solver=solver, gradient=gradient)
+        assert str(e.value) == message
+
+
 def test_configs_are_pytrees_with_static_options():
     solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0)), memory=5, tol=1e-3)
     leaves, treedef = jax.tree_util.tree_flatten(solver)
