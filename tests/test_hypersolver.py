@@ -95,6 +95,8 @@ def test_init_mixer_is_lecun_normal_with_a_zero_output_layer():
     assert abs(float(jnp.mean(p["w1"]))) < 0.1 / np.sqrt(n_in)
     for name in ("b1", "w2", "b2"):
         assert not bool(jnp.any(p[name]))
+    half = jdeq.init_mixer(jax.random.key(0), memory=2, hidden=4, dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}  # every array in `dtype`
 
 
 @pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=2), jdeq.JacobianFree()],

@@ -119,6 +119,26 @@ def test_implicit_gradient_matches_plain_deq(x64):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
+def test_gradient_argument_is_the_gradient_mode_used(x64):
+    """monotone_fixed_point(gradient=...): JacobianFree's gradient (one step through T) differs
+    from the default Implicit one, which matches the exact gradient of the converged solve."""
+    cell = _dense(3, m=0.5, w_scale=1.0)
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    op = cell.operator()
+    solver = jdeq.FixedPointIteration(tol=1e-12, maxiter=2000, stop_mode="abs")
+
+    def loss(bias, gradient):
+        problem = cell.problem(bias)
+        z = jdeq.monotone_fixed_point(problem, bias, jnp.zeros_like(bias), op, splitting=jdeq.ForwardBackward(),
+                                      solver=solver, gradient=gradient).value
+        return jnp.sum(jnp.sin(z))
+
+    bias = cell.injection(x)
+    implicit = jax.grad(loss)(bias, jdeq.Implicit())
+    jfb = jax.grad(loss)(bias, jdeq.JacobianFree())
+    assert float(jnp.abs(implicit - jfb).max()) > 1e-3 * float(jnp.abs(implicit).max())
+
+
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="`m`"):
         MonotoneDenseCell(3, 4, m=0.0, rngs=nnx.Rngs(0))
@@ -165,6 +185,11 @@ def test_bad_input_errors():
          "alpha W); this problem has none: use ForwardBackward."),
         (lambda: jdeq.monotone_fixed_point(problem, one, zero),
          "ForwardBackward(alpha=None) picks its step from the problem's Lipschitz bound, but the problem "
+         "has `lipschitz=None`: give `alpha` or the problem's `lipschitz`."),
+        (lambda: jdeq.monotone_fixed_point(
+            jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=1.0, resolvent=(len, len)), one, zero,
+            splitting=jdeq.PeacemanRachford()),
+         "PeacemanRachford(alpha=None) picks its step from the problem's Lipschitz bound, but the problem "
          "has `lipschitz=None`: give `alpha` or the problem's `lipschitz`."),
     ]
     for call, message in cases:

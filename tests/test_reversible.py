@@ -115,6 +115,19 @@ def test_other_gradient_modes():
     _grads(p, rev, jdeq.Phantom(steps=3))  # runs
 
 
+def test_stop_mode_abs_and_rel_are_the_residuals_compared_with_tol():
+    """``stop_mode``: a state of size ~2e4 meets a relative tol of 1e-3 long before the same
+    absolute one; each mode stops on its own residual."""
+    f = lambda z, c: 0.5 * z + c  # noqa: E731
+    c = jnp.full((2, 3), 1e4)
+    runs = {mode: jdeq.fixed_point(f, jnp.zeros_like(c), c, solver=jdeq.ReversibleIteration(
+        beta=0.8, tol=1e-3, maxiter=400, stop_mode=mode)).stats for mode in ("abs", "rel")}
+    assert bool(runs["abs"].converged.all()) and bool(runs["rel"].converged.all())
+    assert float(runs["abs"].abs_residual.max()) < 1e-3
+    assert float(runs["rel"].rel_residual.max()) < 1e-3 < float(runs["rel"].abs_residual.min())
+    assert int(runs["abs"].nsteps.min()) > int(runs["rel"].nsteps.max())
+
+
 def test_pytree_state_and_stats():
     p = _params()
     f = lambda z, p: {"a": jnp.tanh(z["b"] @ p["W"] + p["x"]), "b": 0.5 * z["a"]}

@@ -229,6 +229,11 @@ def test_budget_accepts_static_and_traced_integer_budgets():
     e = _raises(V.BadType, V.budget, jnp.float32(5), "eval_maxiter")
     assert "`eval_maxiter` must be an int >= 1 (a Python int or an integer scalar array)" in str(e) and "float32" in str(e)
     _raises(V.BadType, V.budget, jnp.ones(2, jnp.int32))
+
+    class DtypeOnly:  # array-like enough to have a dtype, but no shape: not a scalar budget
+        dtype = np.dtype("int32")
+
+    _raises(V.BadType, V.budget, DtypeOnly())
     with pytest.raises(TypeError):
         jax.jit(lambda m: V.budget(m))(jnp.float32(3))
 
