@@ -246,7 +246,7 @@ def test_own_loop_over_make_train_step_equals_fit(vec_data, jac_reg):
         state, metrics = train_step(state, {name: v[idx] for name, v in vec_data.items()})
         losses.append(float(metrics["loss"]))
     nnx.update(model, state.params)
-    assert int(state.step) == 5
+    assert int(state.step) == 5 and state.step.dtype == jax.numpy.int32  # an exact counter (it keys the draws)
     assert losses == [r["loss"] for r in hist.train]
     for a, b in zip(_params(model), _params(fitted)):
         np.testing.assert_array_equal(a, b)

@@ -230,9 +230,12 @@ def test_resume_equals_uninterrupted_with_cache(tmp_path, data):
 def test_bad_input_names_the_argument(data):
     model = _CachedDEQ()
     x = jnp.ones((4, D))
-    with pytest.raises(ValueError, match="`cache` stores states of shape"):
+    with pytest.raises(ValueError) as e:
         jdeq.nnx.DEQ(jdeq.models.MLPCell(D, 8, rngs=nnx.Rngs(0)), cache=jdeq.nnx.FixedPointCache(N, (H,)))(
             x, index=jnp.arange(4))
+    assert str(e.value) == (  # one state array: its shapes shown as shapes, not lists of one
+        f"`cache` stores states of shape ({H},) per example, but the solve's state has (8,) per example: "
+        "build the FixedPointCache with the shape of one example's z (without the batch axis).")
     with pytest.raises(ValueError, match="`index` must have shape \\(4,\\)"):
         model.deq(x, index=jnp.arange(5))
     with pytest.raises(TypeError, match="`index` must be an integer"):
