@@ -141,6 +141,7 @@ MODULES: dict[str, list[str]] = {
     "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_warm_start.py",
                            "-k", "step or jac_reg or skip"],
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
+                           "tests/test_warm_start.py::test_bad_input_names_the_argument",
                            "-k", "not checksum and not import"],
     "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                                  "-k", "checkpoint or resume"],
@@ -167,7 +168,7 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/step.py": (("shardings",), ["tests/test_sharding.py"]),
     "jdeq/train/evaluation.py": (("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"]),
     # fit's checks of a batch split over processes: only the two-process run takes that path
-    "jdeq/train/loop.py": (("_check_fit_args",), ["tests/test_multiprocess.py"]),
+    "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     "jdeq/train/checkpoint.py": (("_agree",), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),

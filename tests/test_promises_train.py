@@ -346,3 +346,25 @@ def test_loss_metrics_average_the_residuals_over_the_finite_examples_only():
     none = T.solver_metrics(stats(np.array([np.nan, np.nan]), np.array([np.nan, np.nan])))
     assert float(none["abs_residual"]) == 0.0 and float(none["nonfinite"]) == 1.0
     assert T.solver_metrics(None) == {}
+
+
+def test_fit_names_a_bad_eval_set_and_restore_needs_its_step(tmp_path):
+    """fit checks each eval set as data is checked, naming it; restore_checkpoint(step=k) of a
+    directory with no checkpoint is an error (step=None: nothing to restore, None)."""
+    bad_eval = {"valid": {"inputs": X[:5], "labels": DATA["labels"][:4]}}
+    with pytest.raises(ValueError) as e:
+        T.fit(_linear(), optax.sgd(0.1), DATA, steps=1, batch_size=8, eval_data=bad_eval, progress=False)
+    assert str(e.value) == "the arrays of `eval_data['valid']` must share a leading axis, got sizes {'inputs': 5, 'labels': 4}."
+    like = {"w": np.zeros(2, np.float32)}
+    root = tmp_path
+    assert T.restore_checkpoint(root / "none", like) is None
+    assert not (root / "none").exists()  # reading creates nothing
+    with pytest.raises(FileNotFoundError, match="`step`=3"):
+        T.restore_checkpoint(root / "other", like, step=3)
+
+
+def test_classification_loss_names_the_missing_keys_and_count_params_counts_params():
+    with pytest.raises(ValueError) as e:
+        T.classification_loss(lambda x: x, {"x": X, "labels": DATA["labels"]})
+    assert str(e.value) == "classification_loss needs the keys 'inputs' and 'labels' in each batch, got ['labels', 'x']."
+    assert T.count_params(nnx.Linear(4, 3, rngs=nnx.Rngs(0))) == 4 * 3 + 3

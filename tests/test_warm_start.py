@@ -255,6 +255,14 @@ def test_bad_input_names_the_argument(data):
     small = _CachedDEQ(num_examples=N // 2)  # a cache of the wrong size for the data
     with pytest.raises(ValueError, match="`data\\['index'\\]` runs over \\[0, 63\\].*holds 32 examples"):
         T.fit(small, optax.adam(1e-2), data, steps=1, batch_size=8, loss_fn=_loss, progress=False)
+    twice = {**data, "index": np.concatenate([np.arange(N - 1), [0]])}  # example 0's slot used twice
+    with pytest.raises(ValueError) as e:
+        T.fit(_CachedDEQ(), optax.adam(1e-2), twice, steps=1, batch_size=8, loss_fn=_loss, progress=False)
+    assert str(e.value) == "`data['index']` must hold distinct example indices (one per example)."
+    with pytest.raises(TypeError) as e:
+        T.fit(_CachedDEQ(), optax.adam(1e-2), {**data, "index": data["index"] * 1.0}, steps=1, batch_size=8,
+              loss_fn=_loss, progress=False)
+    assert str(e.value) == "`data['index']` must be a 1-D integer array of example indices, got float64 of shape (64,)."
 
 
 # ----------------------------------------------------------------------------- data meshes (subprocess)
