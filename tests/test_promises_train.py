@@ -368,3 +368,16 @@ def test_classification_loss_names_the_missing_keys_and_count_params_counts_para
         T.classification_loss(lambda x: x, {"x": X, "labels": DATA["labels"]})
     assert str(e.value) == "classification_loss needs the keys 'inputs' and 'labels' in each batch, got ['labels', 'x']."
     assert T.count_params(nnx.Linear(4, 3, rngs=nnx.Rngs(0))) == 4 * 3 + 3
+
+
+def test_batch_indices_messages_name_each_argument():
+    cases = [
+        (dict(n=0, batch_size=1, step=0), "`n` must be an int >= 1, got 0."),
+        (dict(n=8, batch_size=4, step=-1), "`step` must be an int >= 0, got -1."),
+        (dict(n=8, batch_size=4, step=0, seed=-2), "`seed` must be an int >= 0, got -2."),
+        (dict(n=8, batch_size=9, step=0), "`batch_size` must be an int in [1, 8], got 9."),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError) as e:
+            T.batch_indices(**kw)
+        assert str(e.value) == message
