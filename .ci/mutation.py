@@ -34,7 +34,8 @@ last run against the current tests.
 Results go to ``docs/mutation.md`` (score per module, every surviving mutant as a diff, the
 equivalent mutants with their reasons) and ``docs/mutation.json``. A module not run this time
 keeps its last recorded results (with the commit they were measured at). Equivalent mutants
-(no observable behaviour changes) are listed with the reason in ``.ci/mutation_equivalent.toml``
+(no observable behaviour changes) are listed with the reason and their diff in
+``.ci/mutation_equivalent.toml`` (an entry holds only while the mutant of that name has that diff)
 and are left out of the score: ``killed / (mutants - equivalent)``.
 
 Usage::
@@ -393,11 +394,25 @@ def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
-def score(result: dict, equivalent: dict[str, str]) -> dict:
+def equivalents(result: dict, equivalent: dict) -> dict[str, str]:
+    """The survivors of ``result`` listed equivalent, with their reasons. An entry of the toml,
+    ``{reason, diff}``, holds only while the recorded mutant of that name has that diff: mutmut
+    numbers a function's mutants afresh when its code changes, so a name alone can come to mean
+    another mutant (nine entries of ``_loop.py`` had, and would have hidden real survivors)."""
+    out = {}
+    for name, st in result["status"].items():
+        entry = equivalent.get(name)
+        if st == "survived" and entry is not None and _diff(entry["diff"]) == _diff(result["survivors"].get(name, "")):
+            out[name] = entry["reason"]
+    return out
+
+
+def score(result: dict, equivalent: dict) -> dict:
     st = {n: s for n, s in result["status"].items() if s != NOT_SAMPLED}  # the mutants that were run
-    eq = [n for n, s in st.items() if s == "survived" and n in equivalent]
+    eqs = equivalents(result, equivalent)
+    eq = [n for n, s in st.items() if n in eqs]
     killed = sum(s in KILLED for s in st.values())
-    survived = [n for n, s in st.items() if s == "survived" and n not in equivalent]
+    survived = [n for n, s in st.items() if s == "survived" and n not in eqs]
     other = {s for s in st.values() if s not in KILLED and s != "survived"}
     unchecked = sum(s not in KILLED and s != "survived" for s in st.values())
     denominator = len(st) - len(eq)
@@ -407,7 +422,7 @@ def score(result: dict, equivalent: dict[str, str]) -> dict:
             "interval": wilson(killed, denominator) if result.get("sample") else None}
 
 
-def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
+def write_docs(results: dict[str, dict], equivalent: dict) -> None:
     DOC_JSON.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     lines = [
         "# Mutation score",
@@ -442,8 +457,8 @@ def write_docs(results: dict[str, dict], equivalent: dict[str, str]) -> None:
                       f"({k / n:.0%}, 95% interval {lo:.0%}-{hi:.0%}; each module's sample weighs the same)."]
     for _, r in sorted(results.items()):
         module = r["module"]
-        survivors = {n: d for n, d in r["survivors"].items() if n not in equivalent}
-        eq = {n: equivalent[n] for n in r["status"] if n in equivalent}
+        eq = equivalents(r, equivalent)
+        survivors = {n: d for n, d in r["survivors"].items() if n not in eq}
         kind = f" (sample of {r['sample']}, seed {r['seed']})" if r.get("sample") else ""
         lines += ["", f"## `{module}`{kind}", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]), ""]
         if r.get("tests_commit"):
@@ -500,7 +515,8 @@ def main(argv=None) -> None:
             # the tests are never mutated: recheck with the current ones, the module's selection
             # for every survivor and RECHECK's tests for those in its functions
             shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
-            names = [n for n, st in r["status"].items() if st == "survived" and n not in equivalent]
+            eqs = equivalents(r, equivalent)
+            names = [n for n, st in r["status"].items() if st == "survived" and n not in eqs]
             groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
             r["status"].update(recheck(work, names, groups))
             r["recheck"] = RECHECK.get(module)
