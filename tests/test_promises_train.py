@@ -381,3 +381,11 @@ def test_batch_indices_messages_name_each_argument():
         with pytest.raises(ValueError) as e:
             T.batch_indices(**kw)
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("option", ["eval_every", "checkpoint_every", "max_skipped_steps"])
+def test_fit_names_a_bad_period_or_limit(option, tmp_path):
+    with pytest.raises(ValueError) as e:
+        T.fit(_linear(), optax.sgd(0.1), DATA, steps=1, batch_size=8, progress=False, checkpoint_dir=tmp_path,
+              **{option: 0})
+    assert str(e.value) == f"`{option}` must be None or an int >= 1, got 0."

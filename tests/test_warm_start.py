@@ -255,6 +255,11 @@ def test_bad_input_names_the_argument(data):
     small = _CachedDEQ(num_examples=N // 2)  # a cache of the wrong size for the data
     with pytest.raises(ValueError, match="`data\\['index'\\]` runs over \\[0, 63\\].*holds 32 examples"):
         T.fit(small, optax.adam(1e-2), data, steps=1, batch_size=8, loss_fn=_loss, progress=False)
+    past = {**data, "index": np.arange(1, N + 1)}  # one past the cache's last slot
+    with pytest.raises(ValueError) as e:
+        T.fit(_CachedDEQ(), optax.adam(1e-2), past, steps=1, batch_size=8, loss_fn=_loss, progress=False)
+    assert str(e.value) == (f"`data['index']` runs over [1, {N}] but the model's FixedPointCache holds {N} "
+                            f"examples: build it with num_examples > {N}.")
     twice = {**data, "index": np.concatenate([np.arange(N - 1), [0]])}  # example 0's slot used twice
     with pytest.raises(ValueError) as e:
         T.fit(_CachedDEQ(), optax.adam(1e-2), twice, steps=1, batch_size=8, loss_fn=_loss, progress=False)
