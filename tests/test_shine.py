@@ -222,12 +222,17 @@ def test_fallback_per_example():
         assert accept.any() and not accept.all()
         seen = []
         grad = _loss_grad(p, solver, jdeq.Implicit(shine="fallback", shine_tol=cut, tol=1e-12, maxiter=300,
-                                                   callback=lambda s: seen.append(np.asarray(s.nsteps))))
+                                                   callback=seen.append))
         jax.effects_barrier()
         # d loss / d x_i involves example i only
         np.testing.assert_allclose(grad["x"][accept], direct["x"][accept], rtol=1e-10)
         np.testing.assert_allclose(grad["x"][~accept], ref["x"][~accept], rtol=1e-7)
-        assert (seen[-1][accept] == 1).all() and (seen[-1][~accept] > 2).all()
+        nsteps = np.asarray(seen[-1].nsteps)
+        assert (nsteps[accept] == 1).all() and (nsteps[~accept] > 2).all()
+        # an accepted example reports the estimate's own residual; a refined one its solve's
+        abs_res = np.asarray(seen[-1].abs_residual)
+        np.testing.assert_allclose(abs_res[accept], (res * np.linalg.norm(g, axis=1))[accept], rtol=1e-6)
+        assert (abs_res[~accept] < 1e-10 * np.linalg.norm(g, axis=1)[~accept]).all()
 
 
 def test_direct_reports_the_residual_of_the_estimate_to_the_callback():
