@@ -392,3 +392,16 @@ def test_fit_names_a_bad_period_or_limit(option, tmp_path):
         T.fit(_linear(), optax.sgd(0.1), DATA, steps=1, batch_size=8, progress=False, checkpoint_dir=tmp_path,
               **{option: 0})
     assert str(e.value) == f"`{option}` must be None or an int >= 1, got 0."
+
+
+def test_checkpoint_messages_name_the_directory_and_keep(tmp_path):
+    tree = {"w": np.arange(4, dtype=np.float32)}
+    T.save_checkpoint(tmp_path, 1, tree)
+    with pytest.raises(ValueError) as e:
+        T.restore_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)})
+    assert str(e.value) == (
+        f"`directory` (fit's `checkpoint_dir`) {str(tmp_path)!r} holds, at step 1, the state of another model or "
+        "optimizer (1 arrays of other shapes/dtypes than the 1 of this one): use another directory for this run.")
+    with pytest.raises(ValueError) as e:
+        T.save_checkpoint(tmp_path, 2, tree, keep=0)
+    assert str(e.value) == "`keep` must be an int >= 1, got 0."
