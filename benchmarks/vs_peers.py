@@ -49,6 +49,7 @@ Writes ``results/vs_peers/vs_peers.json`` and ``results/vs_peers/vs_peers.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -65,6 +66,7 @@ import numpy as np
 
 import jdeq
 from benchmarks import _common as C
+from jdeq._solvers import anderson_mix, anderson_record, anderson_weights
 
 TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
 SLACK = 1.25  # "matches" = error <= SLACK x jdeq default's error
@@ -508,6 +510,28 @@ def available_peers(wanted: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
 # ----------------------------------------------------------------------------- configurations per cell
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlternatingAnderson(jdeq.Anderson):
+    """A lever measured here, not shipped (it did not win side by side): Anderson that mixes
+    only on every ``mix_every``-th iteration and takes plain steps in between (the history
+    still records every iterate), so that the skipped iterations do not pay for the small
+    solve and the mixing. "Alternating" Anderson: Pratapa, Suryanarayana & Pask, J. Comput.
+    Phys. 2016; Suryanarayana, Pratapa & Pask, Comput. Phys. Commun. 2019. Built on jdeq's
+    solver interface (``init``/``update``) and ``jdeq.Anderson``'s own steps."""
+
+    mix_every: int = 2
+
+    def update(self, state, k, z, fz):
+        g = fz - z
+        xs, gs, gram, valid = anderson_record(*state, k, z, g)
+
+        def mixed(_):
+            return anderson_mix(anderson_weights(gram, valid, self.ridge), xs, gs, self.damping)
+
+        plain = lambda _: z + self.damping * g  # noqa: E731
+        return jax.lax.cond(k % self.mix_every == 0, mixed, plain, None), (xs, gs, gram)
+
+
 def jdeq_configs(prob, *, levers: bool) -> list[Config]:
     per = "per example"
     out = [JaxConfig("jdeq Anderson + Implicit (default)", "jdeq", per, "Anderson on the adjoint",
@@ -526,6 +550,16 @@ def jdeq_configs(prob, *, levers: bool) -> list[Config]:
                       "Anderson on the adjoint",
                       jdeq_make(prob, lambda t: jdeq.Anderson(tol=t, maxiter=PEER_MAXITER, stop_fraction=0.9),
                                 lambda t: jdeq.Implicit()), prob),
+            JaxConfig("jdeq alternating Anderson (mixes every 2nd step) + Implicit", "jdeq", per, "the same on the adjoint",
+                      jdeq_make(prob, lambda t: AlternatingAnderson(tol=t, maxiter=PEER_MAXITER, mix_every=2),
+                                lambda t: jdeq.Implicit()), prob),
+            JaxConfig("jdeq alternating Anderson (mixes every 3rd step) + Implicit", "jdeq", per, "the same on the adjoint",
+                      jdeq_make(prob, lambda t: AlternatingAnderson(tol=t, maxiter=PEER_MAXITER, mix_every=3),
+                                lambda t: jdeq.Implicit()), prob),
+            JaxConfig("jdeq Anderson + Implicit(shine='refine')", "jdeq", per,
+                      "Anderson on the adjoint, started from the forward's estimate",
+                      jdeq_make(prob, lambda t: jdeq.Anderson(tol=t, maxiter=PEER_MAXITER),
+                                lambda t: jdeq.Implicit(shine="refine")), prob),
             JaxConfig("jdeq Anderson, whole batch as one problem", "jdeq", "batch: global rel",
                       "Anderson on the adjoint", _jdeq_whole_batch(prob), prob),
         ]

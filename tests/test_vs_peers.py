@@ -55,3 +55,39 @@ def test_accelerator_script_refuses_a_cpu_only_jax(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no accelerator" in proc.stderr
     assert sorted(os.listdir(tmp_path / "out")) == []  # nothing was run or written
+
+
+def test_alternating_anderson_lever():
+    """The benchmark's alternating-Anderson lever: ``mix_every=1`` is jdeq's Anderson, a period
+    longer than the budget is plain iteration, and in between it solves the same problem."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jdeq
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(0.9 * rng.standard_normal((16, 16)) / 4, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
+    f = lambda z, a: jnp.tanh(z @ w + a)  # noqa: E731
+    z0 = jnp.zeros((5, 16))
+    solve = lambda s: jdeq.fixed_point(f, z0, a, solver=s)  # noqa: E731
+    opts = dict(tol=1e-6, maxiter=60)
+    same = solve(V.AlternatingAnderson(mix_every=1, **opts))
+    ref = solve(jdeq.Anderson(**opts))
+    np.testing.assert_array_equal(same.value, ref.value)
+    np.testing.assert_array_equal(same.stats.nsteps, ref.stats.nsteps)
+    plain = solve(V.AlternatingAnderson(mix_every=1000, **opts))
+    fpi = solve(jdeq.FixedPointIteration(**opts))
+    np.testing.assert_allclose(plain.value, fpi.value, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(plain.stats.nsteps, fpi.stats.nsteps)
+    alt = solve(V.AlternatingAnderson(mix_every=2, **opts))
+    assert bool(alt.stats.converged.all())
+    np.testing.assert_allclose(alt.value, ref.value, atol=1e-5)
+    # three evaluations = steps after k = 1 (one stored pair: a plain step either way) and k = 2
+    three = dict(tol=1e-12, maxiter=3)
+    np.testing.assert_array_equal(solve(V.AlternatingAnderson(mix_every=2, **three)).value,
+                                  solve(jdeq.Anderson(**three)).value)  # k = 2 mixes
+    np.testing.assert_allclose(solve(V.AlternatingAnderson(mix_every=3, **three)).value,
+                               solve(jdeq.FixedPointIteration(**three)).value, rtol=0, atol=1e-6)  # k = 2 plain
+    assert not np.allclose(solve(jdeq.Anderson(**three)).value, solve(jdeq.FixedPointIteration(**three)).value,
+                           rtol=0, atol=1e-4)
