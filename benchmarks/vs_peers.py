@@ -38,10 +38,12 @@ each ratio jdeq / peer is taken per round, then the median. PyTorch runs on 1 th
 ``optimistix, vmapped`` is a per-example solve under ``jax.vmap`` (the batched while loop runs
 until every example has stopped); TorchDEQ uses its own batch rule.
 
-Also measured: solver overhead = step time / (cell cost x evaluations) of jdeq's Anderson and
-Broyden on ``mlp-disk`` (training: ``n_eval t_eval + n_vjp t_vjp``, inference ``n_eval
-t_eval``, ``t_*`` the per-iteration time of a jitted loop of cell evaluations / VJPs), and the
-compile time of the jdeq MLP training step.
+Also measured: solver overhead = step time / (cell cost x evaluations) of jdeq's
+FixedPointIteration, Anderson and Broyden on ``mlp-disk`` (training: ``n_eval t_eval + n_vjp
+t_vjp``, inference ``n_eval t_eval``, ``t_*`` the per-iteration time of a jitted loop of cell
+evaluations / VJPs); beside it each solver's floor from the traffic over its history, ``1 +
+passes * t_pass / t_eval`` (``t_pass``: one ``"nmd,nd->nm"`` contraction over a history of its
+shape; passes: Anderson 2, Broyden 4); and the compile time of the jdeq MLP training step.
 
 Writes ``results/vs_peers/vs_peers.json`` and ``results/vs_peers/vs_peers.png``.
 """
@@ -66,7 +68,7 @@ import numpy as np
 
 import jdeq
 from benchmarks import _common as C
-from jdeq._solvers import anderson_mix, anderson_record, anderson_weights
+from jdeq._solvers import anderson_record
 
 TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
 SLACK = 1.25  # "matches" = error <= SLACK x jdeq default's error
@@ -522,14 +524,12 @@ class AlternatingAnderson(jdeq.Anderson):
     mix_every: int = 2
 
     def update(self, state, k, z, fz):
-        g = fz - z
-        xs, gs, gram, valid = anderson_record(*state, k, z, g)
+        def plain(_):  # record (f(z), g) as Anderson does, then a plain damped step
+            fs, gs, gram, _ = anderson_record(*state, k, fz, fz - z)
+            return z + self.damping * (fz - z), (fs, gs, gram)
 
-        def mixed(_):
-            return anderson_mix(anderson_weights(gram, valid, self.ridge), xs, gs, self.damping)
-
-        plain = lambda _: z + self.damping * g  # noqa: E731
-        return jax.lax.cond(k % self.mix_every == 0, mixed, plain, None), (xs, gs, gram)
+        mixed = lambda _: jdeq.Anderson.update(self, state, k, z, fz)  # noqa: E731
+        return jax.lax.cond(k % self.mix_every == 0, mixed, plain, None)
 
 
 def jdeq_configs(prob, *, levers: bool) -> list[Config]:
@@ -659,8 +659,27 @@ def _loop_time(body, init, *, n: int, reps: int) -> float:
     return min(C.time_calls(lambda: fn(init), steps=reps, warmup=0)) / n
 
 
+# Passes over a solver's (batch, memory, dim) history that one step needs at least: Anderson's
+# new Gram row (over the residuals) and its mix (over the f(z_i)); Broyden's B g and dz^T B, each
+# a contraction over one buffer and a combination of the other.
+HISTORY_PASSES = {"FixedPointIteration": 0, "Anderson": 2, "Broyden": 4}
+
+
+def history_pass_time(z, memory: int, *, reps: int) -> float:
+    """Seconds for one pass over a ``(batch, memory, dim)`` history: the row contraction
+    ``<h_i, z>`` the solvers use (``"nmd,nd->nm"``), net of the loop's own cost."""
+    hist = jnp.broadcast_to(z[:, None, :], (z.shape[0], memory, z.shape[1])) * 1.0001
+    hi = jax.lax.Precision.HIGHEST
+    base = _loop_time(lambda u: u * 0.999 + 1e-3, z, n=50, reps=reps)
+    one = _loop_time(lambda u: u * 0.999 + 1e-3 * jnp.einsum("nmd,nd->nm", hist, u, precision=hi)[:, :1],
+                     z, n=50, reps=reps)
+    return max(one - base, 0.0)
+
+
 def overhead(prob, *, steps: int, reps: int) -> list[dict[str, Any]]:
-    """Step time / cell cost for jdeq Anderson and Broyden (training and inference)."""
+    """Step time / cell cost for jdeq's FixedPointIteration, Anderson and Broyden (training and
+    inference), and each one's floor from its history traffic: ``1 + passes * t_pass / t_eval``
+    (inference), ``t_pass`` the time of one pass over its history (:func:`history_pass_time`)."""
     f = cell_fn(prob["kind"])
     p = {k: jnp.asarray(v) for k, v in prob["params"].items()}
     x, h, y = (jnp.asarray(prob[k]) for k in ("x", "h", "y"))
@@ -670,7 +689,11 @@ def overhead(prob, *, steps: int, reps: int) -> list[dict[str, Any]]:
     t_eval = _loop_time(lambda z: f(z, (p, x)), zs, n=50, reps=reps)
     t_vjp = _loop_time(lambda u: jax.vjp(lambda z: f(z, (p, x)), zs)[1](u)[0] + g, g, n=50, reps=reps)
     rows = []
-    for name, solver in (("Anderson", jdeq.Anderson()), ("Broyden", jdeq.Broyden())):
+    solvers = (("FixedPointIteration", jdeq.FixedPointIteration()), ("Anderson", jdeq.Anderson()),
+               ("Broyden", jdeq.Broyden()))
+    for name, solver in solvers:
+        memory = getattr(solver, "memory", 0)
+        t_pass = history_pass_time(zs.reshape(zs.shape[0], -1), memory, reps=reps) if memory else 0.0
         seen: list[float] = []
         cb = lambda s: seen.append(float(np.max(np.asarray(s.nsteps))))  # noqa: E731
 
@@ -693,6 +716,8 @@ def overhead(prob, *, steps: int, reps: int) -> list[dict[str, Any]]:
             "t_eval_us": 1e6 * t_eval, "t_vjp_us": 1e6 * t_vjp,
             "overhead_train": C.median(times["train"]) / ideal_train,
             "overhead_infer": C.median(times["infer"]) / (n_inf * t_eval),
+            "history_pass_us": 1e6 * t_pass, "history_passes": HISTORY_PASSES[name],
+            "floor_infer": 1 + HISTORY_PASSES[name] * t_pass / t_eval,
         })
     return rows
 
@@ -831,7 +856,11 @@ def main(argv=None) -> dict[str, Any]:
         C.flush_print(C.format_table(over, [("solver", "solver", ""), ("fwd_iters_batch", "fwd it", ".0f"),
                                             ("bwd_iters_batch", "bwd it", ".0f"), ("train_ms", "train ms", ".2f"),
                                             ("overhead_train", "overhead train", ".2f"), ("infer_ms", "infer ms", ".2f"),
-                                            ("overhead_infer", "overhead infer", ".2f")]))
+                                            ("overhead_infer", "overhead infer", ".2f"),
+                                            ("history_pass_us", "history pass us", ".1f"),
+                                            ("floor_infer", "floor infer", ".2f")]))
+        C.flush_print("floor infer = 1 + passes over the solver's history per step (FPI 0, Anderson 2, "
+                      "Broyden 4) x one pass's time / one cell evaluation's time")
         C.flush_print(f"compile time of jdeq's MLP training step (loss + grad): {comp:.2f} s (target <= 5 s)")
     for kind, desc, rows, fastest, failed in tables:
         C.flush_print(f"\n== {kind}: {desc}; target grad err {rows[0]['grad_err']:.2e}; "

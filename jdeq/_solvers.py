@@ -127,8 +127,9 @@ def anderson_record(xs, gs, gram, k, z, g):
     """Stores ``(z, g)`` in slot ``(k - 1) % m`` of the ring buffers; updates one Gram row/column.
 
     Args:
-      xs, gs: ``(n, m, d)`` past iterates and residuals; gram: ``(n, m, m)`` their residual Gram.
-      k: evaluations so far (>= 1); z, g: ``(n, d)`` current iterate and residual ``f(z) - z``.
+      xs, gs: ``(n, m, d)`` past points and residuals; gram: ``(n, m, m)`` their residual Gram.
+        (``jdeq.Anderson`` stores ``f(z_i)`` as the point, ``jdeq.HyperAnderson`` ``z_i``.)
+      k: evaluations so far (>= 1); z, g: ``(n, d)`` current point and residual ``f(z) - z``.
 
     Returns:
       ``(xs, gs, gram, valid)`` with ``valid`` the ``(m,)`` mask of filled slots.
@@ -163,7 +164,7 @@ def _row_mix(coef, hist):
     return jnp.einsum("nm,nmd->nd", coef, hist, precision=_HI)
 
 
-def anderson_inverse_estimate(xs, gs, gram, b, *, ridge: float, transpose: bool):
+def anderson_inverse_estimate(fs, gs, gram, b, *, ridge: float, transpose: bool):
     """``(I - J)^{-1} b`` (or ``(I - J)^{-T} b``) from an Anderson history, per example.
 
     With ``g = f(z) - z`` and the secant pairs ``dX_i = x_i - x_r``, ``dG_i = g_i - g_r``
@@ -176,8 +177,8 @@ def anderson_inverse_estimate(xs, gs, gram, b, *, ridge: float, transpose: bool)
     history covers ``b``'s direction (hence ``jdeq.Implicit``'s residual check and fallback).
 
     Args:
-      xs, gs, gram: Anderson's state (ring buffers ``(n, m, d)`` and Gram ``(n, m, m)``); empty
-        slots (zero residual) are ignored.
+      fs, gs, gram: Anderson's state (ring buffers ``(n, m, d)`` of ``f(x_i) = x_i + g_i`` and of
+        ``g_i``, and their Gram ``(n, m, m)``); empty slots (zero residual) are ignored.
       b: ``(n, d)`` right-hand side.
       ridge: Tikhonov term of ``H``, relative to its diagonal.
       transpose: estimate ``(I - J)^{-T} b``.
@@ -200,8 +201,7 @@ def anderson_inverse_estimate(xs, gs, gram, b, *, ridge: float, transpose: bool)
     eye = jnp.eye(m, dtype=gram.dtype)
     h = h + eye * ((ridge * hd + jnp.sqrt(jnp.finfo(gram.dtype).tiny))[:, :, None] * use[:, None, :]
                    + (1.0 - use)[:, None, :])
-    xg = xs + gs
-    left, right = (gs, xg) if transpose else (xg, gs)  # b - left H^{-1} right^T b
+    left, right = (gs, fs) if transpose else (fs, gs)  # b - left H^{-1} right^T b (fs = xs + gs)
     c = _row_dot(right, b)
     c = (c - jnp.sum(c * onehot, axis=1, keepdims=True)) * use
     w = _spd_solve(h, c)
@@ -217,7 +217,9 @@ class Anderson(Solver):
     Each iteration stores ``(z_k, g_k = f(z_k) - z_k)`` in a ring buffer of ``memory`` slots,
     updates one row/column of the residual Gram matrix (O(memory * dim) per example, never the
     whole history), solves the small bordered least-squares system and mixes
-    ``z_{k+1} = sum_i a_i (z_i + damping * g_i)``. Mixing starts at the second iteration.
+    ``z_{k+1} = sum_i a_i (z_i + damping * g_i)``. Mixing starts at the second iteration. The
+    history keeps ``f(z_i) = z_i + g_i`` rather than ``z_i``, so that the undamped mix is one
+    contraction ``sum_i a_i f(z_i)`` (with ``damping`` below 1, one more over the ``g_i``).
 
     Args:
       tol, maxiter, stop_mode, trace: as in :class:`FixedPointIteration`.
@@ -239,6 +241,7 @@ class Anderson(Solver):
     damping: float = 1.0
 
     def init(self, z):
+        """``(fs, gs, gram)``: ring buffers of ``f(z_i)`` and ``g_i``, and the ``g_i`` Gram."""
         m = self.memory
         return zeros_history(z, m), zeros_history(z, m), zeros_rows(z, (m, m))
 
@@ -249,9 +252,12 @@ class Anderson(Solver):
         return anderson_inverse_estimate(*state, b, ridge=self.ridge, transpose=transpose)
 
     def update(self, state, k, z, fz):
-        xs, gs, gram, valid = anderson_record(*state, k, z, fz - z)
+        fs, gs, gram, valid = anderson_record(*state, k, fz, fz - z)
         alpha = anderson_weights(gram, valid, self.ridge)
-        return anderson_mix(alpha, xs, gs, self.damping), (xs, gs, gram)
+        z_next = _row_mix(alpha, fs)
+        if self.damping != 1:  # z_i + b g_i = f(z_i) - (1 - b) g_i
+            z_next = z_next - (1 - self.damping) * _row_mix(alpha, gs)
+        return z_next, (fs, gs, gram)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -280,20 +286,20 @@ class Broyden(Solver):
     def init(self, z):
         hist = zeros_history(z, self.memory)
         zero = jnp.zeros_like(z)
-        return hist, hist, z, zero, zero, zero
+        return hist, hist, z, zero, zero, zero, zero
 
     def inverse_estimate(self, state, b, *, transpose: bool):
         """SHINE (Ramzi et al. 2022): with the final estimate ``B = -I + sum_i u_i v_i^T`` of
         the inverse Jacobian of ``g = f(z) - z``, ``(I - J)^{-1} = -(J - I)^{-1} ~ -B`` gives
         ``b - sum_i u_i <v_i, b>`` and, transposed (the adjoint), ``b - sum_i v_i <u_i, b>``.
         Rank-one terms not yet written (zeros) add nothing."""
-        us, vs, _, _, u_new, v_new = state
+        us, vs, _, _, u_new, v_new, _ = state
         left, right = (vs, us) if transpose else (us, vs)
         l_new, r_new = (v_new, u_new) if transpose else (u_new, v_new)
         return b - _row_mix(_row_dot(right, b), left) - l_new * jnp.sum(r_new * b, axis=1, keepdims=True)
 
     def update(self, state, k, z, fz):
-        us, vs, z_prev, g_prev, u_new, v_new = state
+        us, vs, z_prev, g_prev, u_new, v_new, dropped = state
         m = self.memory
         # The rank-one term found last iteration enters the ring buffer first, so that every
         # read below follows the in-place write (reading the old buffer after it would make XLA
@@ -302,21 +308,28 @@ class Broyden(Solver):
         vs = jax.lax.dynamic_update_index_in_dim(vs, v_new, (k - 3) % m, axis=1)
         g = fz - z
 
-        def apply(left, right, x):  # (-I + sum_i left_i right_i^T) x
+        def apply(left, right, x):  # (-I + sum_i left_i right_i^T) x, and the coefficients
             coef = jnp.einsum("nmd,nd->nm", right, x, precision=_HI, out_sharding=row_sharding(x))
-            return jnp.einsum("nm,nmd->nd", coef, left, precision=_HI) - x
+            return jnp.einsum("nm,nmd->nd", coef, left, precision=_HI) - x, coef
 
+        # The last step was dz = -B' g_prev with B' = B + (the term this write dropped), B the
+        # buffer now; ``dropped`` is that term applied to g_prev (zero until the buffer wraps).
+        # So B dg = B g - B g_prev = B g + dz + dropped: two products with the history per step
+        # (B g and dz^T B) instead of three.
         dz, dg = z - z_prev, g - g_prev
-        vt = apply(vs, us, dz)  # dz^T B, as a column
-        bdg = apply(us, vs, dg)
+        bg, coef = apply(us, vs, g)
+        vt, _ = apply(vs, us, dz)  # dz^T B, as a column
+        bdg = bg + dz + dropped
         denom = jnp.sum(vt * dg, axis=1)
         ok = (k > 1) & (jnp.abs(denom) > jnp.sqrt(jnp.finfo(z.dtype).tiny))
         safe = jnp.where(ok, denom, 1.0)
         u = jnp.where(ok[:, None], (dz - bdg) / safe[:, None], 0.0)
         v = jnp.where(ok[:, None], vt, 0.0)
+        # The term the next write drops, applied to g (slot (k - 2) % m of the buffer now).
+        nxt = (k - 2) % m
+        dropped = jax.lax.dynamic_index_in_dim(us, nxt, axis=1, keepdims=False) * (
+            jax.lax.dynamic_index_in_dim(coef, nxt, axis=1, keepdims=True)
+        )
         # B_new g with B_new = B + u v^T (the buffered terms plus the new one).
-        bg = apply(us, vs, g) + u * jnp.sum(v * g, axis=1, keepdims=True)
-        return z - bg, (us, vs, z, g, u, v)
-
-
-
+        bg = bg + u * jnp.sum(v * g, axis=1, keepdims=True)
+        return z - bg, (us, vs, z, g, u, v, dropped)

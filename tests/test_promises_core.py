@@ -186,6 +186,45 @@ def test_broyden_steps_are_the_documented_good_broyden_updates(x64):
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-9, atol=1e-12)
 
 
+def test_broyden_limited_memory_keeps_the_latest_terms(x64):
+    """``memory``: the ``memory`` latest rank-one terms (plus the newest, not yet stored) make
+    ``B``; once the ring buffer wraps, the oldest term is dropped. Checked against a dense
+    float64 implementation of exactly that over twelve steps with memory 2 (the buffer wraps
+    from the fourth step on), on a two-example batch whose rows must not mix."""
+    W = jnp.array([[0.2, -0.6, 0.1], [0.3, 0.1, -0.4], [0.5, 0.2, 0.3]])
+    c = jnp.array([[1.0, -0.5, 2.0], [-0.3, 0.8, 0.1]])
+    f = lambda z: jnp.tanh(z @ W) + c  # noqa: E731
+    solver = jdeq.Broyden(memory=2)
+    update = jax.jit(solver.update, static_argnums=1)
+    z = jnp.array([[0.1, 0.2, -0.3], [0.0, -0.1, 0.4]])
+    state = solver.init(z)
+    got = []
+    for k in range(1, 13):
+        z, state = update(state, k, z, f(z))
+        got.append(np.asarray(z))
+
+    for row in range(2):
+        def g(zr, row=row):
+            return np.asarray(f(jnp.asarray(np.stack([zr, zr]))))[row] - zr
+
+        zr = np.array([[0.1, 0.2, -0.3], [0.0, -0.1, 0.4]])[row]
+        terms, new, z_prev, g_prev, want = [], None, None, None, []
+        for _ in range(12):
+            gz = g(zr)
+            if new is not None:
+                terms = (terms + [new])[-2:]  # the buffer: the two latest stored terms
+            B = -np.eye(3) + sum((np.outer(u, v) for u, v in terms), np.zeros((3, 3)))
+            new = None
+            if z_prev is not None:
+                dz, dg = zr - z_prev, gz - g_prev
+                new = ((dz - B @ dg) / (dz @ B @ dg), dz @ B)
+                B = B + np.outer(*new)
+            z_prev, g_prev = zr, gz
+            zr = zr - B @ gz
+            want.append(zr)
+        np.testing.assert_allclose(np.stack(got)[:, row], np.stack(want), rtol=1e-9, atol=1e-12)
+
+
 def test_broyden_memory_bounds_the_rank_of_its_estimate():
     """``memory``: rank-one updates kept. On a linear map of dim 8, a full-memory Broyden
     terminates within ~2*dim steps; memory 1 cannot and takes far longer."""

@@ -119,14 +119,15 @@ def test_anderson_estimate_meets_every_secant_condition():
         c = jnp.asarray(rng.normal(size=(N, D)))
         f = lambda z: z @ A.T + c  # noqa: E731
         solver = jdeq.Anderson(memory=4, ridge=0.0, tol=1e-14, maxiter=5)
-        _, _, (xs, gs, gram) = run_loop(solver, f, jnp.zeros((N, D)), 5, keep_state=True)
+        _, _, (fs, gs, gram) = run_loop(solver, f, jnp.zeros((N, D)), 5, keep_state=True)
+        xs = fs - gs  # the history keeps f(x_i) = x_i + g_i
         # with ridge 0, -(g_i - g_r) = (I - A)(x_i - x_r) maps back to x_i - x_r
         for i in range(4):
             for r in range(4):
                 if i == r:
                     continue
                 b = (jnp.eye(D) - A) @ (xs[:, i] - xs[:, r]).T
-                est = _estimate(solver, (xs, gs, gram), b.T, False)
+                est = _estimate(solver, (fs, gs, gram), b.T, False)
                 np.testing.assert_allclose(est, xs[:, i] - xs[:, r], rtol=1e-6, atol=1e-9)
 
 
