@@ -119,3 +119,22 @@ def test_vs_torchdeq_agreement_and_ratio(tmp_path, capsys):
     assert doc["agreement"]["benchmark"]["grad_rel_diff_all"] < 5e-2
     assert _positive(doc["ratio"]["median"]) and len(doc["ratio_per_round"]) == 2
     assert "ratio jdeq/TorchDEQ" in _last_lines(capsys)[-1]
+
+
+def test_solver_steps_variants_solve_the_same_problem(tmp_path, capsys):
+    """``benchmarks.solver_steps`` (tiny size): every formulation it times reaches the shipped
+    Anderson's fixed point, converges on every example, and the table comes last."""
+    from benchmarks import solver_steps
+
+    doc = solver_steps.main(["--quick", "--cells", "mlp-slow", "--rounds", "1", "--steps", "1",
+                             "--out", str(tmp_path)])
+    rows = doc["cells"]["mlp-slow"]["rows"]
+    assert {r["variant"] for r in rows} == set(solver_steps.VARIANTS)
+    for r in rows:
+        assert r["converged"], r
+        assert r["max_abs_diff_to_shipped"] < 1e-3, r
+        assert r["ms"] > 0 and r["ratio"] > 0
+    shipped = next(r for r in rows if r["variant"] == "Anderson (shipped)")
+    assert shipped["ratio"] == 1.0 and shipped["max_abs_diff_to_shipped"] == 0.0
+    assert (tmp_path / "solver_steps.json").exists() and (tmp_path / "solver_steps.png").stat().st_size > 1000
+    assert "FixedPointIteration" in capsys.readouterr().out.strip().splitlines()[-1]
