@@ -17,8 +17,8 @@ halves the iterations). Every variant runs at jdeq's defaults (``tol=1e-4`` rela
   ``z_i``; mixes ``sum a_i z_i + sum a_i g_i``);
 - ``Anderson, elementwise Gauss-Jordan``: the small solve as ``a - (col - e_i) row`` updates,
   with no indexed writes;
-- ``Anderson, unrolled mix``: the mix as ``memory`` elementwise multiply-adds instead of a
-  contraction;
+- ``Anderson, unrolled mix``: the mix as ``memory`` elementwise multiply-adds (one fused
+  kernel) instead of a batched contraction;
 - ``Anderson, slot-major history``: ``(memory, batch, dim)`` ring buffers instead of
   ``(batch, memory, dim)``;
 - ``alternating Anderson`` (mixes every 2nd / 3rd step, ``vs_peers.AlternatingAnderson``);
@@ -77,6 +77,10 @@ def _elementwise_gauss_jordan(a, b):
     return b
 
 
+def _unrolled_mix(alpha, hist):
+    return sum(alpha[:, i : i + 1] * hist[:, i] for i in range(hist.shape[1]))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ZHistoryAnderson(jdeq.Anderson):
     """Keeps ``z_i`` (not ``f(z_i)``) and mixes with two contractions (jdeq's earlier form)."""
@@ -96,10 +100,13 @@ class ElementwiseGJAnderson(jdeq.Anderson):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UnrolledMixAnderson(jdeq.Anderson):
+    """The mix as ``memory`` elementwise multiply-adds (one fused kernel) instead of a batched
+    contraction."""
+
     def update(self, state, k, z, fz):
         fs, gs, gram, valid = anderson_record(*state, k, fz, fz - z)
         alpha = _weights(gram, valid, self.ridge, _spd_solve)
-        return sum(alpha[:, i : i + 1] * fs[:, i] for i in range(self.memory)), (fs, gs, gram)
+        return _unrolled_mix(alpha, fs), (fs, gs, gram)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

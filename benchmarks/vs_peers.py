@@ -524,12 +524,10 @@ class AlternatingAnderson(jdeq.Anderson):
     mix_every: int = 2
 
     def update(self, state, k, z, fz):
-        def plain(_):  # record (f(z), g) as Anderson does, then a plain damped step
-            fs, gs, gram, _ = anderson_record(*state, k, fz, fz - z)
-            return z + self.damping * (fz - z), (fs, gs, gram)
-
-        mixed = lambda _: jdeq.Anderson.update(self, state, k, z, fz)  # noqa: E731
-        return jax.lax.cond(k % self.mix_every == 0, mixed, plain, None)
+        fs, gs, gram, valid = anderson_record(*state, k, fz, fz - z)  # every step records
+        mixed = lambda _: self._mix(fs, gs, gram, valid)  # noqa: E731
+        plain = lambda _: z + self.damping * (fz - z)  # noqa: E731
+        return jax.lax.cond(k % self.mix_every == 0, mixed, plain, None), (fs, gs, gram)
 
 
 def jdeq_configs(prob, *, levers: bool) -> list[Config]:

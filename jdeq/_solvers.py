@@ -253,11 +253,15 @@ class Anderson(Solver):
 
     def update(self, state, k, z, fz):
         fs, gs, gram, valid = anderson_record(*state, k, fz, fz - z)
+        return self._mix(fs, gs, gram, valid), (fs, gs, gram)
+
+    def _mix(self, fs, gs, gram, valid):
+        """``z_{k+1} = sum_i a_i (z_i + damping g_i)`` from the recorded history."""
         alpha = anderson_weights(gram, valid, self.ridge)
         z_next = _row_mix(alpha, fs)
         if self.damping != 1:  # z_i + b g_i = f(z_i) - (1 - b) g_i
             z_next = z_next - (1 - self.damping) * _row_mix(alpha, gs)
-        return z_next, (fs, gs, gram)
+        return z_next
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
