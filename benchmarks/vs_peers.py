@@ -33,6 +33,12 @@ calls each, in turn), banax's through its subprocess (the main process waits mea
 each ratio jdeq / peer is taken per round, then the median. PyTorch runs on 1 thread (see
 ``vs_torchdeq``); JAX keeps its default threading (both printed).
 
+**jdeq's levers** (its extra rows, ``--no-levers`` drops them): the same default with the
+tolerance swept like the peers'; ``FixedPointIteration``; a BiCGSTAB backward;
+``stop_fraction=0.9`` (the tail cut); alternating Anderson (:class:`AlternatingAnderson`, mixing
+every 2nd or 3rd step); ``Implicit(shine="refine")`` (the backward started from the forward's
+inverse-Jacobian estimate); and the batch solved as one problem (one global norm).
+
 **Stopping semantics differ** (printed per row): jdeq stops each example on its own residual
 (per example); jaxopt and optimistix-on-the-batch use one global norm over the whole batch;
 ``optimistix, vmapped`` is a per-example solve under ``jax.vmap`` (the batched while loop runs
