@@ -22,6 +22,8 @@ halves the iterations). Every variant runs at jdeq's defaults (``tol=1e-4`` rela
 - ``Anderson, slot-major history``: ``(memory, batch, dim)`` ring buffers instead of
   ``(batch, memory, dim)``;
 - ``alternating Anderson`` (mixes every 2nd / 3rd step, ``vs_peers.AlternatingAnderson``);
+- ``safeguarded Anderson``: an example whose residual grew after a mixed step takes plain steps
+  from then on, and iterations where no moving example mixes skip the solve and the mix;
 - ``Broyden`` as shipped (two products with its history per step) and ``Broyden, three
   products``, the formulation before (``B dg`` computed from the history);
 - ``FixedPointIteration``, the loop's own cost.
@@ -131,6 +133,34 @@ class SlotMajorAnderson(jdeq.Anderson):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SafeguardedAnderson(jdeq.Anderson):
+    """Mixes only where it helps: an example whose residual grew after a mixed step falls back
+    to plain steps for good, and the batch skips the small solve and the mix (a ``lax.cond``)
+    on iterations where no moving example mixes. (A frozen example's residual repeats exactly:
+    it does not count as moving.)"""
+
+    def init(self, z):
+        col = zeros_rows(z, ())
+        return super().init(z) + (col + jnp.inf, col == 0, col != 0)
+
+    def update(self, state, k, z, fz):
+        *hist, prev_res, mixing, mixed_last = state
+        g = fz - z
+        res = jnp.linalg.norm(g, axis=1)
+        mixing = mixing & ~(mixed_last & (res > prev_res))
+        fs, gs, gram, valid = anderson_record(*hist, k, fz, g)
+        plain = z + self.damping * g
+        wanted = mixing & (res != prev_res)
+        z_next = jax.lax.cond(
+            jnp.any(wanted),
+            lambda _: jnp.where(mixing[:, None], self._mix(fs, gs, gram, valid), plain),
+            lambda _: plain,
+            None,
+        )
+        return z_next, (fs, gs, gram, res, mixing, wanted)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ThreeProductBroyden(jdeq.Broyden):
     """``B dg``, ``dz^T B`` and ``B g`` each from the history (jdeq's earlier form)."""
 
@@ -167,6 +197,7 @@ VARIANTS: dict[str, Any] = {
     "Anderson, slot-major history": SlotMajorAnderson,
     "alternating Anderson, every 2nd step": lambda: AlternatingAnderson(mix_every=2),
     "alternating Anderson, every 3rd step": lambda: AlternatingAnderson(mix_every=3),
+    "safeguarded Anderson (mixes only where it helps)": SafeguardedAnderson,
     "Broyden (shipped)": jdeq.Broyden,
     "Broyden, three products": ThreeProductBroyden,
     "FixedPointIteration": jdeq.FixedPointIteration,

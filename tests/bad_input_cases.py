@@ -511,6 +511,8 @@ CASES: list[Case] = [
       lambda: _fp(maxiter=jnp.float32(5)), TypeError, r"`maxiter` must be an int.*float32"),
     C(CORE_FP, "jdeq.fixed_point(..., throw='yes')", "throw not a bool", lambda: _fp(throw="yes"),
       TypeError, r"`throw` must be a bool"),
+    C(CORE_FP, "jdeq.fixed_point(..., batched='yes')", "batched not a bool", lambda: _fp(batched="yes"),
+      TypeError, r"`batched` must be a bool"),
     C(CORE_FP, "jdeq.fixed_point(..., tol=1e-3)", "unknown keyword tol (belongs to the solver)",
       lambda: _fp(tol=1e-3), TypeError, r"unexpected keyword argument 'tol'"),
     C(CORE_FP, "jdeq.fixed_point(f, z0, args)", "NaN in args (run-time value)",
