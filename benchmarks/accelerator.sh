@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU/TPU path of the benchmarks (issue [3 of 5]): one script that runs the main job
-# (memory vs depth, as `make bench` does), jdeq against its peers and the solver x gradient
-# speed table on whatever accelerator JAX sees, and writes their JSON and PNG files to one folder.
+# (memory vs depth, as `make bench` does), jdeq against its peers, the solver x gradient speed
+# table and the per-iteration solver costs (solver_steps) on whatever accelerator JAX sees, and
+# writes their JSON and PNG files to one folder.
 #
 #   bash benchmarks/accelerator.sh [OUT_DIR]        # default: results/accelerator
 #
@@ -28,4 +29,5 @@ fi
 "$PY" -m benchmarks.memory_vs_depth --out "$OUT" 2>&1 | tee "$OUT/memory_vs_depth.log"
 "$PY" -m benchmarks.vs_peers --out "$OUT/vs_peers" 2>&1 | tee "$OUT/vs_peers.log"
 "$PY" -m benchmarks.speed --out "$OUT" 2>&1 | tee "$OUT/speed.log"
+"$PY" -m benchmarks.solver_steps --out "$OUT" 2>&1 | tee "$OUT/solver_steps.log"
 echo "wrote $(ls "$OUT" | tr '\n' ' ')"

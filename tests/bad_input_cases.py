@@ -609,6 +609,10 @@ CASES: list[Case] = [
       _core("jacobian_penalty", _FUN, _Z0, _A, _KEY, gamma=NAN), ValueError, r"`gamma` must be a number >= 0"),
     C(CORE_REG, "jdeq.jacobian_penalty(..., prob=0)", "prob 0",
       _core("jacobian_penalty", _FUN, _Z0, _A, _KEY, gamma=1.0, prob=0.0), ValueError, r"`prob` must be a number in \(0, 1\]"),
+    C(CORE_REG, "jdeq.jacobian_frobenius('tanh', z, args, key)", "f not callable",
+      _core("jacobian_frobenius", "tanh", _Z0, _A, _KEY), TypeError, r"`f` must be callable as f\(z, args\)"),
+    C(CORE_REG, "jdeq.jacobian_penalty(f, z, args, key, prob=0.5)", "z int32 (skipped calls too)",
+      _core("jacobian_penalty", _FUN, _Z0_INT, _A, _KEY, gamma=1.0, prob=0.5), TypeError, r"`z` must be floating point"),
     # ------------------------------------------------------------------ core: correction
     C(CORE_COR, "jdeq.fixed_point_states(..., states=0)", "states 0",
       _core("fixed_point_states", _FUN, _Z0, _A, states=0), ValueError, r"`states` must be an int >= 1"),

@@ -67,6 +67,18 @@ def test_explicit_budgets_uneven_spacing_and_past_convergence():
     close(sol.value[2], final.value)
 
 
+def test_budgets_may_be_integer_scalar_arrays():
+    """``states`` as a sequence accepts integer scalar arrays (e.g. from ``jnp.arange``) as well
+    as Python ints: the same snapshots."""
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.FixedPointIteration(tol=1e-6, maxiter=12)
+    ints = jdeq.fixed_point_states(cell, z0, p, states=[2, 5, 12], solver=solver)
+    arrays = jdeq.fixed_point_states(cell, z0, p, states=[jnp.int32(2), np.int64(5), jnp.asarray(12)],
+                                     solver=solver)
+    np.testing.assert_array_equal(arrays.value, ints.value)
+
+
 def test_traced_maxiter_under_jit_and_pytree_state():
     p = make_params()
 

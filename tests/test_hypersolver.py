@@ -87,6 +87,19 @@ def test_mixer_features_are_the_documented_ones():
     np.testing.assert_array_equal(mask, [1.0, 1.0, 0.0])
 
 
+def test_mixer_features_stay_finite_for_a_zero_residual(x64):
+    """A filled slot whose residual is exactly zero (an example solved exactly) gets finite
+    features: the diagonal's guard is in the Gram matrix's own dtype, so it still guards a
+    float32 history when float64 is on (a float64 eps**4 would vanish in float32)."""
+    gram = np.zeros((3, 3))
+    gram[2, 2] = 9.0  # slot 2 newest, ||r|| = 3; slot 0 filled with a zero residual
+    valid = jnp.array([True, False, True])
+    alpha = jnp.array([[0.5, 0.0, 0.5]], jnp.float32)
+    feats = mixer_features(jnp.asarray(gram[None], jnp.float32), valid, alpha, jnp.array([2, 0, 1]))
+    assert feats.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(feats))), feats
+
+
 def test_init_mixer_is_lecun_normal_with_a_zero_output_layer():
     p = jdeq.init_mixer(jax.random.key(0), memory=5, hidden=64)
     n_in = 5 * 5 + 3 * 5

@@ -163,6 +163,22 @@ def test_bad_inputs_raise():
         jdeq.spectral_radius(cell, jnp.ones(()), p, key)
 
 
+def test_penalty_with_probability_keeps_the_state_dtype():
+    """``prob < 1``: a skipped call returns a zero of the state's dtype, like a computed one
+    (bfloat16 here), so the two branches of its ``lax.cond`` agree and the penalty adds to a
+    bfloat16 loss without promotion."""
+    p = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), make_params(dtype=np.float32))
+    z = jnp.ones((N, D), jnp.bfloat16)
+    step = jax.jit(lambda k: jdeq.jacobian_penalty(cell, z, p, k, gamma=0.3, prob=0.5))
+    seen = set()
+    for i in range(12):
+        k = jax.random.key(i)
+        v = step(k)
+        assert v.dtype == jnp.bfloat16 and v.shape == ()
+        seen.add(bool(jax.random.bernoulli(jax.random.split(k)[0], 0.5)))
+    assert seen == {True, False}  # both branches ran
+
+
 def test_jacobian_frobenius_probes_take_the_state_dtype(x64):
     """The probes have the state's dtype, not JAX's default float (float64 here, with x64 on):
     a float32 state gets a float32 estimate; with many probes on a linear map it is near the
