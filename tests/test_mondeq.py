@@ -144,6 +144,8 @@ def test_bad_input_errors():
         MonotoneDenseCell(3, 4, m=0.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="`alpha`"):
         jdeq.ForwardBackward(alpha=-1.0)
+    with pytest.raises(ValueError, match="`alpha`"):
+        jdeq.PeacemanRachford(alpha=0.0)
     with pytest.raises(ValueError, match="`monotonicity`"):
         jdeq.MonotoneProblem(linear=lambda z, a: z, monotonicity=0)
     with pytest.raises(ValueError, match="`kernel_size`"):

@@ -45,6 +45,20 @@ def test_maxiter_is_the_resolves_budget():
     assert float(short.mean) < float(full.mean) - 1e-3 and float(full.mean) > 0.9999
 
 
+def test_the_solver_is_the_resolves_and_a_batch_of_two_suffices():
+    """``solver`` runs the re-solve (its own tolerance and budget, seen in ``stats``), and the
+    smallest batch the docstring allows (2: each example starts from the other's) works."""
+    f = lambda z, x: 0.9 * jnp.tanh(z) + x  # noqa: E731
+    x = jax.random.normal(jax.random.key(3), (2, 3))
+    z = jdeq.fixed_point(f, jnp.zeros((2, 3)), x, solver=jdeq.FixedPointIteration(tol=1e-7, maxiter=300)).value
+    loose = jdeq.aa_score(f, x, z, solver=jdeq.FixedPointIteration(tol=1e-7, maxiter=3))
+    np.testing.assert_array_equal(loose.stats.nsteps, 3)  # its budget, not the default solver's
+    assert not bool(loose.stats.converged.any())
+    tight = jdeq.aa_score(f, x, z, solver=jdeq.FixedPointIteration(tol=1e-7, maxiter=300))
+    assert bool(tight.stats.converged.all()) and float(tight.mean) > 0.9999
+    np.testing.assert_array_equal(tight.perm, [1, 0])
+
+
 def test_two_attractors_score_below_one():
     # per coordinate, z -> tanh(3 z) + 0.05 x has two stable fixed points near +1 and -1
     f = lambda z, x: jnp.tanh(3 * z) + 0.05 * x
