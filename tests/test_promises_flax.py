@@ -110,6 +110,27 @@ def test_linen_jacobian_penalty_needs_no_init_z():
     assert np.isfinite(float(reg)) and float(reg) > 0
 
 
+def test_linen_jacobian_penalty_passes_every_option_to_the_core():
+    """``gamma, prob, num_samples, noise`` "as in jdeq.jacobian_penalty": the layer's method is
+    the core function on the bound cell, option for option (Rademacher probes differ from the
+    default Gaussian ones, so a dropped ``noise`` would show)."""
+    deq = jdeq.linen.DEQ(_NoInitZCell(), solver=FPI)
+    z0 = jnp.zeros((2, 8))
+    variables = deq.init(jax.random.key(0), X, z0)
+    z, _ = deq.apply(variables, X, z0)
+    cell = _NoInitZCell()
+    f = lambda zz, a: cell.apply({"params": a[0]}, zz, a[1])  # noqa: E731
+    key = jax.random.key(2)
+    for opts in ({"num_samples": 3, "noise": "rademacher"}, {"num_samples": 2, "noise": "normal"}):
+        got = deq.apply(variables, X, z, key, gamma=0.7, method=jdeq.linen.DEQ.jacobian_penalty, **opts)
+        want = jdeq.jacobian_penalty(f, z, (variables["params"]["cell"], X), key, gamma=0.7, **opts)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    rad = deq.apply(variables, X, z, key, gamma=0.7, num_samples=3, noise="rademacher",
+                    method=jdeq.linen.DEQ.jacobian_penalty)
+    gauss = deq.apply(variables, X, z, key, gamma=0.7, num_samples=3, method=jdeq.linen.DEQ.jacobian_penalty)
+    assert abs(float(rad) - float(gauss)) > 1e-4
+
+
 # ---- batched=False: "one example per call, for per-example code under vmap" ------------------
 
 
