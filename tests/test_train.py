@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -192,6 +193,25 @@ def test_inactive_jac_reg_is_exactly_no_regularization(vec_data):
     assert all(r["jac_reg"] == 0 for r in hist.train)
     for a, b in zip(_params(plain), _params(reg)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_jac_reg_takes_the_losss_dtype(vec_data, gamma):
+    """The logged term and the regularized loss keep the loss's dtype (bfloat16 here), whether
+    the term is on or off: nothing promotes a low-precision loss to float32."""
+    model = _TinyDEQ()
+    opt = optax.sgd(0.1)
+
+    def loss_fn(net, batch):
+        logits, _ = net(batch["inputs"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        return loss.astype(jnp.bfloat16), {}
+
+    step = jax.jit(T.make_train_step(loss_fn, opt, jac_reg=T.JacReg(gamma=gamma)))
+    batch = {"inputs": jnp.asarray(vec_data["inputs"][:8]), "labels": jnp.asarray(vec_data["labels"][:8])}
+    state, metrics = step(T.TrainState.create(model, opt), batch)
+    assert metrics["jac_reg"].dtype == jnp.bfloat16
+    assert (float(metrics["jac_reg"]) > 0) == (gamma > 0) and float(metrics["skipped"]) == 0.0
 
 
 def test_jac_reg_with_probability_applies_on_a_seeded_fraction_of_steps(vec_data):
