@@ -214,6 +214,24 @@ def test_jac_reg_takes_the_losss_dtype(vec_data, gamma):
     assert (float(metrics["jac_reg"]) > 0) == (gamma > 0) and float(metrics["skipped"]) == 0.0
 
 
+def test_fit_evaluates_with_its_eval_batch_size_and_data_axis(vec_data):
+    """``eval_data`` is evaluated with :func:`evaluate` at ``eval_batch_size`` and on the mesh's
+    ``data_axis`` (here a one-device mesh whose data axis is not called "data"): a metric that
+    reports its batch's size shows the eval batches."""
+
+    def loss_fn(net, batch):
+        logits, _ = net(batch["inputs"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        return loss, {"loss": loss, "batch_rows": jnp.float32(batch["inputs"].shape[0])}
+
+    held_out = {k: v[:48] for k, v in vec_data.items()}
+    mesh = jax.make_mesh((1,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+    hist = T.fit(_TinyDEQ(), optax.sgd(0.1), vec_data, steps=1, batch_size=32, loss_fn=loss_fn,
+                 eval_data={"held_out": held_out}, eval_batch_size=16, mesh=mesh, data_axis="rows",
+                 progress=False)
+    assert hist.eval[-1]["held_out"]["batch_rows"] == 16.0  # three batches of 16, not one of 48
+
+
 def test_jac_reg_with_probability_applies_on_a_seeded_fraction_of_steps(vec_data):
     kw = dict(steps=8, batch_size=32, log_every=1, progress=False, seed=5,
               jac_reg=T.JacReg(gamma=1.0, prob=0.5))
