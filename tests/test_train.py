@@ -232,6 +232,16 @@ def test_fit_evaluates_with_its_eval_batch_size_and_data_axis(vec_data):
     assert hist.eval[-1]["held_out"]["batch_rows"] == 16.0  # three batches of 16, not one of 48
 
 
+def test_an_index_field_is_checked_only_against_warm_start_caches(vec_data, capsys):
+    """``data["index"]`` is checked only when the model has a FixedPointCache to index: a model
+    without one trains on data whose "index" column means something else (floats here). The
+    progress bar, when on, is labelled "train"."""
+    data = dict(vec_data, index=np.linspace(0.0, 1.0, 96, dtype=np.float32))
+    hist = T.fit(_TinyDEQ(), optax.sgd(0.1), data, steps=1, batch_size=32, log_every=1, progress=True)
+    assert len(hist.train) == 1
+    assert "train:" in capsys.readouterr().err
+
+
 def test_jac_reg_with_probability_applies_on_a_seeded_fraction_of_steps(vec_data):
     kw = dict(steps=8, batch_size=32, log_every=1, progress=False, seed=5,
               jac_reg=T.JacReg(gamma=1.0, prob=0.5))
