@@ -173,7 +173,7 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/evaluation.py": (("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"]),
     # fit's checks of a batch split over processes: only the two-process run takes that path
     "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
-    "jdeq/train/checkpoint.py": (("_agree", "_sync"), ["tests/test_multiprocess.py"]),
+    "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read"), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
     "jdeq/_gradients.py": (("linear_solve",), ["tests/test_explicit_sharding.py"]),

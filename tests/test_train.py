@@ -366,6 +366,28 @@ def test_step_bad_arguments():
         T.TrainState.create(net, optax.sgd(0.1))
 
 
+def test_checkpoint_errors_carry_their_cause(tmp_path):
+    """A damaged array file is reported with the reader's own error (its type and message, so the
+    user sees what broke), and a leaf that is not an array (one with a shape but no dtype) is
+    refused naming the argument."""
+    import os
+
+    tree = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
+    T.save_checkpoint(tmp_path, 1, tree)
+    store = tmp_path / "1" / "state" / "d"
+    biggest = max(store.iterdir(), key=lambda f: f.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 2)
+    with pytest.raises(T.CheckpointError, match=r"unreadable arrays \((\w+): (?!None\))") as e:
+        T.restore_checkpoint(tmp_path, tree, step=1)
+    assert type(e.value.__cause__).__name__ in str(e.value) and str(e.value.__cause__)[:40] in str(e.value)
+
+    class ShapeOnly:  # e.g. a lazy placeholder: a shape, but no dtype
+        shape = (2,)
+
+    with pytest.raises(TypeError, match="`like` must be a pytree of arrays"):
+        T.restore_checkpoint(tmp_path, {"w": ShapeOnly()}, step=1)
+
+
 def test_checkpoint_round_trip_keep_and_errors(tmp_path):
     jnp = jax.numpy
     tree = {"f32": jnp.linspace(0, 1, 6).reshape(2, 3), "bf16": jnp.arange(4, dtype=jnp.bfloat16) / 3,
