@@ -257,3 +257,25 @@ def test_jaxopt_broyden_needs_a_static_budget_and_says_so():
                             "history by it), not a traced value.")
     st = jdeq.fixed_point(f, jnp.zeros((2, 3)), jnp.ones((2, 3)), solver=SOLVERS["broyden"], maxiter=4).stats
     assert int(st.nsteps.max()) <= 4
+
+
+@pytest.mark.parametrize("name", ["bicgstab", "normal_cg"])  # (gmres: one restart cycle of 20 > dim 8 is exact)
+def test_implicit_tol_reaches_jaxopts_linear_solver(x64, name):
+    """``Implicit(solver=<jaxopt linear solver>, tol=...)``: the tolerance is the linear solve's
+    (a loose one gives a visibly less accurate gradient than a tight one, which matches the
+    exact implicit gradient)."""
+    A, b, _ = affine_problem(seed=2, d=8, rho=0.95)
+    A, b = jnp.asarray(A), jnp.asarray(b)
+    fwd = jdeq.Anderson(tol=1e-12, maxiter=400)
+
+    def grad(tol):
+        loss = lambda A: jnp.sum(jdeq.fixed_point(affine, jnp.zeros_like(b), (A, b), solver=fwd,  # noqa: E731
+                                                  gradient=jdeq.Implicit(solver=name, tol=tol)).value ** 2)
+        return jax.grad(loss)(A)
+
+    z = np.linalg.solve(np.eye(8) - np.asarray(A), np.asarray(b).T).T
+    u = np.linalg.solve(np.eye(8) - np.asarray(A).T, 2 * z.T).T  # adjoint: u = (I - A^T)^{-1} dL/dz
+    exact = u.T @ z  # dL/dA = sum_n u_n z_n^T
+    tight, loose = np.asarray(grad(1e-12)), np.asarray(grad(0.3))
+    np.testing.assert_allclose(tight, exact, rtol=1e-7, atol=1e-9)
+    assert np.max(np.abs(loose - exact)) > 1e-6 * np.max(np.abs(exact))

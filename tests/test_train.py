@@ -11,6 +11,7 @@ from flax import nnx
 
 import jdeq
 from jdeq import train as T
+from jdeq.train.batches import data_size
 from jdeq.data import arithmetic as A
 from jdeq.models.transformer import LSTMClassifier, TiedTransformerClassifier, TransformerClassifier
 
@@ -240,6 +241,17 @@ def test_an_index_field_is_checked_only_against_warm_start_caches(vec_data, caps
     hist = T.fit(_TinyDEQ(), optax.sgd(0.1), data, steps=1, batch_size=32, log_every=1, progress=True)
     assert len(hist.train) == 1
     assert "train:" in capsys.readouterr().err
+
+
+def test_batches_walk_consecutive_steps_and_data_size_refuses_scalars(vec_data):
+    """``batches(..., start_step=s)`` yields the batches of steps s, s + 1, s + 2, ... (those of
+    ``batch_indices``), and ``data_size`` refuses a scalar entry with its own error."""
+    it = T.batches(vec_data, 16, seed=3, start_step=5)
+    for step in range(5, 12):  # past an epoch boundary (6 batches per epoch)
+        want = T.batch_indices(96, 16, step, seed=3)
+        np.testing.assert_array_equal(next(it)["inputs"], vec_data["inputs"][want])
+    with pytest.raises(ValueError, match="the arrays of `data` must share a leading axis"):
+        data_size({"inputs": vec_data["inputs"], "scale": np.float32(2.0)})
 
 
 def test_jac_reg_with_probability_applies_on_a_seeded_fraction_of_steps(vec_data):
