@@ -359,6 +359,25 @@ def write_json(out_dir: str | os.PathLike, name: str, data: dict) -> Path:
     return path
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, plt) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_lines(
     path: str | os.PathLike,
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
@@ -370,11 +389,7 @@ def plot_lines(
     styles: dict[str, str] | None = None,
 ) -> Path:
     """One line per entry of ``series`` (``label -> (xs, ys)``), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, (xs, ys) in series.items():
         style = (styles or {}).get(label, "o-")
@@ -387,12 +402,37 @@ def plot_lines(
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
+
+
+def plot_bar_panels(
+    path: str | os.PathLike,
+    panels: dict[str, Sequence[dict]],
+    *,
+    value: str,
+    label: str,
+    color: Callable[[dict], str],
+    xlabel: str,
+    titles: dict[str, str] | None = None,
+    log: bool = False,
+    fontsize: int = 7,
+) -> Path:
+    """One panel of horizontal bars per entry of ``panels`` (``title -> rows``): each row's
+    ``row[value]`` labelled ``row[label]``, coloured ``color(row)`` and annotated with its
+    ``row["ratio"]``; saved as a PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=110, squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items()):
+        ax.barh(range(len(rows)), [r[value] for r in rows], color=[color(r) for r in rows])
+        ax.set_yticks(range(len(rows)), [r[label] for r in rows], fontsize=fontsize)
+        if log:
+            ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_title((titles or {}).get(name, name), fontsize=9)
+        for i, r in enumerate(rows):
+            ax.text(r[value], i, f" {r['ratio']:.2f}", va="center", fontsize=fontsize)
+    return _save(fig, path, plt)
 
 
 def _fmt(value, spec: str) -> str:

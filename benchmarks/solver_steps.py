@@ -274,25 +274,9 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _plot(path, cells):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.2), dpi=110, squeeze=False)
-    for ax, (kind, cell) in zip(axes[0], cells.items()):
-        rows = cell["rows"]
-        ax.barh(range(len(rows)), [r["us_per_batch_iter"] for r in rows],
-                color=["C0" if "shipped" in r["variant"] else "C7" for r in rows])
-        ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("microseconds per batch iteration (median)")
-        ax.set_title(kind, fontsize=9)
-        for i, r in enumerate(rows):
-            ax.text(r["us_per_batch_iter"], i, f" {r['ratio']:.2f}", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    C.plot_bar_panels(path, {k: c["rows"] for k, c in cells.items()}, value="us_per_batch_iter", label="variant",
+                      color=lambda r: "C0" if "shipped" in r["variant"] else "C7",
+                      xlabel="microseconds per batch iteration (median)")
 
 
 if __name__ == "__main__":

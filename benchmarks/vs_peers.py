@@ -879,26 +879,11 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _plot(path, cells):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4.5), dpi=110, squeeze=False)
-    for ax, (kind, cell) in zip(axes[0], cells.items()):
-        rows = cell["rows"]
-        colors = {"jdeq": "C0", "jaxopt": "C1", "optimistix": "C2", "torchdeq": "C3", "banax": "C4"}
-        ax.barh(range(len(rows)), [r["ms"] for r in rows], color=[colors.get(r["library"], "C7") for r in rows])
-        ax.set_yticks(range(len(rows)), [r["config"] for r in rows], fontsize=6)
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.set_xlabel("median ms per loss+grad step (log)")
-        ax.set_title(f"{kind} (grad err ~{cell['target_grad_err']:.1e})", fontsize=9)
-        for i, r in enumerate(rows):
-            ax.text(r["ms"], i, f" {r['ratio']:.2f}", va="center", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    colors = {"jdeq": "C0", "jaxopt": "C1", "optimistix": "C2", "torchdeq": "C3", "banax": "C4"}
+    C.plot_bar_panels(path, {k: c["rows"] for k, c in cells.items()}, value="ms", label="config",
+                      color=lambda r: colors.get(r["library"], "C7"), log=True, fontsize=6,
+                      xlabel="median ms per loss+grad step (log)",
+                      titles={k: f"{k} (grad err ~{c['target_grad_err']:.1e})" for k, c in cells.items()})
 
 
 if __name__ == "__main__":
