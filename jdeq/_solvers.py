@@ -318,16 +318,15 @@ class Broyden(Solver):
 
         # The last step was dz = -B' g_prev with B' = B + (the term this write dropped), B the
         # buffer now; ``dropped`` is that term applied to g_prev (zero until the buffer wraps).
-        # So B dg = B g - B g_prev = B g + dz + dropped: two products with the history per step
-        # (B g and dz^T B) instead of three.
+        # So B dg = B g - B g_prev = B g + dz + dropped, and the update's dz - B dg is
+        # -(B g + dropped): two products with the history per step (B g and dz^T B), not three.
         dz, dg = z - z_prev, g - g_prev
         bg, coef = apply(us, vs, g)
         vt, _ = apply(vs, us, dz)  # dz^T B, as a column
-        bdg = bg + dz + dropped
         denom = jnp.sum(vt * dg, axis=1)
         ok = (k > 1) & (jnp.abs(denom) > jnp.sqrt(jnp.finfo(z.dtype).tiny))
         safe = jnp.where(ok, denom, 1.0)
-        u = jnp.where(ok[:, None], (dz - bdg) / safe[:, None], 0.0)
+        u = jnp.where(ok[:, None], -(bg + dropped) / safe[:, None], 0.0)
         v = jnp.where(ok[:, None], vt, 0.0)
         # The term the next write drops, applied to g (slot (k - 2) % m of the buffer now).
         nxt = (k - 2) % m
