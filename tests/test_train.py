@@ -312,6 +312,37 @@ def test_own_loop_over_make_train_step_equals_fit(vec_data, jac_reg):
         np.testing.assert_array_equal(a, b)
 
 
+def test_fit_equals_a_plain_optax_loop_with_a_schedule(vec_data):
+    """fit (and so the step) carries the optimizer state: with a warmup schedule from 0 and Adam,
+    its parameters equal a loop written with optax and nnx alone. A step that dropped the new
+    optimizer state left the schedule at its first value (lr 0: nothing ever moved) and Adam's
+    moments at their first step (sign descent)."""
+    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 5e-2, 2, 6, 1e-3))
+    fitted = _TinyDEQ()
+    T.fit(fitted, opt, vec_data, steps=6, batch_size=32, seed=1, progress=False)
+
+    model = _TinyDEQ()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p, rest)(batch["inputs"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        grads = jax.grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for k in range(6):
+        idx = T.batch_indices(96, 32, k, seed=1)
+        params, opt_state = step(params, opt_state, {name: v[idx] for name, v in vec_data.items()})
+    nnx.update(model, params)
+    for a, b in zip(_params(model), _params(fitted)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(_params(model), _params(_TinyDEQ()))) > 1e-2
+
+
 def test_train_step_key_draws_the_penalty(vec_data):
     """make_train_step(key=...): step k draws the penalty (here whether it applies, prob 0.5)
     from fold_in(key, k): the same key repeats the draws, another key draws others."""

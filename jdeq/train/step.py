@@ -251,7 +251,7 @@ def make_train_step(
         rest = state.rest
         if jax.tree_util.tree_leaves(mutable):  # a skipped step keeps RNG counters and caches as they were
             rest = _with_cache(state.graphdef, state.params, rest, optax.tree.where(ok, mutable, state.mutable()))
-        new_state = state.replace(params=params, rest=rest, step=state.step + 1)
+        new_state = state.replace(params=params, opt_state=opt_state, rest=rest, step=state.step + 1)
         return new_state, {**metrics, "skipped": (~ok).astype(jnp.float32)}
 
     return train_step
