@@ -19,6 +19,7 @@ from jdeq._gradients import Implicit
 from jdeq._hypersolver import hyper_loss
 from jdeq._regularizers import jacobian_penalty
 from jdeq._solvers import Anderson, check_maxiter
+from jdeq._stats import Solution
 from jdeq._warm_start import check_index, lookup, store
 
 __all__ = ["DEQ", "CachedFixedPoint", "FixedPointCache", "SolverParam", "Unrolled"]
@@ -187,6 +188,16 @@ def _batch_of(z0, batched: bool) -> int | None:
     return jax.tree_util.tree_leaves(z0)[0].shape[0] if batched else None
 
 
+def _unroll_layer(f, z0, args, depth: int, batched: bool):
+    """``jdeq.unroll`` of the layer's pure cell; one example (``batched=False``) runs as a batch
+    of one, its value and stats squeezed back."""
+    if batched:
+        return unroll(f, z0, args, depth=depth)
+    add, drop = (lambda t: jax.tree.map(lambda v: v[None], t)), (lambda t: jax.tree.map(lambda v: v[0], t))
+    sol = unroll(lambda z, a: add(f(drop(z), a)), add(z0), args, depth=depth)
+    return Solution(value=drop(sol.value), stats=drop(sol.stats))
+
+
 class DEQ(nnx.Module):
     """A deep equilibrium layer: returns ``z* = cell(z*, x)`` and the solver's stats.
 
@@ -220,6 +231,12 @@ class DEQ(nnx.Module):
     the shared weights' gradient into NaN.
 
     Attributes:
+      unrolled_depth: None (default), or an int ``L``: the layer then runs as the weight-tied net
+        of depth ``L``, the cell applied exactly ``L`` times from ``z0`` and backpropagated
+        through (``jdeq.unroll``, as :class:`Unrolled`), in place of the solve; the call's
+        ``solver``, ``gradient`` and ``maxiter`` do not apply then. This is the unrolled
+        pre-training of Bai et al. 2020 (MDEQ); ``jdeq.train.fit(...,
+        pretrain=jdeq.train.Pretrain(steps=N, depth=L))`` sets it for the first ``N`` steps.
       record_equilibria: when True (e.g. ``model.set_attributes(record_equilibria=True)``), each
         call sows ``(x, z*)`` into ``nnx.Intermediate`` ``"equilibria"``;
         ``jdeq.train.fit(..., jac_reg=...)`` uses it with :meth:`jacobian_penalty`.
@@ -258,6 +275,7 @@ class DEQ(nnx.Module):
         self.eval_maxiter = eval_maxiter
         self.deterministic = False
         self.record_equilibria = False
+        self.unrolled_depth = None
         if cache is not None:  # (no attribute at all without one: the graph stays as it was)
             self.cache = cache
 
@@ -294,10 +312,15 @@ class DEQ(nnx.Module):
             z0 = cache.lookup(index, z0)
         f, state = _pure(self.cell)
         x_safe, bad = guard_nonfinite_inputs(x, _batch_of(z0, batched))
-        sol = fixed_point(
-            f, z0, (state, x_safe), solver=solver, gradient=gradient, maxiter=maxiter,
-            throw=throw, batched=batched,
-        )
+        depth = getattr(self, "unrolled_depth", None)  # (getattr: modules pickled before it existed)
+        if depth is not None:
+            V.positive_int(depth, "unrolled_depth")
+            sol = _unroll_layer(f, z0, (state, x_safe), depth, batched)
+        else:
+            sol = fixed_point(
+                f, z0, (state, x_safe), solver=solver, gradient=gradient, maxiter=maxiter,
+                throw=throw, batched=batched,
+            )
         sol = mask_bad_examples(sol, z0, bad)
         if index is not None:
             cache.update(index, sol.value, ~sol.stats.nonfinite)

@@ -162,6 +162,14 @@ def _deq():
     return jdeq.nnx.DEQ(_cell(), solver=jdeq.Anderson(maxiter=10))
 
 
+def _unrolled_deq(depth):
+    from flax import nnx
+
+    deq = nnx.clone(_deq())
+    deq.unrolled_depth = depth
+    return deq
+
+
 def _nan_cell_deq():
     from flax import nnx
 
@@ -668,6 +676,8 @@ CASES: list[Case] = [
       lambda: __import__("jdeq").nnx.DEQ(_cell(), maxiter=5), TypeError, r"unexpected keyword argument 'maxiter'"),
     C(NNX, "jdeq.nnx.Unrolled(cell, depth=0)", "depth 0 (caught at construction)",
       lambda: __import__("jdeq").nnx.Unrolled(_cell(), depth=0), ValueError, r"`depth` must be an int >= 1"),
+    C(NNX, "deq.unrolled_depth = 0; deq(x)", "unrolled_depth 0", lambda: _unrolled_deq(0)(_x((2, 3))), ValueError,
+      r"`unrolled_depth` must be an int >= 1"),
     C(NNX, "deq(x)", "x with 5 features for a cell built for 3", lambda: _deq()(_x((2, 5))),
       ValueError, r"`x` must have 3 features .*got shape \(2, 5\)"),
     C(NNX, "deq(x)", "x of rank 1 (no batch axis)", lambda: _deq()(_x((3,))),
@@ -867,6 +877,15 @@ CASES: list[Case] = [
       lambda: __import__("jdeq").train.JacReg(gamma=1.0, prob=0.0), ValueError, r"`prob` must be a number in \(0, 1\]"),
     C(TRAIN, "JacReg(gamma=1, num_samples=0)", "num_samples 0",
       lambda: __import__("jdeq").train.JacReg(gamma=1.0, num_samples=0), ValueError, r"`num_samples` must be an int >= 1"),
+    C(TRAIN, "fit(..., pretrain=5)", "pretrain a number", lambda: _fit(pretrain=5), TypeError,
+      r"`pretrain` must be None or a jdeq.train.Pretrain"),
+    C(TRAIN, "fit(plain_linear_model, ..., pretrain=Pretrain(steps=2, depth=3))", "pretrain without a DEQ",
+      lambda: _fit(model=_plain_net(), pretrain=__import__("jdeq").train.Pretrain(steps=2, depth=3)), ValueError,
+      r"`pretrain` unrolls the model's jdeq.nnx.DEQ layers, but the model holds none"),
+    C(TRAIN, "Pretrain(steps=0, depth=3)", "steps 0", lambda: __import__("jdeq").train.Pretrain(steps=0, depth=3),
+      ValueError, r"`steps` must be an int >= 1"),
+    C(TRAIN, "Pretrain(steps=2, depth=2.0)", "depth a float",
+      lambda: __import__("jdeq").train.Pretrain(steps=2, depth=2.0), TypeError, r"`depth` must be an int"),
     C(TRAIN, "JacReg()", "gamma missing", lambda: __import__("jdeq").train.JacReg(), TypeError,
       r"missing 1 required keyword-only argument: 'gamma'"),
     # ------------------------------------------------------------------ command lines

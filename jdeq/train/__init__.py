@@ -24,6 +24,8 @@ The pieces, each usable on its own:
   at step ``k`` depends only on ``(seed, k)``, which is what makes resuming exact).
 - :func:`classification_loss`, :func:`solver_metrics`, :func:`split_output`: the default
   loss and its metrics; :func:`count_params`.
+- :class:`Pretrain`: the ``fit(..., pretrain=...)`` option running the first steps with every
+  ``jdeq.nnx.DEQ`` unrolled to a fixed depth (the unrolled pre-training of Bai et al. 2020).
 - :class:`JacReg`: the ``fit(..., jac_reg=...)`` (and ``make_train_step``) option adding the
   Jacobian penalty ``gamma * ||df/dz||_F^2`` at ``z*`` of Bai et al. 2021 to the loss, every
   step or with a probability per step.
@@ -58,6 +60,7 @@ from jdeq.train.evaluation import evaluate, predict
 from jdeq.train.jacobian import JacReg
 from jdeq.train.loop import History, fit
 from jdeq.train.losses import classification_loss, count_params, solver_metrics, split_output
+from jdeq.train.pretrain import Pretrain
 from jdeq.train.sharding import (
     MIN_SHARD_SIZE,
     batch_sharding,
@@ -81,6 +84,7 @@ __all__ = [
     "CheckpointError",
     "History",
     "JacReg",
+    "Pretrain",
     "TrainState",
     "all_finite",
     "batch_indices",

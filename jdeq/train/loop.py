@@ -26,6 +26,7 @@ from jdeq.train.checkpoint import restore_checkpoint, save_checkpoint
 from jdeq.train.evaluation import evaluate, host_metrics
 from jdeq.train.jacobian import JacReg, find_deqs
 from jdeq.train.losses import classification_loss
+from jdeq.train.pretrain import Pretrain
 from jdeq.train.sharding import (MIN_SHARD_SIZE, batch_sharding, check_mesh, host_value, replicated, shard_batch,
                                  training_mesh)
 from jdeq.train.step import TrainState, make_train_step
@@ -115,6 +116,7 @@ def fit(
     data_axis: str = "data",
     model_axis: str | None = None,
     min_shard_size: int = MIN_SHARD_SIZE,
+    pretrain: Pretrain | None = None,
 ) -> History:
     """Trains ``model``'s ``nnx.Param`` s in place for ``steps`` optimizer steps.
 
@@ -193,6 +195,9 @@ def fit(
         rest stays replicated (:func:`jdeq.train.param_shardings`). None: all replicated.
         With a mesh, the evaluation of ``eval_data`` runs on the mesh too (:func:`evaluate`).
       min_shard_size: the smallest parameter (in elements) split along ``model_axis``.
+      pretrain: a :class:`Pretrain` to run the first ``pretrain.steps`` steps with every
+        ``jdeq.nnx.DEQ`` of the model unrolled ``pretrain.depth`` times (the unrolled
+        pre-training of Bai et al. 2020), the rest as equilibria. None: no pre-training.
 
     Returns:
       A :class:`History`.
@@ -211,6 +216,8 @@ def fit(
     n, local_batch = _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, eval_data,
                                      eval_every, log_every, checkpoint_every, jac_reg, max_skipped_steps, mesh,
                                      data_axis, model_axis)
+    if pretrain is not None and not isinstance(pretrain, Pretrain):
+        raise TypeError(f"`pretrain` must be None or a jdeq.train.Pretrain, got {pretrain!r}.")
     data = {k: np.asarray(v) for k, v in data.items()}
     eval_data = dict(eval_data or {})
     if mesh is not None:
@@ -224,6 +231,14 @@ def fit(
         state = jax.device_put(state, sh)
         train_step = jax.jit(step_fn, in_shardings=(sh, batch_sharding(mesh, data_axis)),
                              out_shardings=(sh, replicated(mesh)))
+    # Pre-training: the same step on the model's graph with its DEQ layers unrolled (the graph
+    # is static in the state, so each phase compiles once); the arrays carry over unchanged.
+    phases = {False: (state.graphdef, train_step)}
+    if pretrain is not None:
+        pre = pretrain.graphdef(model)
+        phases[True] = (pre, jax.jit(step_fn) if mesh is None else jax.jit(
+            step_fn, in_shardings=(sh.replace(graphdef=pre), batch_sharding(mesh, data_axis)),
+            out_shardings=(sh.replace(graphdef=pre), replicated(mesh))))
 
     history, elapsed, skip_state = History(), 0.0, None
     if checkpoint_dir is not None:
@@ -260,7 +275,8 @@ def fit(
             batch = {k: v[batch_indices(n, local_batch, step, seed=seed)] for k, v in data.items()}
             if mesh is not None:
                 batch = shard_batch(batch, mesh, data_axis)
-            state, metrics = train_step(state, batch)
+            graphdef, phase_step = phases[pretrain is not None and step < pretrain.steps]
+            state, metrics = phase_step(state.replace(graphdef=graphdef), batch)
             step += 1
             bar.update(1)
             skips.push(step, metrics["skipped"])
@@ -282,6 +298,7 @@ def fit(
         raise
     finally:
         bar.close()
+        state = state.replace(graphdef=phases[False][0])
         nnx.update(model, state.params, state.mutable())
     elapsed += time.perf_counter() - t0
     if eval_data and (not history.eval or history.eval[-1]["step"] != steps):
