@@ -14,7 +14,9 @@ one training step (``memory_analysis``: temp + argument + output bytes), the ste
 and minimum of 20 calls of the compiled step, and the mean over the training run; on a shared
 machine the median can sit far above the minimum: the 1-minute load average is recorded), and
 for DEQs the mean forward solver steps (NFE) on the test set and the fraction converged.
-Baselines: a ResNet-style CNN (untied residual blocks with GroupNorm) against MDEQ, an MLP
+Recipes (MNIST-1D): the same MDEQ-1D trained with unrolled pre-training for the first 20% of
+its steps (``jdeq.train.Pretrain``, Bai et al. 2020) and with Jacobian regularization
+(``jdeq.train.JacReg``, Bai et al. 2021), beside the plain one. Baselines: a ResNet-style CNN (untied residual blocks with GroupNorm) against MDEQ, an MLP
 against the dense monDEQ, a GRU (linear head on all 40 states, as Greydanus's) against the
 sequence DEQ. On MNIST-1D the published accuracies of Greydanus 2020 (logistic regression 32%,
 MLP 68%, CNN 94%, GRU 91%) are printed beside ours.
@@ -47,7 +49,8 @@ import jdeq
 from jdeq import argtypes as T
 from benchmarks import _common as C
 from jdeq.data import digits, mnist1d
-from jdeq.train import batch_indices, count_params
+from jdeq.train import JacReg, Pretrain, batch_indices, count_params
+from jdeq.train.jacobian import penalty, start_recording
 
 MiB = 2.0**20
 
@@ -146,8 +149,13 @@ class SignalTransformerDEQ(nnx.Module):
 FWD = jdeq.Anderson(tol=1e-3, maxiter=20)  # DEQ forward budget (train and test)
 
 
+def _mdeq1d(seed):
+    return jdeq.models.MDEQClassifier(1, 10, widths=(8, 16, 16), spatial_dims=1, solver=FWD, rngs=nnx.Rngs(seed))
+
+
 def zoo(full: bool) -> list[dict]:
-    """``[{task, name, kind, family, build(seed) -> model}]``."""
+    """``[{task, name, kind, family, build(seed) -> model}]``, and for the recipe rows
+    ``recipe={"pretrain": (fraction of the steps, depth), "jac_reg": jdeq.train.JacReg}``."""
     mon_solver = jdeq.FixedPointIteration(tol=1e-3, maxiter=60)
     entries = [
         # digits: 8x8 images
@@ -163,8 +171,14 @@ def zoo(full: bool) -> list[dict]:
              build=lambda s: MLP(64, 96, 10, rngs=nnx.Rngs(s))),
         # MNIST-1D: 40-point signals
         dict(task="mnist1d", name="mdeq", kind="deq", full_steps=2000, family="MDEQ-1D (3 scales, 8/16/16)",
-             build=lambda s: jdeq.models.MDEQClassifier(1, 10, widths=(8, 16, 16), spatial_dims=1, solver=FWD,
-                                                        rngs=nnx.Rngs(s))),
+             build=_mdeq1d),
+        # the DEQ papers' training recipes on the same MDEQ-1D (before: the row above)
+        dict(task="mnist1d", name="mdeq+pretrain", kind="deq", full_steps=2000,
+             family="MDEQ-1D + unrolled pre-training (first 20% of steps, depth 6)",
+             recipe=dict(pretrain=(0.2, 6)), build=_mdeq1d),
+        dict(task="mnist1d", name="mdeq+jacreg", kind="deq", full_steps=2000,
+             family="MDEQ-1D + Jacobian regularization (gamma 0.5, half the steps)",
+             recipe=dict(jac_reg=JacReg(gamma=0.5, prob=0.5)), build=_mdeq1d),
         dict(task="mnist1d", name="resnet", kind="explicit", family="ResNet-1D CNN (3x2 blocks, 8/16/16)",
              build=lambda s: ResNet(1, 10, (8, 16, 16), nd=1, rngs=nnx.Rngs(s))),
         dict(task="mnist1d", name="mondeq-dense", kind="deq", family="monDEQ dense n=100, PR splitting",
@@ -197,11 +211,14 @@ def _logits(model, x):
     return out if isinstance(out, tuple) else (out, None)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(graphdef, tx, params, rest, opt_state, x, y):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _train_step(graphdef, tx, jac_reg, params, rest, opt_state, x, y, key):
     def loss_fn(p):
-        logits, _ = _logits(nnx.merge(graphdef, p, rest), x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        net = nnx.merge(graphdef, p, rest, copy=True)
+        layers = start_recording(net) if jac_reg is not None else []
+        logits, _ = _logits(net, x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss + penalty(jac_reg, layers, key) if jac_reg is not None else loss
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -223,34 +240,50 @@ def run_model(entry, data, *, seeds, steps, batch, lr, measure: bool) -> dict:
     xte, yte = jnp.asarray(data.test["inputs"]), jnp.asarray(data.test["labels"])
     row = {"task": entry["task"], "name": entry["name"], "kind": entry["kind"], "family": entry["family"]}
     accs, nfes, convs, losses, train_s = [], [], [], [], []
+    recipe = entry.get("recipe", {})
+    jac_reg, pretrain = recipe.get("jac_reg"), None
+    if "pretrain" in recipe:  # (fraction of the steps, depth)
+        pretrain = Pretrain(steps=max(1, int(recipe["pretrain"][0] * steps)), depth=recipe["pretrain"][1])
     for seed in seeds:
         model = entry["build"](seed)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         opt_state = tx.init(params)
+        key = jax.random.key(seed)
+        pre_step = None
+        if pretrain is not None:  # the first steps on the graph with the DEQ layers unrolled
+            pre_step = functools.partial(_train_step, pretrain.graphdef(model), tx, jac_reg)
         if seed == seeds[0]:
-            step = functools.partial(_train_step, graphdef, tx)
+            step = functools.partial(_train_step, graphdef, tx, jac_reg)
             row["params"] = count_params(model)
             if measure:
                 x0, y0 = jnp.asarray(xtr[:batch]), jnp.asarray(ytr[:batch])
-                fn = functools.partial(_train_step.__wrapped__, graphdef, tx)
-                compiled, mem, compile_s = C.compile_with_memory(fn, params, rest, opt_state, x0, y0)
+                fn = functools.partial(_train_step.__wrapped__, graphdef, tx, jac_reg)
+                compiled, mem, compile_s = C.compile_with_memory(fn, params, rest, opt_state, x0, y0, key)
                 row["memory_MiB"] = sum(v for k, v in mem.items() if k in ("temp", "argument", "output") and v) / MiB
                 row["temp_MiB"] = (mem["temp"] or 0) / MiB
                 row["compile_s"] = compile_s
-                times = C.time_calls(lambda: compiled(params, rest, opt_state, x0, y0), steps=20, warmup=3)
+                times = C.time_calls(lambda: compiled(params, rest, opt_state, x0, y0, key), steps=20, warmup=3)
                 row["step_ms"] = 1e3 * C.median(times)
                 row["step_ms_min"] = 1e3 * min(times)
                 step = compiled  # train with the step just compiled and measured (no second compile)
-        t0 = time.perf_counter()
-        loss = jnp.nan
+        loss, elapsed, t0, untimed = jnp.nan, 0.0, time.perf_counter(), 0
         for k in range(steps):
             idx = batch_indices(len(ytr), batch, k, seed=seed)
-            params, opt_state, loss = step(params, rest, opt_state, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))
-            if k == 0:  # the first step may compile: not timed
+            run = pre_step if pre_step is not None and k < pretrain.steps else step
+            first = k == 0 or (pre_step is not None and k == pretrain.steps)  # a step that may compile
+            if first:  # not timed: close the timed span before it
+                if k > 0:
+                    jax.block_until_ready(loss)
+                    elapsed += time.perf_counter() - t0
+                untimed += 1
+            params, opt_state, loss = run(params, rest, opt_state, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]),
+                                          jax.random.fold_in(key, k))
+            if first:
                 jax.block_until_ready(loss)
                 t0 = time.perf_counter()
         losses.append(float(loss))
-        train_s.append(time.perf_counter() - t0)
+        train_s.append(elapsed + time.perf_counter() - t0)
+        row["timed_steps"] = steps - untimed
         if seed == seeds[0]:
             row["load_avg"] = os.getloadavg()[0]
         acc, nfe, conv = map(float, _eval(graphdef, params, rest, xte, yte))
@@ -367,7 +400,7 @@ def main(argv=None):
 
     def save(partial):
         for r in rows:
-            r["train_ms"] = 1e3 * r["train_s"] / max(1, r["steps"] - 1)
+            r["train_ms"] = 1e3 * r["train_s"] / max(1, r.get("timed_steps", r["steps"] - 1))
         C.write_json(out, name, {"command": command, "machine": info, "seeds": seeds, "partial": partial,
                                  "total_s": time.perf_counter() - t_all, "blas_threads": 1,
                                  "published_mnist1d": mnist1d.PUBLISHED, "forward_solver": repr(FWD), "rows": rows})

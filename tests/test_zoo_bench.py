@@ -50,3 +50,19 @@ def test_gru_baseline_leaves_the_chance_plateau():
         losses.append(float(step(model, opt, jnp.asarray(x[idx]), jnp.asarray(y[idx]))))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 1.8, losses[-10:]
+
+
+def test_zoo_recipe_rows_run_tiny(tmp_path, monkeypatch):
+    """The recipe rows: pre-training switches graphs after its steps (both steps untimed), the
+    Jacobian penalty runs inside the step (on a one-scale MDEQ, quick to compile)."""
+    import jdeq
+
+    monkeypatch.setattr(zoo, "_mdeq1d", lambda s: jdeq.models.MDEQClassifier(
+        1, 10, widths=(4,), spatial_dims=1, solver=jdeq.Anderson(tol=1e-3, maxiter=3), rngs=nnx.Rngs(s)))
+    zoo.main(["--tasks", "mnist1d", "--only", "mdeq+pretrain,mdeq+jacreg", "--seeds", "1", "--steps", "5",
+              "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "zoo.json").read_text())["rows"]}
+    assert set(rows) == {"mdeq+pretrain", "mdeq+jacreg"}
+    assert rows["mdeq+pretrain"]["timed_steps"] == 3 and rows["mdeq+jacreg"]["timed_steps"] == 4
+    for r in rows.values():
+        assert np.isfinite(r["final_loss"]) and r["train_ms"] > 0 and 0.0 <= r["acc_mean"] <= 1.0
