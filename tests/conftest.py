@@ -91,6 +91,16 @@ def pytest_sessionfinish(session):
             json.dump(_DURATIONS, fh)
 
 
+@pytest.fixture(scope="module")
+def vec_data():
+    """96 vectors of 4 features labelled by a random linear map into 3 classes (float32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype(np.float32)
+    return {"inputs": x, "labels": np.argmax(x @ rng.normal(size=(4, 3)), -1)}
+
+
 @pytest.fixture
 def x64():
     """Runs the test with float64 enabled (restored afterwards)."""

@@ -36,10 +36,8 @@ class _Net(nnx.Module):
 
 
 @pytest.fixture(scope="module")
-def data():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(96, 4)).astype(np.float32)
-    return {"inputs": x, "labels": np.argmax(x @ rng.normal(size=(4, 3)), -1)}
+def data(vec_data):
+    return vec_data
 
 
 def _params(model):

@@ -152,13 +152,6 @@ class _TinyDEQ(nnx.Module):
         return self.head(z), stats
 
 
-@pytest.fixture(scope="module")
-def vec_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 4)).astype(np.float32)
-    return {"inputs": x, "labels": np.argmax(x @ rng.normal(size=(4, 3)), -1)}
-
-
 @nnx.jit
 def _jac_frob_jit(model, x):
     z, _ = model.deq(x)
