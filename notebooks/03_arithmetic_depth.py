@@ -23,7 +23,8 @@
 # iterations, use extra iterations where an explicit net of fixed depth cannot? This notebook runs
 # a small version of `python -m jdeq.experiments.arithmetic` with the library's pieces: the data
 # (`jdeq.data.arithmetic`), the study's models (`jdeq.experiments.arithmetic.build_model`: a
-# convolutional-GRU cell as a DEQ, or unrolled L times) and `jdeq.train.fit`.
+# GRU update reading the left neighbour's state and the token, as a DEQ or unrolled L times) and
+# `jdeq.train.fit`.
 #
 # **Running on Colab.** The first code cell is a form: when jdeq is not importable (a fresh
 # Colab runtime) it installs `jdeq[notebook]` with pip from the git repository in its `JDEQ_REPO`
@@ -83,7 +84,8 @@ print("majority-class accuracy:", round(majority, 3))
 
 # %% [markdown]
 # ## Train a DEQ and the same cell unrolled
-# `"deq"` is the convolutional-GRU cell solved by Anderson (the study's gradient);
+# `"deq"` is the cell solved by plain iteration (its equilibrium is a GRU read left to right,
+# reached in as many steps as the expression has tokens) with the implicit gradient;
 # `f"unrolled-{L}"` applies the same cell L times. Both have the same parameters.
 
 # %%

@@ -40,8 +40,10 @@ class ConvGRUCell(nnx.Module):
 
     Args:
       features: state width ``D``.
-      kernel: taps over the sequence: 2 (causal: the token and its left neighbour) or 3
-        (both neighbours).
+      kernel: taps over the sequence: 1 (the left neighbour only: ``f`` at a token reads no
+        state of its own, so the fixed point is exactly a GRU read left to right, and plain
+        iteration reaches it in as many steps as there are tokens: the Jacobian is strictly
+        lower triangular), 2 (causal: the token and its left neighbour) or 3 (both neighbours).
       rngs: ``nnx.Rngs``.
 
     Example:
@@ -55,7 +57,7 @@ class ConvGRUCell(nnx.Module):
 
     def __init__(self, features: int, *, kernel: int = 3, rngs: nnx.Rngs):
         V.positive_int(features, "features")
-        V.one_of(kernel, "kernel", (2, 3))  # 2: causal
+        V.one_of(kernel, "kernel", (1, 2, 3))  # 1, 2: causal
         self.features, self.kernel = features, kernel
         n_in = (kernel + 1) * features
         self.gates = nnx.Linear(n_in, (2 + kernel) * features, rngs=rngs)
@@ -63,7 +65,7 @@ class ConvGRUCell(nnx.Module):
 
     def _taps(self, z):
         left = jnp.pad(z, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-        taps = [left, z]
+        taps = [left] if self.kernel == 1 else [left, z]
         if self.kernel == 3:
             taps.append(jnp.pad(z, ((0, 0), (0, 1), (0, 0)))[:, 1:])
         return taps

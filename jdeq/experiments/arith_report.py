@@ -166,7 +166,7 @@ def _markdown(s: dict) -> str:
         lines.append(f"\nPearson r of AA vs OOD accuracy over {s['path_independence']['n_model_seed_pairs']} "
                      f"(model, seed) pairs: {s['path_independence']['pearson_aa_vs_ood_accuracy']:.2f}.")
     lines += ["", "![path independence](path.png)", "", "## Convergence\n",
-              "| DEQ | train budget | in-dist | converged at budget | median rel residual | acc converged / not | "
+              "| DEQ | train budget | in-dist | converged at budget | median rel residual | acc converged / not (all depths) | "
               f"in-dist at k={s['test_time_compute']['iterations'][-1]} | OOD at k={s['test_time_compute']['iterations'][-1]} | "
               "trajectories: converged / cycle / slow / irregular |", "|---" * 9 + "|"]
     big = s["test_time_compute"]["iterations"][-1]
@@ -177,7 +177,8 @@ def _markdown(s: dict) -> str:
                      f"{_fmt(r['accuracy_converged'], 2)} / {_fmt(r['accuracy_not_converged'], 2)} | "
                      f"{_fmt(r[f'in_distribution_accuracy_at_{big}'])} | {_fmt(r.get(f'ood_accuracy_at_{big}'))} | "
                      + " / ".join(f"{t[k][0]:.2f}" for k in ("converged", "limit_cycle", "slow", "irregular")) + " |")
-    lines += ["", "Solver iterations per depth (Anderson, tol "
+    solver = {"fpi": "plain iteration", "anderson": "Anderson"}[s["config"]["deq_solver"]]
+    lines += ["", f"Solver iterations per depth ({solver}, tol "
               f"{s['convergence']['tol']:g}, budget {big}):", "",
               "| DEQ | " + " | ".join(f"d{d}" for d in depths) + " |", "|---" * (1 + len(depths)) + "|"]
     for m, r in s["convergence"]["solver_iterations_per_depth"].items():

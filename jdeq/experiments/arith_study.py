@@ -123,12 +123,20 @@ def optimizer(cfg, kind: str):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
 
+def _pretrain(model, kind: str, cfg):
+    """The DEQs' unrolled pre-training (``cfg.pretrain_steps`` steps at their training budget)."""
+    if not cfg.pretrain_steps or not kind.startswith("deq"):
+        return None
+    return T.Pretrain(steps=cfg.pretrain_steps, depth=model.deq.solver.maxiter)
+
+
 def _train(model, kind: str, cfg, train: A.Dataset, seed: int, progress: bool) -> float:
     depth = _depth_of(kind)
     loss = T.classification_loss if depth is None else functools.partial(T.classification_loss, depth=depth)
     t0 = time.perf_counter()
     T.fit(model, optimizer(cfg, kind), train.arrays(), steps=cfg.steps, batch_size=cfg.batch_size, seed=seed,
-          loss_fn=loss, log_every=max(1, min(100, cfg.steps)), progress=progress)
+          loss_fn=loss, log_every=max(1, min(100, cfg.steps)), progress=progress,
+          pretrain=_pretrain(model, kind, cfg))
     return time.perf_counter() - t0
 
 

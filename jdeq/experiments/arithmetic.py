@@ -67,6 +67,8 @@ class Config:
       seeds, data_seed: model/batch-order seeds; the data's seed.
       deq_solver, deq_tol, deq_maxiter, deq_gradient: the DEQ's solver (``"fpi"``: plain
         iteration, or ``"anderson"``), tolerance, budget and gradient in training.
+      pretrain_steps: the DEQs' first steps trained as the weight-tied net of depth equal to
+        their training budget (``jdeq.train.Pretrain``, Bai et al. 2020); 0: none.
       extra_gradients: more gradients, trained as ``deq-<gradient>``.
       train_budgets: training budgets of the ``deq-budget<b>`` models.
       unrolled_depth: depth ``L`` of the ``unrolled-L`` baseline.
@@ -82,12 +84,12 @@ class Config:
     train_max_depth: int = 1
     n_train: int = 20_000
     n_test: int = 200
-    features: int = 48
-    kernel: int = 2
+    features: int = 64
+    kernel: int = 1
     readout: str = "last"
     num_heads: int = 4
     untied_layers: int = 4
-    steps: int = 800
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-2
     model_lr: tuple = ()
@@ -97,9 +99,10 @@ class Config:
     deq_tol: float = 1e-3
     deq_maxiter: int = 24
     deq_gradient: str = "implicit"
+    pretrain_steps: int = 0
     extra_gradients: tuple = ("phantom", "jfb")
     train_budgets: tuple = (2, 4, 8)
-    unrolled_depth: int = 24
+    unrolled_depth: int = 16
     baselines: tuple = ("transformer", "lstm")
     test_iters: tuple = (1, 2, 4, 8, 16, 24, 32, 64)
     aa_examples: int = 300
@@ -115,11 +118,11 @@ class Config:
                      "batch_size", "deq_maxiter", "unrolled_depth", "aa_examples", "aa_maxiter", "traj_examples",
                      "traj_steps", "eval_batch_size"):
             V.positive_int(getattr(self, name), name)
-        for name in ("max_depth", "train_max_depth", "data_seed"):
+        for name in ("max_depth", "train_max_depth", "data_seed", "pretrain_steps"):
             V.nonnegative_int(getattr(self, name), name)
         V.positive_number(self.lr, "lr")
         V.positive_number(self.deq_tol, "deq_tol")
-        V.one_of(self.kernel, "kernel", (2, 3))
+        V.one_of(self.kernel, "kernel", (1, 2, 3))
         V.one_of(self.readout, "readout", ("mean", "last"))
         V.one_of(self.deq_solver, "deq_solver", ("fpi", "anderson"))
         V.one_of(self.deq_gradient, "deq_gradient", tuple(GRADIENTS))
