@@ -155,6 +155,14 @@ MODULES: dict[str, list[str]] = {
                              "-k", "loss or smoke"],
     "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py",
                               "-k", "batch or epoch or smoke or data_size or run_options"],
+    # unrolled pre-training: the phase's graph, the step it ends at, its checks
+    "jdeq/train/pretrain.py": ["tests/test_pretrain.py", "tests/test_bad_input.py", "-k", "pretrain or Pretrain or errors_md"],
+    # fit's Jacobian penalty option (JacReg): gamma, probability, probes, its checks
+    "jdeq/train/jacobian.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
+                               "-k", "jac or JacReg or errors_md"],
+    # the amortized warm-start cache's gather and scatter (FixedPointCache's core)
+    "jdeq/_warm_start.py": ["tests/test_warm_start.py", "tests/test_bad_input.py",
+                            "-k", "not data_mesh and (not test_bad_input or cache or Cache or errors_md)"],
 }
 # Survivors in the listed functions are run again against more tests (module -> (functions,
 # tests)); a failure there kills them. For tests that exercise a function only in subprocesses
