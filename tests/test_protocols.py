@@ -321,6 +321,80 @@ def test_nan_guard_reads_every_input_leaf_and_reports_nan_residuals():
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
 
 
+class _SharedShiftCell(nnx.Module):
+    """Input ``(a, shift)``: per-example features ``a`` and a ``shift`` shared by every example
+    (no batch axis), which the guard must leave alone."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, z, x):
+        a, shift = x
+        return jnp.tanh(0.5 * self.lin(z) + a + shift)
+
+    def init_z(self, x):
+        return jnp.zeros_like(x[0])
+
+
+def test_nan_guard_skips_a_leaf_without_the_batch_axis():
+    """The guard reads only leaves whose leading axis is the batch: a shared (4,) leaf next to
+    a batch of 5 is neither read per example nor zeroed."""
+    deq = jdeq.nnx.DEQ(_SharedShiftCell(nnx.Rngs(0)), solver=jdeq.Anderson(tol=1e-6, maxiter=40))
+    a = jax.random.normal(jax.random.key(1), (5, 4))
+    shift = jnp.array([0.3, -0.2, 0.1, 0.5])
+    z_clean, _ = deq((a, shift))
+    z, st = deq((a.at[2, 0].set(jnp.nan), shift))
+    flagged = np.arange(5) == 2
+    np.testing.assert_array_equal(st.nonfinite, flagged)
+    np.testing.assert_allclose(z[~flagged], z_clean[~flagged], rtol=1e-5, atol=1e-6)
+
+
+class _AnyBatchCell(nnx.Module):
+    """``tanh(0.5 W z + U x)``: one example ``(3,) -> (8,)`` or a batch, the same code."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Linear(8, 8, rngs=rngs)
+        self.u = nnx.Linear(3, 8, rngs=rngs)
+
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * self.w(z) + self.u(x))
+
+    def init_z(self, x):
+        return jnp.zeros(x.shape[:-1] + (8,), x.dtype)
+
+
+def test_nan_guard_of_a_per_example_layer_under_vmap():
+    """``DEQ(..., batched=False)`` (one example per call) vmapped over a batch with one NaN
+    input: the guard runs per example (a scalar flag), the example is reported as non-finite
+    with value z0, the others equal the batched layer's, and the weights' gradient of the other
+    examples' loss is finite and equals the batched layer's."""
+    cell = _AnyBatchCell(nnx.Rngs(0))
+    solver = jdeq.Anderson(tol=1e-6, maxiter=40)
+    one = jdeq.nnx.DEQ(cell, solver=solver, batched=False)
+    many = jdeq.nnx.DEQ(cell, solver=solver)
+    x = jax.random.normal(jax.random.key(1), (4, 3)).at[1, 2].set(jnp.nan)
+    keep = jnp.array([1.0, 0.0, 1.0, 1.0])[:, None]
+
+    def per_example(m, x):
+        return nnx.vmap(lambda m, xi: m(xi), in_axes=(None, 0))(m, x)
+
+    z, st = per_example(one, x)
+    z_ref, st_ref = many(x)
+    flagged = np.arange(4) == 1
+    np.testing.assert_array_equal(st.nonfinite, flagged)
+    np.testing.assert_array_equal(z[1], 0.0)
+    np.testing.assert_allclose(z[~flagged], z_ref[~flagged], rtol=1e-5, atol=1e-6)
+
+    def loss(call):
+        return lambda m: jnp.sum(jnp.where(keep > 0, call(m, x)[0], 0.0) ** 2)
+
+    g = nnx.grad(loss(per_example))(one)
+    g_ref = nnx.grad(loss(lambda m, x: m(x)))(many)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_core_without_guard_still_zeroes_the_flagged_cotangent():
     """What holds in the pure core (documented in jdeq.Implicit): a flagged example's cotangent
     is zero, so gradients with respect to its own inputs are zero and finite; the layers add the
