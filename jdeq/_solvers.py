@@ -193,7 +193,7 @@ def anderson_inverse_estimate(fs, gs, gram, b, *, ridge: float, transpose: bool)
     onehot = jax.nn.one_hot(ref, m, dtype=gram.dtype)  # (n, m)
     use = (valid & (onehot == 0)).astype(gram.dtype)
     # H_ij = <g_i - g_r, g_j - g_r> from the Gram matrix
-    g_ir = jnp.einsum("nij,nj->ni", gram, onehot)
+    g_ir = jnp.einsum("nij,nj->ni", gram, onehot, precision=_HI)
     g_rr = jnp.sum(g_ir * onehot, axis=1)
     h = gram - g_ir[:, :, None] - g_ir[:, None, :] + g_rr[:, None, None]
     h = h * use[:, :, None] * use[:, None, :]

@@ -5,6 +5,7 @@ jit / vmap, bad input, and the benchmark's quick mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -332,3 +333,18 @@ def test_default_path_keeps_no_state():
     assert body_on > body_off and out_on > out_off
     assert not jdeq.Implicit().uses_forward_state(jdeq.FixedPointIteration())
     assert jdeq.Implicit(shine="refine").uses_forward_state(solver)
+
+
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+@pytest.mark.parametrize("dtype,x64", [("float32", True), ("bfloat16", False)], ids=["float32-x64", "bfloat16"])
+def test_estimate_keeps_the_state_dtype(name, dtype, x64):
+    """The inverse-Jacobian estimate is computed in the state's dtype: no float64 under x64 for
+    a float32 solve, no float32 for a bfloat16 one (nothing of the solver's own promotes)."""
+    with jax.enable_x64(x64):
+        p = jax.tree.map(lambda a: a.astype(dtype), make_params())
+        solver = dataclasses.replace(FWD[name], tol=1e-3, maxiter=8)
+        _, _, state = _final_state(solver, p)
+        b = jnp.ones_like(p["x"])
+        for transpose in (False, True):
+            est = _estimate(solver, state, b, transpose)
+            assert est.dtype == jnp.dtype(dtype) and bool(jnp.all(jnp.isfinite(est)))

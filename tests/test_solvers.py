@@ -407,3 +407,45 @@ def test_solvers_hashable_equal_by_value_and_static_args():
     np.testing.assert_array_equal(v1, v2)
     run_jit(a, solver=jdeq.Broyden(tol=1e-5))
     assert len(traces) == 2
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every ``dot_general`` in ``jaxpr`` and in the jaxprs inside it
+    (loop bodies, conds, custom-derivative rules)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Implicit(shine="direct")], ids=["implicit", "shine"])
+@pytest.mark.parametrize("solver", [jdeq.FixedPointIteration(maxiter=5), jdeq.Anderson(maxiter=5),
+                                    jdeq.Anderson(maxiter=5, damping=0.5), jdeq.Broyden(maxiter=5)],
+                         ids=["fpi", "anderson", "anderson-damped", "broyden"])
+def test_solver_contractions_run_at_highest_precision(solver, gradient):
+    """The solvers' own products (histories, Gram matrices, mixing, the SHINE estimates) ask for
+    ``Precision.HIGHEST``: on TPU (bf16 passes) and on GPU (TF32) a float32 product at the
+    default precision keeps about 8 or 10 mantissa bits, too few for Anderson's least squares.
+    Checked in the program, since the CPU computes float32 products exactly whatever is asked:
+    with a cell written at HIGHEST, every product of the forward and backward solve is."""
+    if gradient.shine and isinstance(solver, jdeq.FixedPointIteration):
+        pytest.skip("SHINE needs a solver with an inverse-Jacobian estimate")
+    W, x = tanh_problem(0)
+    hi = jax.lax.Precision.HIGHEST
+
+    def loss(W, x):
+        f = lambda z, p: jnp.tanh(jnp.dot(z, p[0].T, precision=hi) + p[1])
+        return jnp.sum(jdeq.fixed_point(f, jnp.zeros_like(x), (W, x), solver=solver, gradient=gradient).value)
+
+    precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(jnp.asarray(W), jnp.asarray(x)).jaxpr)
+    assert len(precisions) > 4
+    assert all(p == (hi, hi) for p in precisions), precisions
