@@ -105,7 +105,10 @@ class Implicit(Gradient):
         iteration). The default ``stop_mode="rel"`` is scale-free and has no such trap.
       callback: called on the host, once per backward (or tangent) solve, with the solve's
         ``SolverStats`` (``nsteps``, residuals of the linear system, ``converged``,
-        ``nonfinite``), so that a failing backward pass is visible. Runs through
+        ``nonfinite``), so that a failing backward pass is visible. With jdeq's solvers the
+        residuals are those of the fixed point ``u = J^T u + b`` (relative to ``||J^T u + b||``,
+        as in the forward solve); with jaxopt's linear solvers, of ``(I - J^T) u = b``
+        (relative to ``||b||``; ``nsteps`` is -1: jaxopt does not report it). Runs through
         ``jax.debug.callback`` after the solve (never inside its loop); leave ``None`` for no
         host traffic at all.
       shine: reuse the forward solver's inverse-Jacobian estimate in the backward pass (SHINE,

@@ -302,3 +302,23 @@ def test_implicit_callback_shows_non_converged_backward(x64, backward):
     assert not bool(np.asarray(seen[0].converged).any())
     if backward is None:
         np.testing.assert_array_equal(seen[0].nsteps, 2)
+
+
+@pytest.mark.parametrize("backward", ["gmres", "bicgstab"])
+def test_implicit_callback_rel_residual_is_relative_to_the_cotangent(x64, backward):
+    """With jaxopt's linear solvers, the callback's ``rel_residual`` is ``abs_residual / ||b||``
+    per example, ``b`` the cotangent of ``z*`` (here ``c``, rows of very different norms, as
+    ``loss = sum(c * z*)`` gives). (jdeq's own solvers report their fixed-point residual
+    relative to ``||f(u)||``, as in the forward solve.)"""
+    seen = []
+    gradient = jdeq.Implicit(solver=backward, maxiter=3, tol=1e-12, callback=seen.append)
+    p = make_params(w_norm=0.95)
+    c = jnp.asarray(np.random.default_rng(3).normal(size=(N, D))) * jnp.array([1e-3, 1.0, 1e3])[:N, None]
+
+    def weighted(p):
+        z = jdeq.fixed_point(cell, jnp.zeros((N, D)), p, gradient=gradient).value
+        return jnp.sum(c * z)
+
+    jax.block_until_ready(jax.grad(weighted)(p))
+    (st,) = seen
+    np.testing.assert_allclose(st.rel_residual, st.abs_residual / np.linalg.norm(c, axis=1), rtol=1e-6)
