@@ -37,7 +37,7 @@ class BatchLayout:
     def flatten(self, tree) -> jax.Array:
         leaves = jax.tree_util.tree_leaves(tree)
         mats = [jnp.reshape(x, (self.batch, -1)).astype(self.dtype) for x in leaves]
-        return mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
+        return jnp.concatenate(mats, axis=1)  # (one leaf: jnp returns it as is, no copy op)
 
     def unflatten(self, mat: jax.Array):
         leaves, start = [], 0
