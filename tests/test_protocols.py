@@ -6,6 +6,7 @@ and NaN inputs that cannot poison the shared weights' gradient."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,42 @@ def test_an_incomplete_user_solver_or_gradient_says_what_it_lacks():
         with pytest.raises(NotImplementedError) as e:
             jdeq.fixed_point(f, z0, a, solver=solver, gradient=gradient)
         assert str(e.value) == message
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LearnedDamping(jdeq.Solver):
+    """A user's solver with a trainable per-coordinate damping (a leaf_field) and the user's own
+    field metadata on it."""
+
+    logit: Any = jdeq.leaf_field(default=None, metadata={"doc": "damping logits"})
+
+    def init(self, z):
+        return ()
+
+    def update(self, state, k, z, fz):
+        beta = jax.nn.sigmoid(self.logit)
+        return z + beta * (fz - z), state
+
+
+def test_a_user_solvers_leaf_field_is_a_trainable_leaf_and_keeps_its_metadata():
+    """``jdeq.leaf_field``: the field is a pytree leaf of the config (the options stay static),
+    it keeps the user's own metadata, and a loss is differentiable with respect to it through
+    ``jit`` (with the Unrolled gradient, which backpropagates through the solver's steps)."""
+    (field,) = [f for f in dataclasses.fields(LearnedDamping) if f.name == "logit"]
+    assert field.metadata["doc"] == "damping logits" and field.metadata["leaf"] is True
+    solver = LearnedDamping(logit=jnp.zeros(3), maxiter=8)
+    leaves, treedef = jax.tree_util.tree_flatten(solver)
+    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).maxiter == 8
+    f = lambda z, a: 0.5 * z + a  # noqa: E731
+
+    @jax.jit
+    def loss(solver):
+        z = jdeq.fixed_point(f, jnp.zeros((2, 3)), jnp.ones((2, 3)), solver=solver, gradient=jdeq.Unrolled())
+        return jnp.sum(z.value)
+
+    g = jax.grad(loss)(solver)
+    assert isinstance(g, LearnedDamping) and g.logit.shape == (3,)
+    assert bool(jnp.all(g.logit > 0))  # a longer step toward f(z) moves z_8 from 0 closer to z* = 2
 
 
 def test_configs_are_pytrees_with_static_options():
