@@ -126,7 +126,9 @@ def test_hashable_and_equal_by_value():
     assert a != jdeq.JaxoptSolver(jaxopt.FixedPointIteration, tol=1e-5)
     assert a.tol == 1e-5 and a.options == {"tol": 1e-5, "history_size": 3}
     assert jdeq.JaxoptSolver(jaxopt.FixedPointIteration).maxiter == 100  # jaxopt's default
-    assert "AndersonAcceleration" in repr(a)
+    # the repr reads as the call that builds it (options in name order): error messages quote it
+    assert repr(a) == "JaxoptSolver(jaxopt.AndersonAcceleration, history_size=3, tol=1e-05)"
+    assert repr(jdeq.JaxoptSolver(jaxopt.FixedPointIteration)) == "JaxoptSolver(jaxopt.FixedPointIteration)"
 
     traces = []
 

@@ -189,3 +189,16 @@ def test_jacobian_frobenius_probes_take_the_state_dtype(x64):
     est = jdeq.jacobian_frobenius(f, z, jnp.ones((3, 2), jnp.float32), jax.random.key(0), num_samples=4000)
     assert est.dtype == jnp.float32 and est.shape == (3,)
     np.testing.assert_allclose(est, (0.25 + 0.25 + 9.0) / 2, rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype,x64_on", [("float32", True), ("bfloat16", False)], ids=["float32-x64", "bfloat16"])
+def test_spectral_radius_takes_the_state_dtype(dtype, x64_on):
+    """The estimate has the state's dtype (no float64 for a float32 state with x64 on, no
+    float32 for a bfloat16 one) and is still near the exact radius 0.5 of a diagonal map."""
+    with jax.enable_x64(x64_on):
+        d = jnp.array([0.5, -0.3, 0.2], dtype)
+        f = lambda z, a: z * d + a  # noqa: E731
+        z = jnp.ones((2, 3), dtype)
+        est = jdeq.spectral_radius(f, z, jnp.zeros((2, 3), dtype), jax.random.key(0), iters=40)
+        assert est.dtype == jnp.dtype(dtype) and est.shape == (2,)
+        np.testing.assert_allclose(np.asarray(est, np.float32), 0.5, rtol=0.02)

@@ -184,6 +184,23 @@ def test_nonfinite_example_gets_zero_cotangent():
     np.testing.assert_allclose(g["W"], g_rest["W"], rtol=1e-10, atol=1e-12)
 
 
+def test_an_example_nonfinite_from_the_start_leaves_the_others_alone():
+    """An example whose f(z0) is already NaN is flagged and never stepped (its y stays NaN),
+    while every other example iterates exactly as it would alone: the finiteness check of a
+    step is per example."""
+    p = _params()
+    p_bad = {"W": p["W"], "x": p["x"].at[2, 3].set(jnp.nan)}
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-6, maxiter=101)
+    sol = jdeq.fixed_point(_f, jnp.zeros((B, D)), p_bad, solver=rev, gradient=jdeq.Reversible())
+    keep = np.arange(B) != 2
+    alone = jdeq.fixed_point(_f, jnp.zeros((B - 1, D)), {"W": p["W"], "x": p["x"][keep]}, solver=rev,
+                             gradient=jdeq.Reversible())
+    np.testing.assert_array_equal(sol.stats.nonfinite, ~keep)
+    assert bool(alone.stats.converged.all())
+    np.testing.assert_array_equal(sol.value[keep], alone.value)
+    np.testing.assert_array_equal(sol.stats.nsteps[keep], alone.stats.nsteps)
+
+
 def test_integer_args():
     f = lambda z, a: 0.5 * jnp.tanh(z * a["s"]) + a["x"]
     a = {"x": jnp.linspace(-1.0, 1.0, B * D).reshape(B, D), "s": jnp.int32(2)}
