@@ -161,3 +161,15 @@ def test_bad_inputs_raise():
         hyper.calibrate(deq, jnp.ones((2, IN)), criterion="speed")
     with pytest.raises(ValueError, match="features"):
         jdeq.models.HyperSolver(IN, 0, rngs=nnx.Rngs(0))
+
+
+def test_hyper_loss_is_the_documented_mean_log_relative_residual(x64):
+    """``hyper_loss`` = mean over examples and iterations of ``log(||g_k|| / ||f(z0)|| + 1e-8)``,
+    each example relative to its own ``||f(z0)||`` (inputs of sizes 0.01 to 1 here)."""
+    x = jax.random.normal(jax.random.key(1), (N, D), jnp.float64) * jnp.logspace(-2, 0, N)[:, None]
+    z0 = jnp.zeros((N, D), jnp.float64)
+    loss = jdeq.hyper_loss(cell, z0, x, jdeq.HyperAnderson(memory=3), steps=6)
+    sol = jdeq.fixed_point(cell, z0, x, solver=jdeq.Anderson(memory=3, tol=1e-30, stop_mode="abs", trace=True),
+                           maxiter=6)
+    scale = jnp.linalg.norm(cell(z0, x), axis=1, keepdims=True)
+    np.testing.assert_allclose(loss, jnp.mean(jnp.log(sol.stats.trace / scale + 1e-8)), rtol=1e-5)

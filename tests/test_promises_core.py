@@ -470,3 +470,44 @@ def test_maxiter_plain_iterations_apply_f_exactly_that_many_times(gradient):
         z = _halving(z, c)
     np.testing.assert_array_equal(sol.stats.nsteps, 4)
     np.testing.assert_allclose(sol.value, z, rtol=1e-6)
+
+
+def _constant_mixer(out, memory=3):
+    """A mixer whose output is ``out`` whatever its features (zero hidden layer, bias ``out``)."""
+    mixer = jdeq.init_mixer(jax.random.key(0), memory=memory)
+    return {**mixer, "w1": jnp.zeros_like(mixer["w1"]), "b2": jnp.asarray(out, mixer["b2"].dtype)}
+
+
+def test_hyper_anderson_update_is_the_documented_correction_of_andersons_weights():
+    """``z_{k+1} = sum_i (alpha_i + delta_i) f_i`` (damping 1, step logit 0), ``delta`` the
+    mixer's first ``m`` outputs through tanh, newest slot first, minus their mean over the filled
+    slots. With a constant mixer output and the same history, the update minus plain Anderson's
+    is ``sum_i delta_i f_i``, slot by slot."""
+    f, c = _hyper_problem()
+    out = jnp.array([0.6, -0.2, 0.3, 0.0])  # (newest, middle, oldest) corrections, step logit
+    hyper = jdeq.HyperAnderson(params=_constant_mixer(out), memory=3, safeguard=False)
+    plain = jdeq.Anderson(memory=3)
+    zs = [jnp.full_like(c, 0.3), jnp.full_like(c, -0.1), jnp.full_like(c, 0.2)]
+    sh, sp = hyper.init(zs[0]), plain.init(zs[0])
+    for k, z in enumerate(zs, start=1):  # the same three iterates into both histories
+        new_h, sh = jax.jit(hyper.update, static_argnums=1)(sh, k, z, f(z, c))
+        new_p, sp = jax.jit(plain.update, static_argnums=1)(sp, k, z, f(z, c))
+    xs, gs = sh[0], sh[1]  # ring slots (batch, m, dim); iterate k sits in slot k - 1
+    d_age = jnp.tanh(out[:3]) - jnp.mean(jnp.tanh(out[:3]))
+    delta = d_age[::-1]  # slots 0, 1, 2 hold the oldest, middle, newest iterate
+    want = new_p + jnp.einsum("m,bmd->bd", delta, xs + gs)
+    np.testing.assert_allclose(new_h, want, rtol=1e-5, atol=1e-6)
+
+
+def test_hyper_anderson_safeguard_counts_an_equal_residual_as_not_lowered():
+    """"Once a learned step does not lower the residual": a residual equal to the previous one
+    (exactly 5 here: g = (3, 4, 0, ...)) already switches the example to plain Anderson."""
+    solver = jdeq.HyperAnderson(params=_trained_mixer(), memory=3)
+    z = jnp.zeros((2, 6))
+    fz = jnp.zeros((2, 6)).at[:, 0].set(3.0).at[:, 1].set(4.0)
+    xs, gs, gram, _, _, _ = solver.init(z)
+    state = (xs, gs, gram, jnp.full((2,), 5.0), jnp.ones(2, bool), jnp.ones(2, bool))
+    new, _ = jax.jit(solver.update, static_argnums=1)(state, 1, z, fz)
+    plain = jdeq.Anderson(memory=3)
+    want, _ = jax.jit(plain.update, static_argnums=1)(plain.init(z), 1, z, fz)
+    np.testing.assert_allclose(new, want, rtol=1e-6)
