@@ -90,6 +90,20 @@ def test_initial_states():
         jdeq.initial_states("normal", like)
 
 
+@pytest.mark.parametrize("kind", ["normal", "mixed"])
+def test_initial_states_draw_every_leaf_independently(kind):
+    """Each leaf of a many-leaf state gets its own draw: no leaf left out, no two leaves (of
+    the same shape) equal, and the draws have the requested scale."""
+    like = [jnp.zeros((4, 500)) for _ in range(5)]
+    z0 = jdeq.initial_states(kind, like, jax.random.key(0), scale=3.0)
+    assert len(z0) == 5
+    drawn = [np.asarray(v[:2]) for v in z0]  # the first ceil(4 / 2) rows are drawn in both kinds
+    for i in range(5):
+        assert abs(float(np.std(drawn[i])) - 3.0) < 0.3
+        for j in range(i):
+            assert not np.allclose(drawn[i], drawn[j])
+
+
 def test_bad_input():
     f = lambda z, x: 0.5 * jnp.tanh(z) + x
     with pytest.raises(ValueError, match="z_star"):

@@ -511,3 +511,54 @@ def test_hyper_anderson_safeguard_counts_an_equal_residual_as_not_lowered():
     plain = jdeq.Anderson(memory=3)
     want, _ = jax.jit(plain.update, static_argnums=1)(plain.init(z), 1, z, fz)
     np.testing.assert_allclose(new, want, rtol=1e-6)
+
+
+# ---- splittings: a prox that uses its step; the guaranteed rate, where it is tight -------------
+
+
+def _soft_threshold_problem(lam=0.3):
+    """``g = lam * ||z||_1`` (its prox is soft-thresholding by ``alpha * lam``: it uses the step),
+    ``W = 0.5 I + S`` with ``S`` skew, so ``<(I - W) v, v> = 0.5 ||v||^2``."""
+    b = jax.random.normal(jax.random.key(5), (4, 4), jnp.float64)
+    W = 0.5 * jnp.eye(4) + 0.3 * (b - b.T)
+    prox = lambda v, alpha: jnp.sign(v) * jnp.maximum(jnp.abs(v) - alpha * lam, 0.0)  # noqa: E731
+    problem = jdeq.MonotoneProblem(
+        linear=lambda z, w: z @ w.T, monotonicity=0.5, prox=prox,
+        lipschitz=lambda w: jnp.linalg.norm(jnp.eye(4) - w, 2),
+        resolvent=(lambda alpha, w: jnp.linalg.inv((1 + alpha) * jnp.eye(4) - alpha * w),
+                   lambda v, aux: v @ aux.T))
+    return problem, W, prox
+
+
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()],
+                         ids=["forward_backward", "peaceman_rachford"])
+def test_splittings_pass_their_step_to_the_prox(x64, splitting):
+    """The prox is called as ``prox(v, alpha)`` with the splitting's step: with an l1 term
+    (soft-thresholding by ``alpha * lam``) both splittings reach the solution of
+    ``0 in (I - W) z - c + lam d||z||_1``, checked as the fixed point of one forward-backward
+    step of another size (0.37)."""
+    problem, W, prox = _soft_threshold_problem()
+    c = jnp.array([[1.0, -0.2, 0.05, -1.5], [0.3, 0.8, -0.6, 0.0]])
+    sol = jdeq.monotone_fixed_point(problem, c, jnp.zeros_like(c), W, splitting=splitting,
+                                    solver=jdeq.FixedPointIteration(tol=1e-13, maxiter=5000, stop_mode="abs"))
+    z = sol.value
+    a = 0.37
+    np.testing.assert_allclose(z, prox(z - a * (z - z @ W.T - c), a), atol=1e-10)
+    assert 0 < int(jnp.sum(z == 0)) < z.size  # the threshold is active somewhere, not everywhere
+
+
+def test_forward_backward_contraction_is_tight_on_a_scaled_identity(x64):
+    """``sqrt(1 - 2 a m + a^2 L^2)`` is the exact rate when ``I - W = m I`` (then ``L = m`` and
+    the step is ``z <- (1 - a m) z + a c`` where the ReLU is inactive): the residual shrinks by
+    exactly ``1 - a m`` per step."""
+    m, a = 0.5, 0.5
+    problem = jdeq.MonotoneProblem(linear=lambda z, w: z @ w.T, monotonicity=m, lipschitz=lambda w: m)
+    W = (1 - m) * jnp.eye(3)
+    splitting = jdeq.ForwardBackward(alpha=a)
+    rate = float(splitting.contraction(problem, a, m))
+    np.testing.assert_allclose(rate, 1 - a * m, rtol=1e-12)
+    c = jnp.array([[1.0, 2.0, 3.0]])  # z* = c / m > 0: the ReLU never clips from z0 = c
+    sol = jdeq.monotone_fixed_point(problem, c, c, W, splitting=splitting,
+                                    solver=jdeq.FixedPointIteration(tol=1e-300, maxiter=8, stop_mode="abs", trace=True))
+    tr = np.asarray(sol.stats.trace)[0]
+    np.testing.assert_allclose(tr[1:] / tr[:-1], rate, rtol=1e-9)
