@@ -41,6 +41,17 @@ def _accepts(fn, *args, **kw) -> bool:
 # ----------------------------------------------------------------------------- errors
 
 
+def test_float_bounds_read_as_written_in_short_form():
+    """A float bound is printed in its shortest form (1.0 as 1, 0.25 as 0.25), as an int bound
+    is: the message reads "a number in (0, 1]" whichever type the bound has."""
+    e = _raises(V.BadValue, V.number, 2.0, "beta", 0.0, 1.0, lo_open=True)
+    assert str(e) == "`beta` must be a number in (0, 1], got 2.0."
+    e = _raises(V.BadValue, V.number, 0.1, "lr", 0.25)
+    assert str(e) == "`lr` must be a number >= 0.25, got 0.1."
+    e = _raises(V.BadValue, V.number, 3, "p", hi=2.0, hi_open=True)
+    assert str(e) == "`p` must be a number < 2, got 3."
+
+
 def test_message_names_the_argument_and_what_it_expected():
     e = _raises(V.BadValue, V.positive_int, 0, "maxiter")
     assert str(e) == "`maxiter` must be an int >= 1, got 0."
