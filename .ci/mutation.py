@@ -136,6 +136,8 @@ MODULES: dict[str, list[str]] = {
                     "tests/test_protocols.py::test_nan_guard_reads_every_input_leaf_and_reports_nan_residuals",
                     # DEQ.solver_loss: the learned solver trained through the layer
                     "tests/test_protocols.py::test_hyper_anderson_trains_as_layer_state",
+                    # DEQ.unrolled_depth (unrolled pre-training), per-example layers too
+                    "tests/test_pretrain.py",
                     "-k", "not linen and not checksum and not crc32 and not hash32 and not data_mesh "
                           "and not import and not resume"],
     "jdeq/linen.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_promises.py",

@@ -242,8 +242,10 @@ def test_bad_input_names_the_argument(data):
         model.deq(x, index=jnp.arange(4.0))
     with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
         model.deq(x, index=jnp.array([0, 1, 2, 64]))
-    with pytest.raises(ValueError, match="`index` warm-starts from a cache"):
+    with pytest.raises(ValueError) as e:
         _CachedDEQ(cache=False).deq(x, index=jnp.arange(4))
+    assert str(e.value) == ("`index` warm-starts from a cache: build the DEQ with "
+                            "`cache=jdeq.nnx.FixedPointCache(num_examples, shape)`.")
     with pytest.raises(TypeError, match="`cache` must be None or a jdeq.nnx.FixedPointCache"):
         jdeq.nnx.DEQ(jdeq.models.MLPCell(D, H, rngs=nnx.Rngs(0)), cache=jnp.zeros((N, H)))
     with pytest.raises(ValueError, match="`num_examples`"):
