@@ -132,8 +132,9 @@ MODULES: dict[str, list[str]] = {
     "jdeq/nnx.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_norm_dropout.py",
                     "tests/test_promises.py", "tests/test_warm_start.py", "tests/test_hypersolver.py",
                     "tests/test_regularizers.py", "tests/test_train.py",
-                    # the non-finite input guard, per example (the layer's batch)
+                    # the non-finite input guard, per example (the layer's batch; batched=False)
                     "tests/test_protocols.py::test_nan_guard_reads_every_input_leaf_and_reports_nan_residuals",
+                    "tests/test_protocols.py::test_nan_guard_of_a_per_example_layer_under_vmap",
                     # DEQ.solver_loss: the learned solver trained through the layer
                     "tests/test_protocols.py::test_hyper_anderson_trains_as_layer_state",
                     # DEQ.unrolled_depth (unrolled pre-training), per-example layers too
