@@ -146,7 +146,8 @@ MODULES: dict[str, list[str]] = {
                       "-k", "linen or jacobian_penalty"],
     # the training loop
     "jdeq/train/step.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_warm_start.py",
-                           "-k", "step or jac_reg or skip"],
+                           "tests/test_bad_input.py::test_docs_errors_md_is_current",
+                           "-k", "step or jac_reg or skip or errors_md"],
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                            "tests/test_warm_start.py::test_bad_input_names_the_argument",
                            "-k", "not checksum and not import"],
