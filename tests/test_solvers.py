@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jdeq
+from _jaxpr import eqns
 
 JDEQ_SOLVERS = {
     "fpi": jdeq.FixedPointIteration,
@@ -412,21 +413,6 @@ def test_solvers_hashable_equal_by_value_and_static_args():
 # ----------------------------------------------------------------------------- precision
 
 
-def _dot_precisions(jaxpr) -> list:
-    """The ``precision`` of every ``dot_general`` in ``jaxpr`` and in the jaxprs inside it
-    (loop bodies, conds, custom-derivative rules)."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn.params["precision"])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
-                if hasattr(inner, "eqns"):
-                    found += _dot_precisions(inner)
-    return found
-
-
 @pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Implicit(shine="direct")], ids=["implicit", "shine"])
 @pytest.mark.parametrize("solver", [jdeq.FixedPointIteration(maxiter=5), jdeq.Anderson(maxiter=5),
                                     jdeq.Anderson(maxiter=5, damping=0.5), jdeq.Broyden(maxiter=5)],
@@ -446,6 +432,7 @@ def test_solver_contractions_run_at_highest_precision(solver, gradient):
         f = lambda z, p: jnp.tanh(jnp.dot(z, p[0].T, precision=hi) + p[1])
         return jnp.sum(jdeq.fixed_point(f, jnp.zeros_like(x), (W, x), solver=solver, gradient=gradient).value)
 
-    precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(jnp.asarray(W), jnp.asarray(x)).jaxpr)
+    program = jax.make_jaxpr(jax.grad(loss))(jnp.asarray(W), jnp.asarray(x)).jaxpr
+    precisions = [e.params["precision"] for e in eqns(program) if e.primitive.name == "dot_general"]
     assert len(precisions) > 4
     assert all(p == (hi, hi) for p in precisions), precisions

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import jdeq
+from _jaxpr import eqns
 
 N, D = 5, 6
 
@@ -161,14 +162,6 @@ def test_vmap_with_integer_inputs_closed_over_per_example(x64):
     np.testing.assert_allclose(jax.vmap(one)(ids), ref.value, rtol=1e-12)
 
 
-def _eqns(jaxpr):
-    """Every equation of ``jaxpr``, those of its sub-jaxprs (loops, calls, custom rules) included."""
-    for e in jaxpr.eqns:
-        yield e
-        for sub in jax.extend.core.jaxprs_in_params(e.params):
-            yield from _eqns(sub)
-
-
 def test_vmap_with_a_shared_start_keeps_its_dtype_whatever_the_mapped_inputs(x64):
     """A shared (unmapped) float32 start with float64 per-example inputs that the cell casts to
     float32: the merged loop runs in float32, as each example alone does."""
@@ -184,7 +177,7 @@ def test_vmap_with_a_shared_start_keeps_its_dtype_whatever_the_mapped_inputs(x64
     # the merged loop itself carries float32 (a float64 loop cast back at the end would pass
     # the checks below: its values differ from float32's by rounding only)
     jaxpr = jax.make_jaxpr(jax.vmap(one))(p["x"]).jaxpr
-    loops = [e for e in _eqns(jaxpr) if e.primitive.name == "while"]
+    loops = [e for e in eqns(jaxpr) if e.primitive.name == "while"]
     assert loops and all(v.aval.dtype != jnp.float64 for e in loops for v in e.outvars
                          if hasattr(v.aval, "dtype")), [[v.aval for v in e.outvars] for e in loops]
     for i in range(N):
