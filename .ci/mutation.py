@@ -150,6 +150,7 @@ MODULES: dict[str, list[str]] = {
                            "-k", "step or jac_reg or skip or errors_md"],
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                            "tests/test_warm_start.py::test_bad_input_names_the_argument",
+                           "tests/test_pretrain.py",  # fit(pretrain=...): its phases, resume, mesh branch
                            "-k", "not checksum and not import"],
     "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                                  "-k", "checkpoint or resume"],
@@ -189,6 +190,9 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
     "jdeq/_gradients.py": (("linear_solve",), ["tests/test_explicit_sharding.py"]),
+    # the warm-start cache's gathers and scatters under Explicit axes (4 devices, in a subprocess)
+    "jdeq/_warm_start.py": (("_explicit", "_rows_like", "_gather", "_scatter"),
+                            ["tests/test_warm_start.py::test_data_mesh_equals_one_device"]),
 }
 # pytest's exit code 2 under -x, when the unmutated selection passes: the mutant broke the test
 # modules' import (an error during collection), which is a failure the tests report

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["check_index", "lookup", "store"]
 
 
-def check_index(index, num_examples: int, batch: int | None, *, name: str = "index") -> None:
+def check_index(index, num_examples: int, batch: int, *, name: str = "index") -> None:
     """Host-side checks of a batch of example indices (shape, dtype, and range when concrete).
 
     Raises:
@@ -36,9 +36,8 @@ def check_index(index, num_examples: int, batch: int | None, *, name: str = "ind
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"`{name}` must be an integer array of example indices, got dtype {dtype}.")
     shape = jnp.shape(index)
-    if len(shape) != 1 or (batch is not None and shape[0] != batch):
-        want = f"({batch},)" if batch is not None else "(batch,)"
-        raise ValueError(f"`{name}` must have shape {want} (one example index per row of the batch), got {shape}.")
+    if len(shape) != 1 or shape[0] != batch:
+        raise ValueError(f"`{name}` must have shape ({batch},) (one example index per row of the batch), got {shape}.")
     if not isinstance(index, jax.core.Tracer):
         values = np.asarray(index)
         if values.size and (values.min() < 0 or values.max() >= num_examples):
@@ -50,28 +49,27 @@ def check_index(index, num_examples: int, batch: int | None, *, name: str = "ind
 
 def _explicit(x) -> jax.sharding.NamedSharding | None:
     """``x``'s sharding when it lives on a mesh with Explicit axes (else None: JAX decides)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    sharding = jax.typeof(x).sharding  # (every aval has one; outside a mesh its mesh is empty)
+    mesh = sharding.mesh
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return None
     return sharding
 
 
-def _rows_like(index, ndim: int):
+def _rows_like(index):
     """Under Explicit axes: the layout of rows gathered by ``index`` (batch axis as ``index``'s,
-    the others replicated); else None."""
+    the others replicated: a spec shorter than the rank leaves the rest unsplit); else None."""
     sharding = _explicit(index)
     if sharding is None:
         return None
     spec = sharding.spec
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None,
-                                                                                *([None] * (ndim - 1))))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
 
 
 def _gather(table, index):
     """``table[index]``; under Explicit axes laid out like ``index`` (a replicated table gathered by
     sharded indices is otherwise an ambiguous sharding)."""
-    out = _rows_like(index, table.ndim)
+    out = _rows_like(index)
     return table[index] if out is None else table.at[index].get(out_sharding=out)
 
 

@@ -325,6 +325,16 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             assert spec(cell["w"]["kernel"]) == spec(cell["u"]["kernel"]) == P(None, "model"), name
             assert spec(params["head"]["kernel"]) == P("model"), name
             assert spec(cell["u"]["bias"]) == spec(params["head"]["bias"]) == P(), name
+        # so do they after steps of unrolled pre-training (its phase compiles with the same layouts:
+        # left to jit's propagation, the cell's bias comes out split along "model")
+        model = WideNet()
+        T.fit(model, optax.adam(1e-2), wide_data, steps=2, batch_size=16, progress=False, mesh=meshes["2x4"],
+              model_axis="model", min_shard_size=64, pretrain=T.Pretrain(steps=2, depth=2))
+        params = nnx.state(model, nnx.Param)
+        cell = params["deq"]["cell"]
+        assert spec(cell["w"]["kernel"]) == spec(cell["u"]["kernel"]) == P(None, "model")
+        assert spec(params["head"]["kernel"]) == P("model")
+        assert spec(cell["u"]["bias"]) == spec(params["head"]["bias"]) == P(), "pretrain"
 
     def model_sharded_train_step_collectives():
         model = WideNet()
@@ -371,7 +381,10 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
         try:
             # (a model axis of another name too: the layout follows the argument, not a default)
             tensor = T.model_mesh(4, model_axis="tensor")
-            for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model"), (tensor, "tensor")):
+            # and Explicit axes: the model axis runs as an Auto axis, as in fit (T.training_mesh;
+            # left Explicit, the split matmuls are ambiguous shardings and raise)
+            explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+            for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model"), (tensor, "tensor"), (explicit, "model")):
                 seen.clear()
                 kw = dict(mesh=mesh_arg, model_axis=axis, min_shard_size=64, maxiter=5)
                 got = T.evaluate(model, eval_set, batch_size=8, **kw)  # 21 = 8 + 8 + 5: a partial batch
@@ -383,7 +396,8 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
                 np.testing.assert_array_equal(stats.nsteps, ref_pred[1].nsteps)
                 assert int(stats.nsteps.max()) == 5  # the run-time budget reached the solver
                 # every batch went in split along the data axis (the last one padded)
-                assert seen and all(s.spec == P("data") and s.mesh == mesh_arg for s in seen), seen
+                placed = T.training_mesh(mesh_arg, axis)
+                assert seen and all(s.spec == P("data") and s.mesh == placed for s in seen), seen
                 split = [any(axis is not None and axis in spec for spec in specs) for specs in layouts]
                 assert split and all(split) == (axis is not None) and any(split) == (axis is not None), layouts
                 layouts.clear()

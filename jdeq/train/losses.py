@@ -51,7 +51,9 @@ def classification_loss(model, batch, **call_kwargs) -> tuple[jax.Array, dict[st
     Args:
       model: called as ``model(batch["inputs"], **call_kwargs)``, returning ``logits`` or
         ``(logits, stats)``.
-      batch: a mapping with ``"inputs"`` and int ``"labels"`` ``(batch,)``.
+      batch: a mapping with ``"inputs"`` and int ``"labels"`` of the logits' shape without their
+        class axis: ``(batch,)``, or ``(batch, positions...)`` for per-position classes (a
+        sequence's tokens); loss and accuracy are means over every label.
       call_kwargs: passed to the model (e.g. ``maxiter=4``; bind them with
         ``functools.partial`` to train with them).
 
