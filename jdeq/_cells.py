@@ -32,8 +32,8 @@ def _rows_bad(leaf, batch: int | None) -> jax.Array | None:
         return None
     if batch is None:  # one example
         return ~jnp.all(jnp.isfinite(leaf))
-    if jnp.ndim(leaf) < 1 or leaf.shape[0] != batch or batch == 0 or leaf.size == 0:
-        return None  # (an empty batch is left for fixed_point's own error)
+    if jnp.ndim(leaf) < 1 or leaf.shape[0] != batch or leaf.size == 0:
+        return None  # (an empty batch is left for fixed_point's own error; rows of no entry count as finite)
     return ~jnp.all(jnp.isfinite(leaf.reshape(batch, -1)), axis=1)
 
 

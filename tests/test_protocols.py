@@ -432,6 +432,39 @@ def test_nan_guard_of_a_per_example_layer_under_vmap():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+class _TokenCell(nnx.Module):
+    """``tanh(W z + mean(embed(tokens)))``: integer inputs only, one example ``(L,)`` or a batch ``(B, L)``."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(10, 3, rngs=rngs)
+        self.w = nnx.Linear(3, 3, rngs=rngs)
+
+    def __call__(self, z, tokens):
+        return jnp.tanh(0.5 * self.w(z) + self.embed(tokens).mean(-2))
+
+    def init_z(self, tokens):
+        return jnp.zeros(tokens.shape[:-1] + (3,))
+
+
+def test_nonfinite_guard_of_integer_inputs_only_per_example_and_batched():
+    """An input with no floating-point leaf (token ids) has nothing to guard: a per-example layer
+    (``batched=False``, called on one example and under vmap) reports a scalar ``nonfinite``
+    False and equals the batched layer's rows."""
+    cell = _TokenCell(nnx.Rngs(0))
+    solver = jdeq.Anderson(tol=1e-6, maxiter=40)
+    one = jdeq.nnx.DEQ(cell, solver=solver, batched=False)
+    many = jdeq.nnx.DEQ(cell, solver=solver)
+    tokens = jnp.asarray(np.arange(20).reshape(4, 5) % 10, jnp.int32)
+    z_ref, st_ref = many(tokens)
+    assert st_ref.nonfinite.shape == (4,) and not st_ref.nonfinite.any() and st_ref.converged.all()
+    z0, st0 = one(tokens[0])
+    assert st0.nonfinite.shape == () and not st0.nonfinite
+    np.testing.assert_allclose(z0, z_ref[0], rtol=1e-5, atol=1e-6)
+    z, st = nnx.vmap(lambda m, t: m(t), in_axes=(None, 0))(one, tokens)
+    assert not st.nonfinite.any()
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_core_without_guard_still_zeroes_the_flagged_cotangent():
     """What holds in the pure core (documented in jdeq.Implicit): a flagged example's cotangent
     is zero, so gradients with respect to its own inputs are zero and finite; the layers add the
