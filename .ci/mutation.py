@@ -188,7 +188,8 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read"), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
-    "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows"), ["tests/test_explicit_sharding.py"]),
+    "jdeq/_solvers.py": (("row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
+                         ["tests/test_explicit_sharding.py"]),
     "jdeq/_gradients.py": (("linear_solve",), ["tests/test_explicit_sharding.py"]),
     # the warm-start cache's gathers and scatters under Explicit axes (4 devices, in a subprocess)
     "jdeq/_warm_start.py": (("_explicit", "_rows_like", "_gather", "_scatter"),

@@ -39,6 +39,7 @@ def _results(kind: str) -> dict:
 CHECKS = (
     [f"{kind}/{s}/{g}" for kind, pairs in W.PAIRS.items() for s, g in pairs]
     + [f"{k}/{c}" for k in ("explicit", "auto") for c in ("vmap_per_example", "flax_layers", "fit_evaluate_predict")]
+    + ["explicit/feature_split_state"]
 )
 
 
