@@ -105,6 +105,8 @@ MODULES: dict[str, list[str]] = {
     "jdeq/_gradients.py": [
         "tests/test_gradients.py", "tests/test_promises_core.py", "tests/test_shine.py", "tests/test_divergence.py",
         "tests/test_bad_input.py",  # (its 200-odd cases take ~15 s: the gradient modes' messages)
+        # a static-budget forward solver (jaxopt's Broyden): the run-time budget reaches the backward
+        "tests/test_jaxopt_solver.py::test_run_time_maxiter_bounds_the_backward_of_a_static_budget_solver",
     ],
     # pytree <-> (batch, dim) rows, dtypes and batch checks
     "jdeq/_flatten.py": ["tests/test_solvers.py", "tests/test_errors.py", "tests/test_protocols.py",

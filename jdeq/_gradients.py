@@ -329,8 +329,8 @@ def _shine_solve(mode, shine_tol, solver, F, bm, u0, maxiter, *, want_stats):
         return solver.solve(F, u0, maxiter)
     zeros_i = jnp.zeros_like(finite, jnp.int32)  # (laid out like the rows: batch sharding)
     if mode == "direct":
-        if not want_stats:
-            return u0, SolverStats(zeros_i, None, None, None, ~finite)
+        if not want_stats:  # (without a callback only `nonfinite` is read)
+            return u0, SolverStats(None, None, None, None, ~finite)
         abs_res = jnp.linalg.norm(F(u0) - u0, axis=1)
         rel_res = abs_res / (jnp.linalg.norm(bm, axis=1) + REL_EPS)
         metric = rel_res if solver.stop_mode == "rel" else abs_res

@@ -300,6 +300,7 @@ def test_implicit_callback_shows_non_converged_backward(x64, backward):
     jax.block_until_ready(jax.grad(loss)(p, gradient))
     assert len(seen) == 1
     assert not bool(np.asarray(seen[0].converged).any())
+    assert not bool(np.asarray(seen[0].nonfinite).any())  # not converged, yet finite
     if backward is None:
         np.testing.assert_array_equal(seen[0].nsteps, 2)
 

@@ -115,6 +115,26 @@ def test_jaxopt_solver_as_implicit_backward_solver(x64):
     np.testing.assert_allclose(g, _exact_grad(A, b), rtol=1e-8, atol=1e-10)
 
 
+def test_run_time_maxiter_bounds_the_backward_of_a_static_budget_solver(x64):
+    """jaxopt's Broyden bakes its budget into its options: ``fixed_point(..., maxiter=k)`` runs
+    the forward and the default implicit backward (a copy of the forward solver) with ``k``
+    iterations, as a solver built with ``maxiter=k`` does; 3 iterations are far from the exact
+    gradient here, so a backward that kept the built budget (300) would differ."""
+    A, b, _ = affine_problem(seed=2, d=8, rho=0.95)
+    A, b = jnp.asarray(A), jnp.asarray(b)
+
+    def grad(solver, maxiter=None):
+        loss = lambda b: jnp.sum(jnp.sin(jdeq.fixed_point(affine, jnp.zeros_like(b), (A, b), solver=solver,  # noqa: E731
+                                                          maxiter=maxiter).value))
+        return np.asarray(jax.grad(loss)(b))
+
+    run_time = grad(SOLVERS["broyden"], maxiter=3)
+    built = grad(jdeq.JaxoptSolver(jaxopt.Broyden, tol=1e-12, maxiter=3, gamma=-1.0))
+    np.testing.assert_allclose(run_time, built, rtol=1e-12, atol=1e-14)
+    exact = grad(SOLVERS["broyden"])
+    assert np.max(np.abs(run_time - exact)) > 1e-3 * np.max(np.abs(exact))
+
+
 # ----------------------------------------------------------------------------- config
 
 
