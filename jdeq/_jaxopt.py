@@ -174,11 +174,12 @@ class JaxoptSolver(Solver):
             options["maxiter"] = maxiter
         # jaxopt's AndersonAcceleration builds its Gram matrix in the default float dtype
         # (float64 under x64), and a float32 state then fails its lax.cond dtype check: it
-        # iterates in the promoted dtype, evaluating F in the state's own dtype.
+        # iterates in the promoted dtype. The cell still sees the state's own dtypes: jdeq's F
+        # casts its rows to each leaf's dtype (BatchLayout.unflatten).
         run_dtype = z0.dtype
         if self._cls is jaxopt().AndersonAcceleration:
             run_dtype = jnp.promote_types(z0.dtype, jnp.result_type(float))
-        G = lambda z: F(z.astype(z0.dtype)).astype(run_dtype)  # noqa: E731  (no-op casts unless promoted)
+        G = lambda z: F(z).astype(run_dtype)  # noqa: E731  (a no-op cast unless promoted)
         if self._cls in _root_classes():
             solver = self._cls(fun=lambda z: G(z) - z, **options)
         else:

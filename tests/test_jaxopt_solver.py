@@ -138,6 +138,16 @@ def test_run_time_maxiter_bounds_the_backward_of_a_static_budget_solver(x64):
 # ----------------------------------------------------------------------------- config
 
 
+def test_tol_and_maxiter_read_the_options_or_jaxopts_defaults():
+    """``tol``/``maxiter`` (read by the implicit backward: jaxopt's linear solvers take the
+    forward's tol) are the solver's options, else jaxopt's own defaults."""
+    s = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-3, maxiter=7)
+    assert (s.tol, s.maxiter) == (1e-3, 7)
+    defaults = jaxopt.AndersonAcceleration(fixed_point_fun=lambda z: z)
+    bare = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration)
+    assert (bare.tol, bare.maxiter) == (defaults.tol, defaults.maxiter)
+
+
 def test_hashable_and_equal_by_value():
     a = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-5, history_size=3)
     b = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, history_size=3, tol=1e-5)
