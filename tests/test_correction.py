@@ -135,6 +135,13 @@ def test_correction_weights_as_documented():
     np.testing.assert_allclose(jdeq.correction_weights(1, "exp"), [1.0])
 
 
+@pytest.mark.parametrize("kind", ["exp", "linear", "const"])
+def test_correction_weights_are_float32_under_x64_too(x64, kind):
+    """The documented ``(k,)`` float32 array, whatever the default dtypes are."""
+    w = jdeq.correction_weights(4, kind)
+    assert w.dtype == jnp.float32 and w.shape == (4,), (kind, w.dtype)
+
+
 def test_correction_loss_is_the_weighted_sum_and_trains():
     p = make_params()
     y = jnp.ones((N, D)) * 0.3
