@@ -89,6 +89,25 @@ def test_residual_contracts_at_guaranteed_rate(x64, splitting):
     assert np.nanmax(ratios) <= rate + 1e-9
 
 
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()])
+def test_run_time_maxiter_reaches_the_splitting_loop(x64, splitting):
+    """``monotone_fixed_point(..., maxiter=k)`` stops the splitting after k evaluations of T:
+    the run equals a solver built with ``maxiter=k``."""
+    cell = _dense(2, m=1.0, w_scale=1.0)
+    x = jax.random.normal(jax.random.key(0), (2, 5), jnp.float64)
+    bias, problem, op = cell.injection(x), cell.problem(None), cell.operator()
+    z0 = jnp.zeros((2, 12), jnp.float64)
+
+    def run(solver, maxiter=None):
+        return jdeq.monotone_fixed_point(problem, bias, z0, op, splitting=splitting, solver=solver, maxiter=maxiter)
+
+    short = run(jdeq.FixedPointIteration(tol=1e-12, maxiter=500), maxiter=3)
+    built = run(jdeq.FixedPointIteration(tol=1e-12, maxiter=3))
+    np.testing.assert_array_equal(short.stats.nsteps, 3)
+    np.testing.assert_array_equal(short.value, built.value)
+    assert not bool(short.stats.converged.any())
+
+
 def test_conv_forward_backward_matches_anderson(x64):
     cell = _conv(0, nd=2, m=1.0, w_scale=0.5)
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1), jnp.float64)
