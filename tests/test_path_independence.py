@@ -84,8 +84,14 @@ def test_initial_states():
     assert bool((mixed["a"][:3] != 0).all()) and bool((mixed["a"][3:] == 0).all())
     even = jdeq.initial_states("mixed", jnp.zeros((4, 3)), jax.random.key(0))  # ceil(4 / 2) = 2 drawn
     assert bool((even[:2] != 0).all()) and bool((even[2:] == 0).all())
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError) as e:
         jdeq.initial_states("uniform", like)
+    assert str(e.value) == "`kind` must be one of ('zeros', 'normal', 'mixed'), got 'uniform'."
+    # every kind keeps each leaf's dtype (and shape)
+    for kind in ("zeros", "normal", "mixed"):
+        out = jdeq.initial_states(kind, like, jax.random.key(1))
+        assert [(v.dtype, v.shape) for v in jax.tree.leaves(out)] == [(jnp.dtype(jnp.float32), (5, 3)),
+                                                                      (jnp.dtype(jnp.float16), (5, 2, 2))], kind
     with pytest.raises(ValueError, match="key"):
         jdeq.initial_states("normal", like)
 
