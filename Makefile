@@ -24,20 +24,10 @@ test: test-suite test-floors
 # small programs, and -O0 takes a quarter off it (tests/test_vmap.py 86 s -> 64 s, one run each,
 # side by side); the values differ only in rounding, and the floors job below compiles at the
 # default level. Subprocesses and notebook kernels inherit the flag (tests/_devices.py).
-# JAX's persistent compilation cache, in a fresh folder for each run (shared by the xdist
-# workers and the subprocesses, removed after): many tests compile the same program through
-# different closures, which jit's in-memory cache cannot see and the persistent cache (keyed by
-# the compiled program) can; with a size bound, JAX locks the folder for each read and write.
-# tests/test_vmap.py + tests/test_gradients.py from an empty cache: 0.82x the CPU seconds
-# without it (farm-bench, 2 runs each, paired). Every run still compiles what it first needs.
 test-suite: $(PY)
 	$(PIP) install -e ".[dev]"
-	cache=$$(mktemp -d) && status=0 && \
-	  XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" JAX_COMPILATION_CACHE_DIR="$$cache" \
-	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
-	  JAX_COMPILATION_CACHE_MAX_SIZE=8000000000 \
-	  $(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules || status=$$?; \
-	  rm -rf "$$cache"; exit $$status
+	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" \
+	  $(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules
 
 # The core tests and the README example at the exact floors of pyproject.toml, in a venv of
 # their own (cached under .cache/floors; the first run downloads the wheels).
