@@ -48,17 +48,27 @@ class FixedPointIteration(Solver):
         return z + self.damping * (fz - z), state
 
 
-def row_sharding(x: jax.Array):
-    """Output sharding of a per-row contraction over the feature axis of ``x`` (``(n, d)``):
-    the batch axis as ``x``'s, the other replicated. Under Explicit mesh axes with the feature
-    axis sharded (weights split along a model axis) the contraction is otherwise ambiguous; in
-    every other setting this is None (JAX decides)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+def explicit_sharding(x) -> jax.sharding.NamedSharding | None:
+    """``x``'s sharding when it lives on a mesh with Explicit axes; else None (JAX decides the
+    layouts, and an ``out_sharding`` would be wrong outside such a mesh)."""
+    sharding = jax.typeof(x).sharding  # (every aval has one; outside a mesh its mesh is empty)
+    mesh = sharding.mesh
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding
+
+
+def row_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """Layout of a per-row result of ``x`` (rows gathered by an index ``x``, or a contraction
+    over the feature axis of an ``(n, d)`` ``x``): the batch axis as ``x``'s, every other axis
+    replicated (a spec shorter than the rank leaves the rest unsplit). Under Explicit mesh axes
+    such a result is otherwise ambiguous (a replicated table gathered by sharded indices; a
+    feature axis split along a model axis); in every other setting this is None (JAX decides)."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
         return None
     spec = sharding.spec
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None, None))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
 
 
 def zeros_history(z: jax.Array, m: int) -> jax.Array:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdeq._solvers import explicit_sharding, row_sharding
+
 __all__ = ["check_index", "lookup", "store"]
 
 
@@ -47,36 +49,17 @@ def check_index(index, num_examples: int, batch: int, *, name: str = "index") ->
             )
 
 
-def _explicit(x) -> jax.sharding.NamedSharding | None:
-    """``x``'s sharding when it lives on a mesh with Explicit axes (else None: JAX decides)."""
-    sharding = jax.typeof(x).sharding  # (every aval has one; outside a mesh its mesh is empty)
-    mesh = sharding.mesh
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return None
-    return sharding
-
-
-def _rows_like(index):
-    """Under Explicit axes: the layout of rows gathered by ``index`` (batch axis as ``index``'s,
-    the others replicated: a spec shorter than the rank leaves the rest unsplit); else None."""
-    sharding = _explicit(index)
-    if sharding is None:
-        return None
-    spec = sharding.spec
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
-
-
 def _gather(table, index):
     """``table[index]``; under Explicit axes laid out like ``index`` (a replicated table gathered by
     sharded indices is otherwise an ambiguous sharding)."""
-    out = _rows_like(index)
+    out = row_sharding(index)
     return table[index] if out is None else table.at[index].get(out_sharding=out)
 
 
 def _scatter(table, index, rows):
     """``table.at[index].set(rows)``; under Explicit axes the result keeps ``table``'s layout."""
-    out = _explicit(index) and _explicit(table)
-    return table.at[index].set(rows) if not out else table.at[index].set(rows, out_sharding=_explicit(table))
+    out = explicit_sharding(table) if explicit_sharding(index) is not None else None
+    return table.at[index].set(rows) if out is None else table.at[index].set(rows, out_sharding=out)
 
 
 def lookup(values: Any, filled: jax.Array, index: jax.Array, default: Any) -> Any:
