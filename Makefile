@@ -20,13 +20,16 @@ test: test-suite test-floors
 
 # The test suite (including the docs build, the notebooks and the simulated Colab install) and
 # every docstring example under jdeq/, on all cores. pytest exits non-zero on failures and on
-# "no tests". XLA compiles without LLVM optimization here: most of the suite's time is compiling
-# small programs, and -O0 takes a quarter off it (tests/test_vmap.py 86 s -> 64 s, one run each,
-# side by side); the values differ only in rounding, and the floors job below compiles at the
-# default level. Subprocesses and notebook kernels inherit the flag (tests/_devices.py).
+# "no tests". Most of the suite's time is XLA compiling small programs, so it compiles them
+# cheaply: without LLVM optimization, and with XLA:CPU's older elemental emitters instead of its
+# fusion emitters (tests/test_vmap.py: 86 s -> 64 s with the first flag, then 79 s -> 47 s with
+# the second, one run each, side by side; the whole suite, 1132 s in CI at f95a824 -> 589 s here).
+# The values differ only in rounding, and the floors job below compiles at XLA's defaults.
+# Subprocesses and notebook kernels inherit the flags (tests/_devices.py).
+FAST_COMPILE := --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
 test-suite: $(PY)
 	$(PIP) install -e ".[dev]"
-	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" \
+	XLA_FLAGS="$(FAST_COMPILE) $$XLA_FLAGS" \
 	  $(PY) -m pytest -n auto -q --durations=25 tests jdeq --doctest-modules
 
 # The core tests and the README example at the exact floors of pyproject.toml, in a venv of

@@ -1,6 +1,6 @@
 """The environment of a subprocess that simulates ``n`` CPU devices (XLA reads the flag before
 JAX starts, so it cannot be set inside a running test). The parent's other XLA flags carry over
-(the test command compiles at ``--xla_backend_optimization_level=0``: see the Makefile), and the
+(the test command's cheap-compilation flags: see the Makefile), and the
 tree these tests belong to comes first on ``PYTHONPATH``: a worker script imports that tree's
 jdeq, not whichever one is installed (mutation testing runs the tests in a mutated copy)."""
 

@@ -97,7 +97,10 @@ def main(kind: str):
                     (loss, sol), grads = step(ps, SOLVERS[s], GRADIENTS[g])
                     close(sol.value, rsol.value)
                     np.testing.assert_array_equal(sol.stats.nsteps, rsol.stats.nsteps)
-                    close(grads, rgrads, 2e-5)
+                    # float32 gradients summed in another order over 8 shards; the unrolled
+                    # backward of HyperAnderson differs by 2.6e-5 in one entry of 36 (XLA:CPU's
+                    # legacy emitters); a missing or wrong collective is off by O(1)
+                    close(grads, rgrads, 1e-4)
                     spec = sol.value.sharding.spec
                     assert spec[0] == "data", f"value not sharded on data: {sol.value.sharding}"
                     assert sol.stats.nsteps.sharding.spec[0] == "data", sol.stats.nsteps.sharding

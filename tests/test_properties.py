@@ -232,9 +232,11 @@ def _solver(name: str, tol: float):
 
 
 # Every random shape compiles anew, and compilation is most of this file's run time: each
-# example builds one jitted program, compiled at a low LLVM optimization level (XLA's HLO passes
-# still run; the properties are about numerics and JAX transformations, not LLVM).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# example builds one jitted program, compiled cheaply: low LLVM optimization, XLA:CPU's elemental
+# emitters (XLA's HLO passes still run; the properties are about numerics and JAX
+# transformations, not code generation). This file: 76 s -> 55 s with the emitters flag.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                 "xla_cpu_use_fusion_emitters": False}
 
 
 # ----------------------------------------------------------------------------- 1. same fixed point

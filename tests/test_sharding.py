@@ -60,13 +60,15 @@ def _reachable(comps, roots) -> set[str]:
 
 
 def _loop_bodies(hlo: str) -> list[list[str]]:
-    """Per ``while`` of a compiled HLO module: the lines of its body and condition, with
-    everything they call (what runs once per iteration)."""
+    """Per ``lax.while_loop`` of a compiled HLO module (the solvers' loops): the lines of its body
+    and condition, with everything they call (what runs once per iteration). Loops XLA makes
+    itself are left out: its CPU emitters may expand an op into a ``while`` (a scatter-add, with
+    ``--xla_cpu_use_fusion_emitters=false``), which says nothing about the solver."""
     comps = _computations(hlo)
     out = []
     for lines in comps.values():
         for line in lines:
-            m = re.search(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
+            m = re.search(r' while\(.*condition=%([\w.\-]+), body=%([\w.\-]+).*op_name="(?:[^"]*/)?while"', line)
             if m:
                 out.append([ln for c in _reachable(comps, m.groups()) for ln in comps[c]])
     return out
