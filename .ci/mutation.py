@@ -141,8 +141,11 @@ MODULES: dict[str, list[str]] = {
                     "tests/test_protocols.py::test_hyper_anderson_trains_as_layer_state",
                     # DEQ.unrolled_depth (unrolled pre-training), per-example layers too
                     "tests/test_pretrain.py",
+                    # the bad-input table's rows for jdeq.nnx (messages naming the argument)
+                    "tests/test_bad_input.py",
                     "-k", "not linen and not checksum and not crc32 and not hash32 and not data_mesh "
-                          "and not import and not resume"],
+                          "and not import and not resume and not errors_md "
+                          "and (not test_bad_input[ or test_bad_input[jdeq.nnx)"],
     "jdeq/linen.py": ["tests/test_flax.py", "tests/test_promises_flax.py", "tests/test_promises.py",
                       "tests/test_protocols.py", "tests/test_norm_dropout.py", "tests/test_bad_input.py",
                       "-k", "linen or jacobian_penalty"],
@@ -153,14 +156,17 @@ MODULES: dict[str, list[str]] = {
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                            "tests/test_warm_start.py::test_bad_input_names_the_argument",
                            "tests/test_pretrain.py",  # fit(pretrain=...): its phases, resume, mesh branch
-                           "-k", "not checksum and not import"],
+                           # the bad-input table's rows for jdeq.train (fit's checks, in full)
+                           "tests/test_bad_input.py",
+                           "-k", "not checksum and not import and not errors_md "
+                                 "and (not test_bad_input[ or test_bad_input[jdeq.train)"],
     "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                                  "-k", "checkpoint or resume"],
-    "jdeq/train/evaluation.py": ["tests/test_train.py", "tests/test_promises_train.py",
+    "jdeq/train/evaluation.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
                                  "-k", "predict or evaluate or smoke"],
     "jdeq/train/losses.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_correction.py",
-                             "-k", "loss or smoke"],
-    "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py",
+                             "tests/test_bad_input.py", "-k", "loss or smoke"],
+    "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
                               "-k", "batch or epoch or smoke or data_size or run_options"],
     # unrolled pre-training: the phase's graph, the step it ends at, its checks
     "jdeq/train/pretrain.py": ["tests/test_pretrain.py", "tests/test_bad_input.py", "-k", "pretrain or Pretrain or errors_md"],

@@ -67,6 +67,15 @@ def variable_value(variable: nnx.Variable):
     return get() if get is not None else variable.value
 
 
+def set_variable_value(variable: nnx.Variable, value) -> None:
+    """Sets a variable's value across Flax versions (``set_value`` is new; assigning ``.value``
+    is deprecated in recent releases but the only spelling at the oldest supported one)."""
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
+
+
 def record_equilibrium(layer: nnx.Module, x, z_star) -> None:
     """Appends ``(x, z*)`` to ``layer.equilibria``, an ``nnx.Intermediate`` holding a tuple (what
     ``Module.sow`` stores; written directly, since ``sow`` outside ``nnx.capture`` is deprecated
@@ -176,8 +185,8 @@ class FixedPointCache(nnx.Module):
         self.check(z, index)
         values, filled = store(self._tree(), variable_value(self.filled), index, z, ok)
         for variable, value in zip(self.values, jax.tree_util.tree_leaves(values)):
-            variable.set_value(value) if hasattr(variable, "set_value") else setattr(variable, "value", value)
-        self.filled.set_value(filled) if hasattr(self.filled, "set_value") else setattr(self.filled, "value", filled)
+            set_variable_value(variable, value)
+        set_variable_value(self.filled, filled)
 
     def fraction_filled(self):
         """The fraction of examples that have a stored fixed point (a scalar array)."""
@@ -312,7 +321,7 @@ class DEQ(nnx.Module):
             z0 = cache.lookup(index, z0)
         f, state = _pure(self.cell)
         x_safe, bad = guard_nonfinite_inputs(x, _batch_of(z0, batched))
-        depth = getattr(self, "unrolled_depth", None)  # (getattr: modules pickled before it existed)
+        depth = self.unrolled_depth
         if depth is not None:
             V.positive_int(depth, "unrolled_depth")
             sol = _unroll_layer(f, z0, (state, x_safe), depth, batched)

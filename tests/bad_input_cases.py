@@ -697,6 +697,8 @@ CASES: list[Case] = [
     C(NNX, "deq(x, z0)", "z0 of the wrong width", lambda: _deq()(_x(), jnp.zeros((2, 5))), ValueError,
       r"`z` must have 8 features"),
     C(NNX, "deq(x, maxiter=0)", "maxiter 0", lambda: _deq()(_x(), maxiter=0), ValueError, r"`maxiter` must be an int >= 1"),
+    C(NNX, "deq(x, batched='yes')", "batched not a bool (a call-time override)",
+      lambda: _deq()(_x(), batched="yes"), TypeError, r"`batched` must be a bool"),
     C(NNX, "deq(x, tol=1e-3)", "unknown keyword tol", lambda: _deq()(_x(), tol=1e-3), TypeError,
       r"unexpected keyword argument 'tol'"),
     C(NNX, "deq(x)", "NaN in a cell parameter (run-time value)", lambda: _describe(_nan_cell_deq()(_x())[1]), None,
@@ -980,6 +982,12 @@ def _exc_name(out: Outcome) -> str:
     return out.exc.__name__
 
 
+def row(case: Case, out: Outcome) -> str:
+    """``case``'s row of ``docs/errors.md`` (the message as raised, shortened past its cell's
+    length)."""
+    return f"| `{_cell_text(case.call, 100)}` | {_cell_text(case.bad, 80)} | {_exc_name(out)} | {_cell_text(out.message)} |"
+
+
 def render(outcomes: dict[int, Outcome] | None = None) -> str:
     """``docs/errors.md``: one table per area with the messages actually raised.
 
@@ -1009,12 +1017,7 @@ def render(outcomes: dict[int, Outcome] | None = None) -> str:
     for area, idx in areas.items():
         lines += [f"## {area}", "", "| call | bad input | exception | message |", "|---|---|---|---|"]
         for i in idx:
-            case = CASES[i]
-            out = outcomes.get(i) or outcome(case)
-            lines.append(
-                f"| `{_cell_text(case.call, 100)}` | {_cell_text(case.bad, 80)} | {_exc_name(out)} | "
-                f"{_cell_text(out.message)} |"
-            )
+            lines.append(row(CASES[i], outcomes.get(i) or outcome(CASES[i])))
         lines.append("")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_input_cases import CASES, outcome, render
+from bad_input_cases import CASES, outcome, render, row
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -68,13 +68,22 @@ def test_bad_input(i):
         assert value is not None or "None" in out.message, ("value", out.message)
     if not case.runtime:
         assert not _INTERNAL.search(out.message), f"internal error reached the user: {out.message}"
+    # the message in full (as far as its table cell shows it), as docs/errors.md records it: a
+    # reworded message is a change to the docs too
+    assert _unmutated(row(case, out)) in DOCS.read_text().splitlines(), (
+        f"docs/errors.md has another message for this case; raised now: {out.message!r} "
+        "(if the change is meant, regenerate: python -m tests.bad_input_cases > docs/errors.md)"
+    )
+
+
+def _unmutated(text: str) -> str:
+    """Under mutation testing (.ci/mutation.py), Python names mutmut's copy of a function in its
+    own "unexpected keyword argument" errors: read it as the function's name."""
+    return re.sub(r"\bx_(\w+?)__mutmut_orig\b", r"\1", text)
 
 
 def test_docs_errors_md_is_current():
-    text = render({i: _outcome(i) for i in range(len(CASES))})
-    # under mutation testing (.ci/mutation.py), Python names mutmut's copy of a function in its
-    # own "unexpected keyword argument" errors: read it as the function's name
-    text = re.sub(r"\bx_(\w+?)__mutmut_orig\b", r"\1", text)
+    text = _unmutated(render({i: _outcome(i) for i in range(len(CASES))}))
     if os.environ.get("JDEQ_WRITE_DOCS") == "1":
         DOCS.write_text(text)
     assert DOCS.is_file(), "docs/errors.md is missing: python -m tests.bad_input_cases > docs/errors.md"

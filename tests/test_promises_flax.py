@@ -110,6 +110,16 @@ def test_linen_jacobian_penalty_needs_no_init_z():
     assert np.isfinite(float(reg)) and float(reg) > 0
 
 
+def test_linen_jacobian_penalty_as_the_init_method_creates_the_layers_variables():
+    """``init(..., method=DEQ.jacobian_penalty)`` (a loss that only regularizes) builds the cell
+    from ``x`` and ``z_star`` with the same variables as ``init(key, x, z0)``."""
+    deq = jdeq.linen.DEQ(_NoInitZCell(), solver=FPI)
+    z0 = jnp.zeros((2, 8))
+    want = deq.init(jax.random.key(0), X, z0)
+    got = deq.init(jax.random.key(0), X, z0, jax.random.key(1), gamma=1.0, method=jdeq.linen.DEQ.jacobian_penalty)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_linen_jacobian_penalty_passes_every_option_to_the_core():
     """``gamma, prob, num_samples, noise`` "as in jdeq.jacobian_penalty": the layer's method is
     the core function on the bound cell, option for option (Rademacher probes differ from the
@@ -311,3 +321,18 @@ def test_monotone_conv_cell_m_is_the_strong_monotonicity(m):
     vv = float(jnp.sum(v * v))
     assert form(op) >= m * vv * (1 - 1e-5)
     assert form({**op, "A": jnp.zeros_like(op["A"])}) == pytest.approx(m * vv, rel=1e-5)
+
+
+# ---- nnx.DEQ.__call__: run-time overrides are checked as the constructor's arguments are ----
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("solver", "anderson", "`solver` must be a jdeq.Solver"),
+    ("gradient", jdeq.Anderson(), "`gradient` must be a jdeq.Gradient"),
+    ("throw", "yes", "`throw` must be a bool"),
+    ("batched", "yes", "`batched` must be a bool"),
+])
+def test_nnx_call_time_overrides_are_validated(name, bad, message):
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=FPI)
+    with pytest.raises(TypeError, match=message):
+        deq(X, **{name: bad})

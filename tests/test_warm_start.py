@@ -250,10 +250,20 @@ def test_bad_input_names_the_argument(data):
         jdeq.nnx.DEQ(jdeq.models.MLPCell(D, H, rngs=nnx.Rngs(0)), cache=jnp.zeros((N, H)))
     with pytest.raises(ValueError, match="`num_examples`"):
         jdeq.nnx.FixedPointCache(0, (H,))
-    with pytest.raises(TypeError, match="`shape`"):
+    with pytest.raises(TypeError) as e:
         jdeq.nnx.FixedPointCache(4, "16")
-    with pytest.raises(ValueError, match="`index` needs `batched=True`"):
+    assert str(e.value) == ("`shape` must be a tuple of ints or an array/jax.ShapeDtypeStruct (or a pytree of them) "
+                            "giving one example's state, got '16'.")
+    with pytest.raises(TypeError, match="`shape` must be a tuple of ints or an array"):
+        jdeq.nnx.FixedPointCache(4, (True, 2))  # a bool is not a size
+    with pytest.raises(ValueError) as e:
+        jdeq.nnx.FixedPointCache(4, (3, -1))
+    assert str(e.value) == "`shape` must be a tuple of ints >= 0, got (3, -1)."
+    assert jdeq.nnx.FixedPointCache(4, (0, 2)).values[0].shape == (4, 0, 2)  # a size 0 is allowed
+    with pytest.raises(ValueError) as e:
         model.deq(x[0], index=jnp.arange(1), batched=False)
+    assert str(e.value) == ("`index` needs `batched=True` (a batch of examples per call): under vmap of "
+                            "per-example code, call `cache.lookup`/`cache.update` outside the vmap.")
     small = _CachedDEQ(num_examples=N // 2)  # a cache of the wrong size for the data
     with pytest.raises(ValueError, match="`data\\['index'\\]` runs over \\[0, 63\\].*holds 32 examples"):
         T.fit(small, optax.adam(1e-2), data, steps=1, batch_size=8, loss_fn=_loss, progress=False)
