@@ -99,7 +99,7 @@ def _recorded(layer) -> tuple:
     records = getattr(layer, "equilibria", None)
     if records is None:
         return ()
-    values = tuple(variable_value(records)) if isinstance(records, nnx.Variable) else tuple(records)
+    values = tuple(variable_value(records))  # an nnx.Intermediate (record_equilibrium, or Flax's sow)
     del layer.equilibria
     return values
 
