@@ -1,6 +1,8 @@
 """jdeq.train: batches, fit (smoke per model), evaluate/predict, checkpoint resume."""
 
 import functools
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -112,12 +114,20 @@ def test_resume_equals_uninterrupted(tmp_path, data, interrupt):
 
     first = _Tiny()
     every = 2 if interrupt is _Stop else None  # KeyboardInterrupt saves at the step it stopped at
+    began = time.perf_counter()
     with pytest.raises(interrupt):
         T.fit(first, optax.adam(1e-2), data, checkpoint_dir=tmp_path, checkpoint_every=every, callback=stop_at_4, **kw)
+    first_wall = time.perf_counter() - began
     second = _Tiny()  # a fresh process would start from fresh parameters
+    began = time.perf_counter()
     hist = T.fit(second, optax.adam(1e-2), data, checkpoint_dir=tmp_path, **kw)
+    both_wall = first_wall + time.perf_counter() - began
     assert hist.resumed_from == 4
     assert [r["step"] for r in hist.train] == list(range(1, 7))
+    # "time": seconds of training so far, carried over the resume (the time saved with the
+    # checkpoint, then this run's): increasing, and within the two calls' wall time
+    times = [r["time"] for r in hist.train]
+    assert all(0 < a < b for a, b in zip(times, times[1:])) and times[-1] <= both_wall, (times, both_wall)
     for a, b in zip(_params(full), _params(second)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -130,6 +140,8 @@ def test_bad_arguments(data):
         T.fit(model, optax.adam(1e-3), data, steps=1, batch_size=1000)
     with pytest.raises(TypeError, match="optimizer"):
         T.fit(model, "adam", data, steps=1, batch_size=8)
+    with pytest.raises(TypeError, match="`optimizer` must be an optax GradientTransformation"):
+        T.fit(model, types.SimpleNamespace(init=optax.adam(1e-3).init), data, steps=1, batch_size=8)  # no update
     with pytest.raises(ValueError, match="leading axis"):
         T.fit(model, optax.adam(1e-3), {"inputs": data["inputs"], "labels": data["labels"][:5]}, steps=1, batch_size=4)
 

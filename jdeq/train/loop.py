@@ -29,7 +29,7 @@ from jdeq.train.losses import classification_loss
 from jdeq.train.pretrain import Pretrain
 from jdeq.train.sharding import (MIN_SHARD_SIZE, batch_sharding, check_mesh, host_value, replicated, shard_batch,
                                  training_mesh)
-from jdeq.train.step import TrainState, make_train_step
+from jdeq.train.step import TrainState, check_optimizer, make_train_step
 
 __all__ = ["History", "fit"]
 
@@ -347,8 +347,7 @@ def _check_fit_args(model, optimizer, data, steps, batch_size, loss_fn, seed, ev
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
                         ("max_skipped_steps", max_skipped_steps)):
         V.positive_int(value, name, none=True)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(f"`optimizer` must be an optax GradientTransformation, got {optimizer!r}.")
+    check_optimizer(optimizer)
     V.nonnegative_int(seed, "seed")
     check_run_options(batch_size, {}, loss_fn=loss_fn)
     n = data_size(data)

@@ -76,7 +76,7 @@ class TrainState:
         Raises:
           ValueError: a parameter of ``model`` is non-finite (named in the message).
         """
-        _check_optimizer(optimizer)
+        check_optimizer(optimizer)
         if not isinstance(model, nnx.Module):
             raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -163,7 +163,8 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def _check_optimizer(optimizer) -> None:
+def check_optimizer(optimizer) -> None:
+    """Raises ``TypeError`` unless ``optimizer`` has optax's ``init`` and ``update``."""
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"`optimizer` must be an optax GradientTransformation, got {optimizer!r}.")
 
@@ -223,7 +224,7 @@ def make_train_step(
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     if jac_reg is not None and not isinstance(jac_reg, JacReg):
         raise TypeError(f"`jac_reg` must be None or a jdeq.train.JacReg, got {jac_reg!r}.")
     base_key = jax.random.key(0) if key is None else key
