@@ -60,28 +60,12 @@ def _merge_config(params, treedef):
     return jax.tree_util.tree_unflatten(treedef, [p[...] for p in params])
 
 
-def variable_value(variable: nnx.Variable):
-    """A variable's value across Flax versions (``get_value`` is new; ``.value`` is deprecated
-    in recent releases but the only spelling at the oldest supported one)."""
-    get = getattr(variable, "get_value", None)
-    return get() if get is not None else variable.value
-
-
-def set_variable_value(variable: nnx.Variable, value) -> None:
-    """Sets a variable's value across Flax versions (``set_value`` is new; assigning ``.value``
-    is deprecated in recent releases but the only spelling at the oldest supported one)."""
-    if hasattr(variable, "set_value"):
-        variable.set_value(value)
-    else:
-        variable.value = value
-
-
 def record_equilibrium(layer: nnx.Module, x, z_star) -> None:
     """Appends ``(x, z*)`` to ``layer.equilibria``, an ``nnx.Intermediate`` holding a tuple (what
     ``Module.sow`` stores; written directly, since ``sow`` outside ``nnx.capture`` is deprecated
     in recent Flax)."""
     previous = getattr(layer, "equilibria", None)
-    records = tuple(variable_value(previous)) if previous is not None else ()
+    records = tuple(previous.get_value()) if previous is not None else ()
     layer.equilibria = nnx.Intermediate(records + ((x, z_star),))
 
 
@@ -156,7 +140,7 @@ class FixedPointCache(nnx.Module):
         self.filled = CachedFixedPoint(jnp.zeros((num_examples,), bool))
 
     def _tree(self):
-        return jax.tree_util.tree_unflatten(self._treedef, [variable_value(v) for v in self.values])
+        return jax.tree_util.tree_unflatten(self._treedef, [v.get_value() for v in self.values])
 
     def check(self, z0, index, *, name: str = "cache") -> None:
         """Raises a clear error unless ``index`` is ``(batch,)`` ints in range and one example
@@ -177,20 +161,20 @@ class FixedPointCache(nnx.Module):
         """Each example's stored ``z*`` where it has one, else its row of ``default`` (no
         gradient through the result); see ``jdeq._warm_start.lookup``."""
         self.check(default, index)
-        return lookup(self._tree(), variable_value(self.filled), index, default)
+        return lookup(self._tree(), self.filled.get_value(), index, default)
 
     def update(self, index, z, ok=None) -> None:
         """Writes the batch's fixed points ``z`` at ``index`` (rows with ``ok`` False are left
         as they were; the indices of one batch must be distinct)."""
         self.check(z, index)
-        values, filled = store(self._tree(), variable_value(self.filled), index, z, ok)
+        values, filled = store(self._tree(), self.filled.get_value(), index, z, ok)
         for variable, value in zip(self.values, jax.tree_util.tree_leaves(values)):
-            set_variable_value(variable, value)
-        set_variable_value(self.filled, filled)
+            variable.set_value(value)
+        self.filled.set_value(filled)
 
     def fraction_filled(self):
         """The fraction of examples that have a stored fixed point (a scalar array)."""
-        return jnp.mean(variable_value(self.filled).astype(jnp.float32))
+        return jnp.mean(self.filled.get_value().astype(jnp.float32))
 
 
 def _batch_of(z0, batched: bool) -> int | None:

@@ -77,9 +77,10 @@ def test_bad_input(i):
 
 
 def _unmutated(text: str) -> str:
-    """Under mutation testing (.ci/mutation.py), Python names mutmut's copy of a function in its
-    own "unexpected keyword argument" errors: read it as the function's name."""
-    return re.sub(r"\bx_(\w+?)__mutmut_orig\b", r"\1", text)
+    """Under mutation testing (.ci/mutation.py), Python names mutmut's copy of a function
+    (``x_name__mutmut_orig``) or method (``xǁClassǁname__mutmut_orig``) in its own "unexpected
+    keyword argument" errors: read it as the function's name."""
+    return re.sub(r"(?:\bx_|xǁ[A-Za-z0-9_]+ǁ)(\w+?)__mutmut_orig\b", r"\1", text)
 
 
 def test_docs_errors_md_is_current():

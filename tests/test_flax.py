@@ -209,17 +209,3 @@ def test_linen_runtime_maxiter():
     assert bool(run(variables, 60).converged.all())
     assert run._cache_size() == 1
 
-
-def test_variable_helpers_take_both_flax_spellings():
-    """``jdeq.nnx`` reads and writes variables with ``get_value``/``set_value`` where Flax has
-    them, and through ``.value`` at the oldest supported Flax (0.12.0 has neither method): both
-    branches, whichever Flax is installed (the floors job runs the second for real)."""
-    import types
-
-    v = nnx.Param(jnp.zeros(2))
-    jdeq.nnx.set_variable_value(v, jnp.ones(2))
-    np.testing.assert_array_equal(jdeq.nnx.variable_value(v), np.ones(2))
-    old = types.SimpleNamespace(value=jnp.zeros(2))  # the interface of a 0.12.0 variable
-    jdeq.nnx.set_variable_value(old, jnp.full(2, 3.0))
-    np.testing.assert_array_equal(old.value, np.full(2, 3.0))
-    np.testing.assert_array_equal(jdeq.nnx.variable_value(old), np.full(2, 3.0))

@@ -128,17 +128,22 @@ def test_norm_bad_inputs_raise():
         jdeq.models.update_norm([1, 2])
 
 
-class DropCell(nnx.Module):
-    """MLP cell with variational dropout on the state; records the mask it applies."""
+_MASKS: list = []  # the masks a recording DropCell applied, one per call of the cell
 
-    def __init__(self, rngs, record=None):
+
+class DropCell(nnx.Module):
+    """MLP cell with variational dropout on the state; with ``record=True`` appends the mask it
+    applies to ``_MASKS`` (a module-level list: Flax 0.12.1 copies a list held by a module when
+    the layer splits it, so appends to an attribute would be lost)."""
+
+    def __init__(self, rngs, record=False):
         self.inner = jdeq.models.MLPCell(IN, D, w_scale=0.5, rngs=rngs)
         self.drop = jdeq.models.VariationalDropout((D,), 0.25, rngs=rngs)
         self.record = record
 
     def __call__(self, z, x):
-        if self.record is not None:
-            jax.debug.callback(lambda m: self.record.append(np.asarray(m)), self.drop.mask[...])
+        if self.record:
+            jax.debug.callback(lambda m: _MASKS.append(np.asarray(m)), self.drop.mask[...])
         return self.inner(self.drop(z), x)
 
     def init_z(self, x):
@@ -146,12 +151,14 @@ class DropCell(nnx.Module):
 
 
 def test_variational_dropout_mask_identical_across_iterations():
-    record = []
-    cell = DropCell(nnx.Rngs(0, dropout=1), record)
+    record = _MASKS
+    record.clear()
+    cell = DropCell(nnx.Rngs(0, dropout=1), record=True)
     deq = jdeq.nnx.DEQ(cell, solver=jdeq.FixedPointIteration(tol=1e-6, maxiter=100))
     x = jax.random.normal(jax.random.key(0), (N, IN))
     jdeq.models.reset_dropout(deq, N)
     z, stats = deq(x)
+    jax.effects_barrier()  # wait for the debug callbacks (they may run asynchronously)
     assert len(record) >= 5  # several iterations ...
     for m in record[1:]:
         np.testing.assert_array_equal(m, record[0])  # ... all with the same mask

@@ -12,7 +12,6 @@ from flax import linen as nn
 from flax import nnx
 
 import jdeq
-from jdeq.nnx import variable_value
 
 X = jnp.array([[0.5, -1.0, 0.3], [1.2, 0.1, -0.4]])
 FPI = jdeq.FixedPointIteration(tol=1e-6, maxiter=100)  # the cheapest loop to compile
@@ -28,7 +27,7 @@ def test_nnx_record_equilibria_sows_x_and_z_star():
     deq.set_attributes(record_equilibria=True)
     z, _ = deq(X)
     z2, _ = deq(2 * X)
-    records = variable_value(deq.equilibria)
+    records = deq.equilibria.get_value()
     assert isinstance(deq.equilibria, nnx.Intermediate) and len(records) == 2
     np.testing.assert_array_equal(records[0][0], X)
     np.testing.assert_array_equal(records[0][1], z)
@@ -269,7 +268,7 @@ def test_mondeq_records_equilibria_and_takes_maxiter_and_throw():
     assert getattr(layer, "equilibria", None) is None
     layer.record_equilibria = True
     z, _ = layer(X)
-    (x_rec, z_rec), = variable_value(layer.equilibria)
+    (x_rec, z_rec), = layer.equilibria.get_value()
     np.testing.assert_array_equal(x_rec, X)
     np.testing.assert_array_equal(z_rec, z)
     strict = jdeq.models.MonDEQ(_mon_cell(), solver=jdeq.FixedPointIteration(tol=1e-12, maxiter=3), throw=True)

@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from jdeq import train as T
-from jdeq.nnx import variable_value
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(23, 4)).astype(np.float32)
@@ -109,7 +108,7 @@ class _Equilibrium(nnx.Module):
         z = self.v[...] * x
         if self.record_equilibria:
             previous = getattr(self, "equilibria", None)
-            records = tuple(variable_value(previous)) if previous is not None else ()
+            records = tuple(previous.get_value()) if previous is not None else ()
             self.equilibria = nnx.Intermediate(records + ((x, z),))
         return z
 

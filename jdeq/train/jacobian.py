@@ -16,7 +16,6 @@ from flax import nnx
 
 from jdeq import _validate as V
 from jdeq._regularizers import _NOISE  # the probe kinds of jdeq.jacobian_frobenius
-from jdeq.nnx import variable_value
 
 __all__ = ["JacReg"]
 
@@ -99,7 +98,7 @@ def _recorded(layer) -> tuple:
     records = getattr(layer, "equilibria", None)
     if records is None:
         return ()
-    values = tuple(variable_value(records))  # an nnx.Intermediate (record_equilibrium, or Flax's sow)
+    values = tuple(records.get_value())  # an nnx.Intermediate (record_equilibrium, or Flax's sow)
     del layer.equilibria
     return values
 
