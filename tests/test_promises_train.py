@@ -409,3 +409,54 @@ def test_checkpoint_messages_name_the_directory_and_keep(tmp_path):
     with pytest.raises(ValueError) as e:
         T.save_checkpoint(tmp_path, 2, tree, keep=0)
     assert str(e.value) == "`keep` must be an int >= 1, got 0."
+
+
+# ---- jdeq.train.jacobian: which layers count, the Bernoulli draw, the term's dtype ----------
+
+
+def _recorded_layer():
+    layer = _Equilibrium()
+    layer.v, layer.w = nnx.Param(jnp.ones((), jnp.float32)), nnx.Param(jnp.ones((), jnp.float32))
+    layer.record_equilibria = True
+    layer(jnp.ones((2, 3), jnp.float32))  # sows one (x, z*) record
+    return layer
+
+
+def test_jac_reg_penalty_draws_with_prob_and_keeps_the_states_dtype(x64):
+    """prob=1 applies the term at every step, prob=0.1 at about a tenth of them; the term has the
+    recorded states' dtype (float32 here, with x64 on: nothing defaults to float64), on both
+    sides of the draw; a layer that solved nothing in this pass adds nothing and is no error."""
+    from jdeq.train import jacobian as J
+
+    for i in range(16):  # a draw at another probability would skip some of 16 keys
+        got = J.penalty(T.JacReg(gamma=0.5), [_recorded_layer(), _Equilibrium()], jax.random.key(i))
+        assert got.dtype == jnp.float32 and float(got) == pytest.approx(0.5)
+    drawn = [J.penalty(T.JacReg(gamma=0.5, prob=0.1), [_recorded_layer()], jax.random.key(i)) for i in range(64)]
+    assert all(d.dtype == jnp.float32 for d in drawn) and {float(d) for d in drawn} == {0.0, 0.5}
+    applied = sum(float(d) > 0 for d in drawn)  # Binomial(64, 0.1): 6.4 expected; 32 at prob 0.5
+    assert 1 <= applied <= 16, applied
+    with pytest.raises(ValueError) as e:
+        J.penalty(T.JacReg(gamma=0.5), [_Equilibrium()], jax.random.key(0))
+    assert str(e.value) == ("`jac_reg` is set but the model's forward pass solved no equilibrium layer "
+                            "(jdeq.nnx.DEQ, jdeq.models.MonDEQ, ...).")
+
+
+def test_jac_reg_find_deqs_needs_both_members():
+    """An equilibrium layer has ``record_equilibria`` and a callable ``jacobian_penalty``: a
+    module with only one of the two is not one (and is no error)."""
+    from jdeq.train import jacobian as J
+
+    class OnlyFlag(nnx.Module):
+        def __init__(self):
+            self.record_equilibria = False
+
+    class OnlyPenalty(nnx.Module):
+        def jacobian_penalty(self, *a, **k):
+            return 0.0
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.a, self.b, self.eq = OnlyFlag(), OnlyPenalty(), _Equilibrium()
+
+    model = Model()
+    assert J.find_deqs(model) == [model.eq]
