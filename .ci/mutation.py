@@ -165,7 +165,9 @@ MODULES: dict[str, list[str]] = {
     "jdeq/train/evaluation.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
                                  "-k", "predict or evaluate or smoke"],
     "jdeq/train/losses.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_correction.py",
-                             "tests/test_bad_input.py", "-k", "loss or smoke"],
+                             "tests/test_bad_input.py",
+                             # the losses' own rows and fit's (which calls classification_loss)
+                             "-k", "(loss or smoke) or test_bad_input[jdeq.train"],
     "jdeq/train/batches.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
                               "-k", "batch or epoch or smoke or data_size or run_options"],
     # unrolled pre-training: the phase's graph, the step it ends at, its checks

@@ -246,6 +246,12 @@ def _fit(model=None, data=None, **kw):
     return jdeq.train.fit(_net() if model is None else model, optax.sgd(0.0), _data() if data is None else data, **kw)
 
 
+def _loss_of(model):
+    import jdeq
+
+    return jdeq.train.classification_loss(model, _data())
+
+
 def _evaluate(data=None, **kw):
     import jdeq
 
@@ -842,6 +848,9 @@ CASES: list[Case] = [
       TypeError, r"`data\['labels'\]` must be real numbers.*<U1"),
     C(TRAIN, "fit(model, opt, data, ...)", "float labels", lambda: _fit(data=_data(labels=np.zeros(8, np.float32))),
       TypeError, r"`labels` must be integers.*float32"),
+    C(TRAIN, "classification_loss(model, batch)", "a model returning a 3-tuple",
+      lambda: _loss_of(lambda x: (x, None, None)), ValueError,
+      r"a model must return `logits` or `\(logits, stats\)`, got a 3-tuple"),
     C(TRAIN, "fit(model, opt, data, ...)", "labels of shape (n, 1)", lambda: _fit(data=_data(labels=np.zeros((8, 1), np.int32))),
       ValueError, r"`labels` must have shape \(4,\).*\(4, 1\)"),
     C(TRAIN, "fit(model, opt, {'x': x, 'y': y}, ...)", "keys other than inputs/labels",

@@ -372,6 +372,8 @@ def test_classification_loss_names_the_missing_keys_and_count_params_counts_para
         T.classification_loss(lambda x: x, {"x": X, "labels": DATA["labels"]})
     assert str(e.value) == "classification_loss needs the keys 'inputs' and 'labels' in each batch, got ['labels', 'x']."
     assert T.count_params(nnx.Linear(4, 3, rngs=nnx.Rngs(0))) == 4 * 3 + 3
+    # scale and bias only: the running mean and variance (nnx.BatchStat) are not trained
+    assert T.count_params(nnx.BatchNorm(5, rngs=nnx.Rngs(0))) == 5 + 5
     with pytest.raises(ValueError) as e:
         T.classification_loss(lambda x: x[:, :3], {"inputs": X[:5], "labels": DATA["labels"][:4]})
     assert str(e.value) == "`labels` must have shape (5,) (one class id per row of the logits (5, 3)), got (4,)."

@@ -36,12 +36,12 @@ def solver_metrics(stats: SolverStats | None) -> dict[str, jax.Array]:
     def finite_mean(x):  # a NaN metric of one example must not hide the others'
         return jnp.sum(jnp.where(finite, x, 0)) / jnp.maximum(jnp.sum(finite), 1)
 
-    return {
-        "nsteps": jnp.mean(stats.nsteps.astype(jnp.float32)),
+    return {  # jnp.mean of ints and bools is in the default float type
+        "nsteps": jnp.mean(stats.nsteps),
         "abs_residual": finite_mean(stats.abs_residual),
         "rel_residual": finite_mean(stats.rel_residual),
-        "converged": jnp.mean(stats.converged.astype(jnp.float32)),
-        "nonfinite": jnp.mean(stats.nonfinite.astype(jnp.float32)),
+        "converged": jnp.mean(stats.converged),
+        "nonfinite": jnp.mean(stats.nonfinite),
     }
 
 
