@@ -53,6 +53,21 @@ def test_batch_indices_cover_each_epoch_once():
         T.batch_indices(3, 4, 0)
 
 
+def test_batches_defaults_draw_fits_default_order_from_the_first_step():
+    # fit's docstring: a loop of your own over batch_indices/batches reaches fit's result; with
+    # every default left alone, that loop sees fit's batches (fit's seed, from step 0 on)
+    import inspect
+
+    seed = inspect.signature(T.fit).parameters["seed"].default
+    data = {"x": np.arange(10), "y": np.arange(10) * 2}
+    it = T.batches(data, 3)
+    for step in range(5):  # over an epoch boundary (3 batches per epoch)
+        want = T.batch_indices(10, 3, step, seed=seed)
+        np.testing.assert_array_equal(T.batch_indices(10, 3, step), want)
+        np.testing.assert_array_equal(next(it)["x"], want)
+    assert not (T.batch_indices(10, 3, 0, seed=seed + 1) == T.batch_indices(10, 3, 0, seed=seed)).all()
+
+
 @pytest.mark.parametrize(
     "make",
     [
