@@ -26,7 +26,7 @@ from jdeq._solvers import explicit_sharding, row_sharding
 __all__ = ["check_index", "lookup", "store"]
 
 
-def check_index(index, num_examples: int, batch: int, *, name: str = "index") -> None:
+def check_index(index, num_examples: int, batch: int) -> None:
     """Host-side checks of a batch of example indices (shape, dtype, and range when concrete).
 
     Raises:
@@ -36,15 +36,15 @@ def check_index(index, num_examples: int, batch: int, *, name: str = "index") ->
     """
     dtype = jnp.result_type(index)
     if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"`{name}` must be an integer array of example indices, got dtype {dtype}.")
+        raise TypeError(f"`index` must be an integer array of example indices, got dtype {dtype}.")
     shape = jnp.shape(index)
     if len(shape) != 1 or shape[0] != batch:
-        raise ValueError(f"`{name}` must have shape ({batch},) (one example index per row of the batch), got {shape}.")
+        raise ValueError(f"`index` must have shape ({batch},) (one example index per row of the batch), got {shape}.")
     if not isinstance(index, jax.core.Tracer):
         values = np.asarray(index)
         if values.size and (values.min() < 0 or values.max() >= num_examples):
             raise ValueError(
-                f"`{name}` holds indices in [{values.min()}, {values.max()}], outside [0, {num_examples}) "
+                f"`index` holds indices in [{values.min()}, {values.max()}], outside [0, {num_examples}) "
                 f"(the warm-start cache holds {num_examples} examples: build it with the size of the training set)."
             )
 
@@ -52,14 +52,12 @@ def check_index(index, num_examples: int, batch: int, *, name: str = "index") ->
 def _gather(table, index):
     """``table[index]``; under Explicit axes laid out like ``index`` (a replicated table gathered by
     sharded indices is otherwise an ambiguous sharding)."""
-    out = row_sharding(index)
-    return table[index] if out is None else table.at[index].get(out_sharding=out)
+    return table.at[index].get(out_sharding=row_sharding(index))  # None: jax's default layout
 
 
 def _scatter(table, index, rows):
     """``table.at[index].set(rows)``; under Explicit axes the result keeps ``table``'s layout."""
-    out = explicit_sharding(table) if explicit_sharding(index) is not None else None
-    return table.at[index].set(rows) if out is None else table.at[index].set(rows, out_sharding=out)
+    return table.at[index].set(rows, out_sharding=explicit_sharding(table))  # None: jax's default layout
 
 
 def lookup(values: Any, filled: jax.Array, index: jax.Array, default: Any) -> Any:

@@ -81,6 +81,23 @@ def test_pytree_state():
     np.testing.assert_array_equal(got["b"][:, 0, 0], [2.0, 0.0])
 
 
+def test_cache_in_another_dtype_than_the_state():
+    # a bfloat16 cache (half the memory) of a float32 DEQ: it stores the states rounded, without
+    # jax's warning for an unsafe cast (a future error), and hands back states of the solve's dtype
+    cache = jdeq.nnx.FixedPointCache(4, (2,), dtype=jnp.bfloat16)
+    z = jnp.array([[1.001, 2.0], [3.0, 4.0]], jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.update(jnp.array([0, 2]), z)
+        got = cache.lookup(jnp.array([2, 0, 1]), jnp.full((3, 2), -1.0, jnp.float32))
+    assert cache.values[0].dtype == jnp.bfloat16 and got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, [[3.0, 4.0], [1.0, 2.0], [-1.0, -1.0]])  # 1.001 rounds to 1 in bf16
+    # and the other way round: a float32 cache of a bfloat16 solve
+    wide = jdeq.nnx.FixedPointCache(4, (2,))
+    wide.update(jnp.array([1, 3]), z.astype(jnp.bfloat16))
+    assert wide.lookup(jnp.array([3, 0]), jnp.zeros((2, 2), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 # ----------------------------------------------------------------------------- what a warm start changes
 
 
@@ -236,12 +253,19 @@ def test_bad_input_names_the_argument(data):
     assert str(e.value) == (  # one state array: its shapes shown as shapes, not lists of one
         f"`cache` stores states of shape ({H},) per example, but the solve's state has (8,) per example: "
         "build the FixedPointCache with the shape of one example's z (without the batch axis).")
-    with pytest.raises(ValueError, match="`index` must have shape \\(4,\\)"):
-        model.deq(x, index=jnp.arange(5))
-    with pytest.raises(TypeError, match="`index` must be an integer"):
+    for index in (jnp.arange(5), jnp.arange(4)[:, None]):
+        with pytest.raises(ValueError) as e:
+            model.deq(x, index=index)
+        assert str(e.value) == ("`index` must have shape (4,) (one example index per row of the batch), "
+                                f"got {index.shape}.")
+    with pytest.raises(TypeError) as e:
         model.deq(x, index=jnp.arange(4.0))
-    with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
-        model.deq(x, index=jnp.array([0, 1, 2, 64]))
+    assert str(e.value) == "`index` must be an integer array of example indices, got dtype float32."
+    for index, lo, hi in (([0, 1, 2, 64], 0, 64), ([-1, 0, 1, 2], -1, 2)):  # one past the end; negative
+        with pytest.raises(ValueError) as e:
+            model.deq(x, index=jnp.array(index))
+        assert str(e.value) == (f"`index` holds indices in [{lo}, {hi}], outside [0, 64) (the warm-start cache "
+                                "holds 64 examples: build it with the size of the training set).")
     with pytest.raises(ValueError) as e:
         _CachedDEQ(cache=False).deq(x, index=jnp.arange(4))
     assert str(e.value) == ("`index` warm-starts from a cache: build the DEQ with "
