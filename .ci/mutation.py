@@ -547,6 +547,8 @@ def main(argv=None) -> None:
             # the tests are never mutated: recheck with the current ones, the module's selection
             # for every survivor and RECHECK's tests for those in its functions
             shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
+            # and the table of error messages that tests/test_bad_input.py holds each row to
+            shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
             eqs = equivalents(r, equivalent)
             names = [n for n, st in r["status"].items() if st == "survived" and n not in eqs]
             groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
