@@ -848,6 +848,8 @@ CASES: list[Case] = [
       TypeError, r"`data\['labels'\]` must be real numbers.*<U1"),
     C(TRAIN, "fit(model, opt, data, ...)", "float labels", lambda: _fit(data=_data(labels=np.zeros(8, np.float32))),
       TypeError, r"`labels` must be integers.*float32"),
+    C(TRAIN, "fit(model, opt, data, ...)", "bool labels", lambda: _fit(data=_data(labels=np.arange(8) % 2 == 0)),
+      TypeError, r"`labels` must be integers.*bool"),
     C(TRAIN, "classification_loss(model, batch)", "a model returning a 3-tuple",
       lambda: _loss_of(lambda x: (x, None, None)), ValueError,
       r"a model must return `logits` or `\(logits, stats\)`, got a 3-tuple"),
