@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jdeq import _validate as V
 from jdeq._fixed_point import fixed_point
 from jdeq._flatten import batch_layout
-from jdeq._gradients import Implicit
 from jdeq._solvers import Anderson
 from jdeq._stats import SolverStats
 
@@ -131,9 +130,8 @@ def aa_score(f, args, z_star, *, solver=Anderson(), key=None, maxiter=None, eps:
         shift = jax.random.randint(k2, (), 1, n)
         perm = jnp.zeros(n, jnp.int32).at[order].set(order[(jnp.arange(n) + shift) % n])
     z0 = jax.tree_util.tree_map(lambda x: x[perm], z_star)
-    sol = fixed_point(
-        f, z0, jax.lax.stop_gradient(args), solver=solver, gradient=Implicit(), maxiter=maxiter
-    )
+    # no gradient flows (the start and args are cut off): fixed_point's gradient plays no part
+    sol = fixed_point(f, z0, jax.lax.stop_gradient(args), solver=solver, maxiter=maxiter)
     a, b = layout.flatten(sol.value), layout.flatten(z_star)
     cos = jnp.sum(a * b, axis=1) / (jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1) + eps)
     return AAScore(per_example=cos, mean=jnp.mean(cos), value=sol.value, stats=sol.stats, perm=perm)

@@ -18,6 +18,8 @@ def test_unique_fixed_point_scores_one():
         np.testing.assert_allclose(s.per_example, 1.0, atol=1e-5)
         assert bool((s.perm != jnp.arange(6)).all())  # every example starts elsewhere
         assert sorted(np.asarray(s.perm).tolist()) == list(range(6))
+    # key=None: example i starts from example i + 1's fixed point (a cyclic shift)
+    np.testing.assert_array_equal(jdeq.aa_score(f, x, z).perm, [1, 2, 3, 4, 5, 0])
 
 
 def test_eps_is_added_to_the_norms_product():
@@ -57,6 +59,8 @@ def test_the_solver_is_the_resolves_and_a_batch_of_two_suffices():
     tight = jdeq.aa_score(f, x, z, solver=jdeq.FixedPointIteration(tol=1e-7, maxiter=300))
     assert bool(tight.stats.converged.all()) and float(tight.mean) > 0.9999
     np.testing.assert_array_equal(tight.perm, [1, 0])
+    for k in range(4):  # a random permutation without fixed points: of two examples, the swap
+        np.testing.assert_array_equal(jdeq.aa_score(f, x, z, key=jax.random.key(k), maxiter=1).perm, [1, 0])
 
 
 def test_two_attractors_score_below_one():
@@ -108,9 +112,18 @@ def test_initial_states_draw_every_leaf_independently(kind):
         assert abs(float(np.std(drawn[i])) - 3.0) < 0.3
         for j in range(i):
             assert not np.allclose(drawn[i], drawn[j])
+    # the default scale is 1: standard normal draws
+    assert abs(float(np.std(jdeq.initial_states(kind, like, jax.random.key(1))[0][:2])) - 1.0) < 0.1
 
 
 def test_bad_input():
     f = lambda z, x: 0.5 * jnp.tanh(z) + x
     with pytest.raises(ValueError, match="z_star"):
         jdeq.aa_score(f, jnp.zeros((1, 3)), jnp.zeros((1, 3)))
+    with pytest.raises(ValueError) as e:
+        jdeq.aa_score(f, jnp.zeros((2, 3)), jnp.zeros(()))
+    assert str(e.value) == ("`z_star` needs a leading batch axis on every leaf; leaf <root> is a scalar. "
+                            "To solve one problem, give it a leading axis of 1.")
+    with pytest.raises(ValueError) as e:
+        jdeq.aa_score(f, jnp.zeros((2, 3)), {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))})
+    assert str(e.value) == "every leaf of `z_star` needs the same leading batch axis; got leading sizes [2, 3]."
