@@ -39,7 +39,7 @@ def _rows_bad(leaf, batch: int | None) -> jax.Array | None:
 
 def guard_nonfinite_inputs(x, batch: int | None):
     """``(x_safe, bad)``: ``bad`` flags the examples whose input ``x`` holds NaN/inf (``(batch,)``,
-    or a scalar for one example with ``batch=None``) and ``x_safe`` has those examples' entries
+    or a scalar for one example with ``batch=None`` or when no leaf is floating point) and ``x_safe`` has those examples' entries
     set to 0, so that no derivative of the cell is ever evaluated at a non-finite input.
 
     Why: a zero cotangent is not enough in reverse mode. The VJP of a batched cell with respect
@@ -47,8 +47,8 @@ def guard_nonfinite_inputs(x, batch: int | None):
     the whole sum NaN. Only leaves with the batch as leading axis (floating point) are examined.
     """
     flags = [b for b in (_rows_bad(leaf, batch) for leaf in jax.tree_util.tree_leaves(x)) if b is not None]
-    if not flags:
-        return x, (jnp.zeros((batch,), bool) if batch is not None else jnp.asarray(False))
+    if not flags:  # nothing can hold NaN (e.g. token ids): a scalar False, broadcast by its users
+        return x, jnp.asarray(False)
     bad = flags[0]
     for b in flags[1:]:
         bad = bad | b
@@ -70,9 +70,8 @@ def mask_bad_examples(sol: Solution, z0, bad) -> Solution:
         mask = jnp.reshape(bad, jnp.shape(bad) + (1,) * (jnp.ndim(new) - jnp.ndim(bad)))
         return jnp.where(mask, old, new)
 
-    value = jax.tree_util.tree_map(
-        lambda v, z: pick(v, jax.lax.stop_gradient(jnp.asarray(z, v.dtype))), sol.value, z0
-    )
+    # z0 has the solution's dtypes: fixed_point refuses a cell that changes a leaf's dtype
+    value = jax.tree_util.tree_map(lambda v, z: pick(v, jax.lax.stop_gradient(z)), sol.value, z0)
     st = sol.stats
     stats = dataclasses.replace(
         st,

@@ -326,7 +326,9 @@ class _TwoInputCell(nnx.Module):
 
     def __call__(self, z, x):
         a, s = x
-        return jnp.tanh(0.5 * self.lin(z) + a + s[:, None])
+        # (+ 0.1: z0 = 0 is not a fixed point of a zeroed input, so what the guard reports for
+        # a flagged example differs from a solve of it)
+        return jnp.tanh(0.5 * self.lin(z) + a + s[:, None] + 0.1)
 
     def init_z(self, x):
         return jnp.zeros_like(x[0])
@@ -356,6 +358,40 @@ def test_nan_guard_reads_every_input_leaf_and_reports_nan_residuals():
     keep = jnp.asarray(~flagged, jnp.float32)[:, None]
     g = nnx.grad(lambda m: jnp.sum(keep * jnp.where(keep > 0, m((bad_a, bad_s))[0], 0.0) ** 2))(deq)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
+    # a batch of one example, whose one-entry leaf is NaN, is guarded too
+    z1, st1 = deq((a[:1], jnp.array([jnp.nan])))
+    assert bool(st1.nonfinite[0]) and int(st1.nsteps[0]) == 1
+    np.testing.assert_array_equal(z1, 0.0)
+    g1 = nnx.grad(lambda m: jnp.sum(jnp.where(False, m((a[:1], jnp.array([jnp.nan])))[0], 0.0)))(deq)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g1))
+
+
+class _KeyedCell(nnx.Module):
+    """Input ``(a, keys, scale)``: features, one typed PRNG key per example (a fixed random
+    offset of its own) and a Python number: leaves that are not floating arrays."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, z, x):
+        a, keys, scale = x
+        noise = jax.vmap(lambda k: jax.random.normal(k, (4,)))(keys)
+        return jnp.tanh(0.5 * self.lin(z) + a + scale * noise)
+
+    def init_z(self, x):
+        return jnp.zeros_like(x[0])
+
+
+def test_nan_guard_passes_keys_and_python_numbers_through():
+    """Leaves that cannot hold NaN (typed PRNG keys, a Python float) are neither read nor
+    zeroed: the NaN example is flagged, the others solve as without it."""
+    deq = jdeq.nnx.DEQ(_KeyedCell(nnx.Rngs(0)), solver=jdeq.Anderson(tol=1e-6, maxiter=40))
+    a = jax.random.normal(jax.random.key(1), (3, 4))
+    keys = jax.random.split(jax.random.key(2), 3)
+    z_clean, _ = deq((a, keys, 0.3))
+    z, st = deq((a.at[0, 1].set(jnp.nan), keys, 0.3))
+    np.testing.assert_array_equal(st.nonfinite, [True, False, False])
+    np.testing.assert_allclose(z[1:], z_clean[1:], rtol=1e-5, atol=1e-6)
 
 
 class _SharedShiftCell(nnx.Module):
