@@ -207,7 +207,6 @@ class JaxoptSolver(Solver):
             abs_residual=abs_res,
             rel_residual=rel_res,
             converged=jnp.full((n,), state.error <= self.tol) & ~nonfinite,
-            nonfinite=nonfinite,
-            trace=None,
+            nonfinite=nonfinite,  # (no trace: jaxopt records none)
         )
         return z, stats

@@ -58,6 +58,8 @@ def test_affine_fixed_point_reached(x64, name):
     # Per-example residuals of the returned value.
     res = np.linalg.norm(np.asarray(affine(sol.value, (A, b)) - sol.value), axis=1)
     np.testing.assert_allclose(st.abs_residual, res, rtol=1e-6, atol=1e-15)
+    fz = np.linalg.norm(np.asarray(affine(sol.value, (A, b))), axis=1)
+    np.testing.assert_allclose(st.rel_residual, res / fz, rtol=1e-6, atol=1e-15)  # relative to |f(z)|
     assert st.trace is None
 
 
@@ -146,6 +148,13 @@ def test_tol_and_maxiter_read_the_options_or_jaxopts_defaults():
     defaults = jaxopt.AndersonAcceleration(fixed_point_fun=lambda z: z)
     bare = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration)
     assert (bare.tol, bare.maxiter) == (defaults.tol, defaults.maxiter)
+
+
+def test_backward_takes_overrides_but_not_jdeqs_stop_mode():
+    """``backward(**overrides)`` (the implicit backward's solver): the overrides replace the
+    options, except ``stop_mode``, jdeq's residual kind, which jaxopt has no use for."""
+    s = jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-3, maxiter=7)
+    assert s.backward(stop_mode="abs", tol=1e-5) == jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-5, maxiter=7)
 
 
 def test_hashable_and_equal_by_value():
@@ -237,6 +246,9 @@ def test_a_state_whose_norm_overflows_is_nonfinite_as_in_jdeqs_loop():
         st = jdeq.fixed_point(f, jnp.zeros((2, 4)), c, solver=SOLVERS[name].backward(tol=1e-3)).stats
         np.testing.assert_array_equal(st.nonfinite, own.nonfinite, err_msg=name)
         np.testing.assert_array_equal(st.converged, own.converged, err_msg=name)
+        # each residual re-measured at the fallback z0 as jdeq's loop reports it: abs inf, rel NaN
+        np.testing.assert_array_equal(st.abs_residual, own.abs_residual, err_msg=name)
+        np.testing.assert_array_equal(st.rel_residual, own.rel_residual, err_msg=name)
 
 
 def test_only_jaxopts_unmaintained_warning_is_filtered(tmp_path, monkeypatch):
@@ -252,6 +264,7 @@ def test_only_jaxopts_unmaintained_warning_is_filtered(tmp_path, monkeypatch):
         "import warnings\n"
         "warnings.warn('JAXopt is no longer maintained. See ...', DeprecationWarning)\n"
         "warnings.warn('some other deprecation', DeprecationWarning)\n"
+        "warnings.warn('JAXopt is no longer maintained, as a UserWarning', UserWarning)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "jaxopt")
@@ -259,7 +272,9 @@ def test_only_jaxopts_unmaintained_warning_is_filtered(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         module = import_jaxopt()
     assert module.__file__ == str(pkg / "__init__.py")
-    assert [str(w.message) for w in caught] == ["some other deprecation"]
+    # the filter is that one DeprecationWarning: the same words in another category still show
+    assert [str(w.message) for w in caught] == ["some other deprecation",
+                                                "JAXopt is no longer maintained, as a UserWarning"]
 
 
 @pytest.mark.parametrize("name", ["fpi", "anderson"])
@@ -300,9 +315,10 @@ def test_implicit_tol_reaches_jaxopts_linear_solver(x64, name):
     A, b = jnp.asarray(A), jnp.asarray(b)
     fwd = jdeq.Anderson(tol=1e-12, maxiter=400)
 
-    def grad(tol):
-        loss = lambda A: jnp.sum(jdeq.fixed_point(affine, jnp.zeros_like(b), (A, b), solver=fwd,  # noqa: E731
-                                                  gradient=jdeq.Implicit(solver=name, tol=tol)).value ** 2)
+    def grad(tol, maxiter=None):
+        loss = lambda A: jnp.sum(jdeq.fixed_point(  # noqa: E731
+            affine, jnp.zeros_like(b), (A, b), solver=fwd,
+            gradient=jdeq.Implicit(solver=name, tol=tol, maxiter=maxiter)).value ** 2)
         return jax.grad(loss)(A)
 
     z = np.linalg.solve(np.eye(8) - np.asarray(A), np.asarray(b).T).T
@@ -311,3 +327,6 @@ def test_implicit_tol_reaches_jaxopts_linear_solver(x64, name):
     tight, loose = np.asarray(grad(1e-12)), np.asarray(grad(0.3))
     np.testing.assert_allclose(tight, exact, rtol=1e-7, atol=1e-9)
     assert np.max(np.abs(loose - exact)) > 1e-6 * np.max(np.abs(exact))
+    # and Implicit's maxiter is the linear solve's budget: one iteration is visibly inexact
+    short = np.asarray(grad(1e-12, maxiter=1))
+    assert np.max(np.abs(short - exact)) > 1e-6 * np.max(np.abs(exact))
