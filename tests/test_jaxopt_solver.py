@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jdeq
+from _jaxpr import eqns
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
@@ -231,6 +232,24 @@ def test_a_float32_state_under_x64_stays_float32(x64):
         sol = jdeq.fixed_point(f, jnp.zeros((3, 6), jnp.float32), p,
                                solver=solver.backward(tol=1e-5))
         assert sol.value.dtype == jnp.float32 and seen == {jnp.dtype(jnp.float32)}, (name, seen)
+        np.testing.assert_allclose(sol.value, z_star, rtol=1e-4, atol=1e-4, err_msg=name)
+        # jaxopt's loop carries the iterate in float32 (AndersonAcceleration: float64)
+        jaxpr = jax.make_jaxpr(lambda p: jdeq.fixed_point(affine, jnp.zeros((3, 6), jnp.float32), p,
+                                                          solver=solver.backward(tol=1e-5)).value)(p)
+        carried = {str(v.aval.dtype) for e in eqns(jaxpr.jaxpr) if e.primitive.name == "while"
+                   for v in e.outvars if v.aval.shape == (3, 6)}
+        assert carried == {"float64" if name == "anderson" else "float32"}, (name, carried)
+
+
+def test_a_float32_solve_without_x64_warns_nothing():
+    """Without x64 every class runs in float32 with no dtype warning (asking jax for float64
+    there would warn that it is not available, and silently give float32)."""
+    A, b, z_star = affine_problem()
+    p = (jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32))
+    for name, solver in SOLVERS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sol = jdeq.fixed_point(affine, jnp.zeros((3, 6), jnp.float32), p, solver=solver.backward(tol=1e-5))
         np.testing.assert_allclose(sol.value, z_star, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
