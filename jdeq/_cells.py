@@ -39,7 +39,8 @@ def _rows_bad(leaf, batch: int | None) -> jax.Array | None:
 
 def guard_nonfinite_inputs(x, batch: int | None):
     """``(x_safe, bad)``: ``bad`` flags the examples whose input ``x`` holds NaN/inf (``(batch,)``,
-    or a scalar for one example with ``batch=None`` or when no leaf is floating point) and ``x_safe`` has those examples' entries
+    or a scalar for one example with ``batch=None`` or when no leaf is floating point) and
+    ``x_safe`` has those examples' entries
     set to 0, so that no derivative of the cell is ever evaluated at a non-finite input.
 
     Why: a zero cotangent is not enough in reverse mode. The VJP of a batched cell with respect
