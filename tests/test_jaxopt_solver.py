@@ -253,6 +253,16 @@ def test_a_float32_solve_without_x64_warns_nothing():
         np.testing.assert_allclose(sol.value, z_star, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_an_exact_fixed_point_meets_tol_zero():
+    """``converged`` is jaxopt's own stopping test, ``error <= tol``: a map that reaches its
+    fixed point exactly (a constant) converges even at ``tol=0``."""
+    f = lambda z, c: jnp.broadcast_to(c, z.shape)  # noqa: E731
+    for name in ("fpi", "anderson"):
+        st = jdeq.fixed_point(f, jnp.zeros((2, 4)), jnp.ones((2, 4)), solver=SOLVERS[name].backward(tol=0.0)).stats
+        assert bool(st.converged.all()) and int(st.nsteps[0]) < 300, name
+        np.testing.assert_array_equal(st.abs_residual, 0.0)
+
+
 def test_a_state_whose_norm_overflows_is_nonfinite_as_in_jdeqs_loop():
     """An iterate at 1e20 per entry: ``z - f(z)`` is 0 but ``||f(z)||`` overflows float32, so
     the relative residual is NaN. jdeq's loop flags such an example non-finite (not
