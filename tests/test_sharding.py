@@ -377,9 +377,18 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             layouts.append({tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state)})
             return original(graphdef, state, inputs, kwargs, out_sharding)
 
+        evals = []  # evaluate's batches: (rows, their layout, the metrics' layout, the parameters' layouts)
+        original_eval = T.evaluation._eval_batch
+
+        def eval_spy(graphdef, loss_fn, state, batch, kwargs, out_sharding=None):
+            evals.append((batch["inputs"].shape[0], batch["inputs"].sharding, out_sharding,
+                          {tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state)}))
+            return original_eval(graphdef, loss_fn, state, batch, kwargs, out_sharding)
+
         ref_eval = T.evaluate(model, eval_set, batch_size=8, maxiter=5)
         ref_pred = T.predict(model, eval_set["inputs"], batch_size=8, maxiter=5)
         T.evaluation._apply = spy
+        T.evaluation._eval_batch = eval_spy
         try:
             # (a model axis of another name too: the layout follows the argument, not a default)
             tensor = T.model_mesh(4, model_axis="tensor")
@@ -389,9 +398,20 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             for mesh_arg, axis in ((mesh, None), (meshes["2x4"], "model"), (tensor, "tensor"), (explicit, "model")):
                 seen.clear()
                 kw = dict(mesh=mesh_arg, model_axis=axis, min_shard_size=64, maxiter=5)
+                evals.clear()
                 got = T.evaluate(model, eval_set, batch_size=8, **kw)  # 21 = 8 + 8 + 5: a partial batch
                 for k, v in ref_eval.items():
                     np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+                # evaluate's batches: split along the data axis when it divides them (the partial
+                # 5 rows run whole on every device, not padded: metrics are batch means), the
+                # metrics replicated (every process reads them), the weights laid out as in fit
+                on = T.training_mesh(mesh_arg, axis)
+                assert [e[0] for e in evals] == [8, 8, 5], evals
+                for rows, layout, out, specs in evals:
+                    want = P("data") if rows % on.shape["data"] == 0 else P()
+                    assert layout.mesh == on and layout.spec == want, (rows, layout)
+                    assert out is not None and out.mesh == on and out.spec == P(), out
+                    assert any(axis is not None and axis in spec for spec in specs) == (axis is not None), specs
                 logits, stats = T.predict(model, eval_set["inputs"], batch_size=8, **kw)
                 assert logits.shape == (21, 4) and stats.nsteps.shape == (21,)
                 np.testing.assert_allclose(logits, ref_pred[0], rtol=1e-5, atol=1e-5)
@@ -410,6 +430,7 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
             assert len(seen) == 3
         finally:
             T.evaluation._apply = original
+            T.evaluation._eval_batch = original_eval
 
     def jaxopt_backward_on_data_mesh():
         for name in ("gmres", "bicgstab", "normal_cg"):
