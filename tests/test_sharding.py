@@ -372,8 +372,11 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
 
         layouts = []  # the parameters' layout the call got: split along "model" as in fit, or replicated
 
+        outs = []  # predict's output layout: replicated, so every process reads it
+
         def spy(graphdef, state, inputs, kwargs, out_sharding=None):
             seen.append(inputs.sharding)
+            outs.append(out_sharding)
             layouts.append({tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state)})
             return original(graphdef, state, inputs, kwargs, out_sharding)
 
@@ -420,9 +423,19 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
                 # every batch went in split along the data axis (the last one padded)
                 placed = T.training_mesh(mesh_arg, axis)
                 assert seen and all(s.spec == P("data") and s.mesh == placed for s in seen), seen
+                assert outs and all(o is not None and o.spec == P() and o.mesh == placed for o in outs), outs
+                outs.clear()
                 split = [any(axis is not None and axis in spec for spec in specs) for specs in layouts]
                 assert split and all(split) == (axis is not None) and any(split) == (axis is not None), layouts
                 layouts.clear()
+            # a data axis of another name: the batches are split along it
+            rows = jax.make_mesh((8,), ("rows",))
+            seen.clear()
+            evals.clear()
+            T.predict(model, eval_set["inputs"], batch_size=8, mesh=rows, data_axis="rows", maxiter=5)
+            T.evaluate(model, eval_set, batch_size=8, mesh=rows, data_axis="rows", maxiter=5)
+            assert seen and all(s.spec == P("rows") for s in seen), seen
+            assert [e[1].spec for e in evals] == [P("rows"), P("rows"), P()], evals
             # a batch size that is no multiple of the data axis is rounded up (8 devices: 3 -> 8)
             seen.clear()
             logits, _ = T.predict(model, eval_set["inputs"], batch_size=3, mesh=mesh, maxiter=5)

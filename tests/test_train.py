@@ -100,6 +100,9 @@ def test_predict_and_evaluate_agree_and_maxiter_is_runtime(data):
     model = _deq()
     logits, stats = T.predict(model, data["inputs"], batch_size=50, maxiter=2)
     assert logits.shape == (192, 10) and stats.nsteps.shape == (192,) and (stats.nsteps <= 2).all()
+    # each row is the model's own output for that input, the rows of the padded last batch included
+    direct = T.split_output(model(jnp.asarray(data["inputs"]), maxiter=2))[0]
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
     m = T.evaluate(model, data, batch_size=50, maxiter=2)
     np.testing.assert_allclose(m["accuracy"], (logits.argmax(-1) == data["labels"]).mean(), atol=1e-6)
     np.testing.assert_allclose(m["nsteps"], stats.nsteps.mean(), rtol=1e-6)

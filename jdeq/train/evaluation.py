@@ -182,4 +182,4 @@ def predict(
             chunk = jax.tree_util.tree_map(lambda a: global_array(np.asarray(a)[idx], in_sharding), inputs)
         out = jax.tree_util.tree_map(host_value, _apply(graphdef, state, chunk, call_kwargs, out_sharding))
         outs.append(jax.tree_util.tree_map(lambda x: x[: min(size, n - start)], out))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
