@@ -40,6 +40,8 @@ DEFAULT_TESTS = [
     "tests/test_warm_start.py::test_lookup_and_update_by_index",
     "tests/test_warm_start.py::test_pytree_state",
     "tests/test_warm_start.py::test_data_mesh_equals_one_device",
+    # nnx.with_partitioning's names: flax 0.12.1 stores them under another key than later versions
+    "tests/test_sharding.py::test_param_shardings_keep_the_models_annotations",
     "tests/test_norm_dropout.py",
 ]
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5"]

@@ -160,6 +160,11 @@ MODULES: dict[str, list[str]] = {
                            "tests/test_bad_input.py",
                            "-k", "not checksum and not import and not errors_md "
                                  "and (not test_bad_input[ or test_bad_input[jdeq.train)"],
+    # meshes, layouts and per-host data: the rules run in process (abstract meshes, one device
+    # repeated); the 8-device subprocess is left to RECHECK
+    "jdeq/train/sharding.py": ["tests/test_sharding.py", "tests/test_train.py", "tests/test_bad_input.py",
+                               "-k", "not on_8_devices and not collectives_per_solver_iteration "
+                                     "and (not test_bad_input[ or test_bad_input[jdeq.train)"],
     "jdeq/train/checkpoint.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                                  "-k", "checkpoint or resume"],
     "jdeq/train/evaluation.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_bad_input.py",
@@ -198,6 +203,8 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # fit's checks of a batch split over processes: only the two-process run takes that path
     "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read"), ["tests/test_multiprocess.py"]),
+    # host_value of an array split over processes, shard_batch's and check_mesh's process count
+    "jdeq/train/sharding.py": (("host_value", "shard_batch", "check_mesh"), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
                          ["tests/test_explicit_sharding.py"]),
@@ -210,6 +217,10 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
 # modules' import (an error during collection), which is a failure the tests report
 COLLECTION = "killed (the tests could not be collected)"
 KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a recheck", COLLECTION}
+# mutants a recheck may answer: survivors, and mutants of functions that no selected test ran
+# in-process ("no tests": e.g. a function only a subprocess calls). A "no tests" mutant left
+# alive by the recheck counts as survived; one not rechecked stays unchecked (not killed).
+UNANSWERED = ("survived", "no tests")
 
 
 def tracked_files() -> list[str]:
@@ -315,7 +326,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
         if m:
             status[m.group(1)] = m.group(2).strip()
     if module in RECHECK:
-        status.update(recheck(work, [n for n, st in status.items() if st == "survived"], [RECHECK[module]]))
+        status.update(recheck(work, [n for n, st in status.items() if st in UNANSWERED], [RECHECK[module]]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
     return {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
             "commit": run["commit"], "recheck": RECHECK.get(module)}
@@ -463,10 +474,11 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         "own test selection. Score = killed / (mutants - equivalent); *unchecked* counts mutants that",
         "did not run to a verdict (no test reached them, or the run was stopped); they count as not",
         "killed. Equivalent mutants and their reasons: `.ci/mutation_equivalent.toml`. Survivors in",
-        "some functions are rechecked against more tests (`RECHECK` in the script): tests that run",
-        "the function only in subprocesses, which mutmut cannot see (two `jax.distributed`",
-        "processes, 8 simulated devices), and tests of options that few callers use; a failure there",
-        "counts as killed.",
+        "some functions (and their mutants no in-process test reached) are rechecked against more",
+        "tests (`RECHECK` in the script): tests that run the function only in subprocesses, which",
+        "mutmut cannot see (two `jax.distributed` processes, 8 simulated devices), and tests of",
+        "options that few callers use; a failure there counts as killed, a mutant left alive as",
+        "survived.",
         "",
         "A *sampled* module (`--sample K`) ran K of its mutants drawn at random: its score is an",
         "estimate, given with its 95% (Wilson) interval; a complete run checks every mutant.",
@@ -550,12 +562,13 @@ def main(argv=None) -> None:
             # and the table of error messages that tests/test_bad_input.py holds each row to
             shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
             eqs = equivalents(r, equivalent)
-            names = [n for n, st in r["status"].items() if st == "survived" and n not in eqs]
+            names = [n for n, st in r["status"].items() if st in UNANSWERED and n not in eqs]
             groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
             r["status"].update(recheck(work, names, groups))
             r["recheck"] = RECHECK.get(module)
             r["tests_commit"] = _commit()
-            r["survivors"] = {n: d for n, d in r["survivors"].items() if r["status"][n] == "survived"}
+            r["survivors"] = {n: r["survivors"].get(n) or _diff(mutmut(work, "show", n))
+                              for n, st in r["status"].items() if st == "survived"}
         else:
             key = (SAMPLE_KEY if args.sample else "") + module
             try:

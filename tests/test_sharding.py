@@ -629,6 +629,152 @@ def test_host_shard_errors():
         T.host_shard({"a": np.arange(4), "b": np.arange(5)}, process_index=0, process_count=2)
 
 
+# ----------------------------------------------------------------------------- the rules, in process
+# The 8-device run above checks the layouts on real meshes; these check the same rules in the
+# test process (abstract meshes, or one device standing for several), where mutation testing
+# sees them.
+
+
+def _abstract(model=4, names=("data", "model")):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh((2, model), names)
+
+
+def _specs(tree, mesh, **kw):
+    return {k: s.spec for k, s in T.param_shardings(tree, mesh, **kw).items()}
+
+
+def test_param_shardings_rule_in_process():
+    from jax.sharding import PartitionSpec as P
+
+    m4 = _abstract()
+    z = np.zeros
+    tree = {"tall": z((16, 8)), "wide": z((8, 16)), "tie": z((8, 8)), "one_divisible": z((6, 8)),
+            "indivisible": z((6, 7)), "at_axis_size": z((4, 3)), "vec": z(12), "scalar": z(()),
+            "empty": z((0, 3)), "key": jax.random.key(0)}
+    # the largest dimension divisible by the axis size (ties: the last), of at least its size
+    assert _specs(tree, m4, min_size=0) == {
+        "tall": P("model"), "wide": P(None, "model"), "tie": P(None, "model"), "one_divisible": P(None, "model"),
+        "indivisible": P(), "at_axis_size": P("model"), "vec": P("model"), "scalar": P(), "empty": P(),
+        "key": P()}
+    # min_size: an array of exactly min_size elements splits, one element fewer does not
+    assert _specs({"tie": z((8, 8))}, m4, min_size=64) == {"tie": P(None, "model")}
+    assert _specs({"tie": z((8, 8))}, m4, min_size=65) == {"tie": P()}
+    assert _specs({"w": z((256, 256)), "v": z((256, 255))}, m4) == {"w": P(None, "model"), "v": P()}
+    assert T.MIN_SHARD_SIZE == 256 * 256
+    # nothing to split along: no model axis, one absent from the mesh, or one of size 1
+    for mesh, kw in [(m4, {"model_axis": None}), (m4, {"model_axis": "tensor"}), (_abstract(model=1), {})]:
+        assert set(_specs(tree, mesh, min_size=0, **kw).values()) == {P()}, kw
+    # another name for the model axis
+    assert _specs({"w": z((8, 16))}, _abstract(names=("batch", "tensor")), model_axis="tensor", min_size=0) == {
+        "w": P(None, "tensor")}
+    assert all(s.mesh is m4 for s in jax.tree.leaves(T.param_shardings(tree, m4, min_size=0)))
+
+
+def test_param_shardings_keep_the_models_annotations():
+    """A weight annotated with nnx.with_partitioning keeps its names (flax stores them as
+    out_sharding, or as sharding_names up to 0.12.3: the floors job runs this test there)."""
+    from jax.sharding import PartitionSpec as P
+
+    init = nnx.initializers.lecun_normal()
+
+    class Net(nnx.Module):
+        def __init__(self):
+            part = lambda names: nnx.with_partitioning(init, names, eager_sharding=False)  # noqa: E731
+            self.rows = nnx.Linear(8, 16, kernel_init=part(("model", None)), rngs=nnx.Rngs(0))
+            self.foreign = nnx.Linear(8, 16, kernel_init=part(("tensor", "model")), rngs=nnx.Rngs(0))
+            self.plain = nnx.Linear(8, 16, rngs=nnx.Rngs(0))
+            self.stat = nnx.BatchStat(jnp.zeros(3))
+
+    m4 = _abstract()
+    state = nnx.state(Net())
+    out = T.param_shardings(state, m4, min_size=0)
+    assert type(out["rows"]["kernel"]) is nnx.Param and type(out["stat"]) is nnx.BatchStat  # Variables kept
+    got = {k: out[k]["kernel"].get_value().spec for k in ("rows", "foreign", "plain")}
+    # an annotation wins over the size rule (which splits the 16 columns); names the mesh lacks are dropped
+    assert got == {"rows": P("model", None), "foreign": P(None, "model"), "plain": P(None, "model")}
+    assert out["stat"].get_value().spec == P() and out["rows"]["bias"].get_value().spec == P("model")
+    # also when the size rule would replicate the array, or with no model axis at all
+    for kw in ({"min_size": 10**6}, {"model_axis": None}):
+        out = T.param_shardings(state, m4, **kw)
+        assert out["rows"]["kernel"].get_value().spec == P("model", None), kw
+        assert out["plain"]["kernel"].get_value().spec == P() and out["rows"]["bias"].get_value().spec == P(), kw
+
+
+def test_optimizer_shardings_follow_the_parameters_in_process():
+    from jax.sharding import PartitionSpec as P
+
+    m4 = _abstract()
+    params = {"w": jnp.zeros((8, 16)), "b": jnp.zeros(3)}
+    sh = T.param_shardings(params, m4, min_size=8)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    osh = T.optimizer_shardings(opt, opt.init(params), sh, m4)
+    adam = osh[1][0]
+    assert adam.mu["w"].spec == adam.nu["w"].spec == P(None, "model")
+    assert adam.mu["b"].spec == P() and adam.count.spec == P()
+    assert jax.tree.structure(osh) == jax.tree.structure(opt.init(params))
+    assert all(s.mesh is m4 for s in jax.tree.leaves(osh))
+
+
+def test_training_mesh_turns_only_the_model_axis_auto():
+    from jax.sharding import AxisType
+
+    E, A = AxisType.Explicit, AxisType.Auto
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(E, E))
+    on = T.training_mesh(mesh, "model")
+    assert on.axis_types == (E, A) and on.axis_names == mesh.axis_names and (on.devices == mesh.devices).all()
+    assert T.training_mesh(mesh, "data").axis_types == (A, E)
+    for axis in (None, "tensor"):  # no model axis, or one the mesh lacks: the mesh as it is
+        assert T.training_mesh(mesh, axis) is mesh
+    auto = jax.make_mesh((1, 1), ("data", "model"), axis_types=(E, A))
+    assert T.training_mesh(auto, "model") is auto  # already Auto
+
+
+def test_meshes_and_layouts_in_process():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    d = jax.devices()[0]
+    rows = T.data_mesh([d], axis="rows")
+    assert rows.axis_names == ("rows",) and rows.devices.tolist() == [d]
+    assert T.data_mesh().axis_names == ("data",) and T.data_mesh().devices.tolist() == jax.devices()
+    # one device standing for four: the shapes, names and divisibility checks of model_mesh
+    mm = T.model_mesh(2, [d] * 4, data_axis="batch", model_axis="tensor")
+    assert dict(mm.shape) == {"batch": 2, "tensor": 2}
+    assert dict(T.model_mesh(4, [d] * 4).shape) == {"data": 1, "model": 4}
+    assert T.model_mesh(1).axis_names == ("data", "model")
+    for bad in (3, 0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"`model` must be an int >= 1 dividing the 4 devices, got {bad!r}.")):
+            T.model_mesh(bad, [d] * 4)
+    # check_mesh: the batch must split over the data axis
+    two = Mesh(np.array([d, d]), ("data",))
+    from jdeq.train.sharding import check_mesh
+
+    check_mesh(two, "data", 4)
+    with pytest.raises(ValueError, match=re.escape("`batch_size`=3 must be a multiple of the 2 devices of mesh axis 'data'.")):
+        check_mesh(two, "data", 3)
+    check_mesh(two, "data")  # no batch size: nothing to divide
+    assert T.batch_sharding(rows, "rows").spec == P("rows") and T.batch_sharding(T.data_mesh()).spec == P("data")
+    assert T.replicated(rows) == NamedSharding(rows, P())
+    placed = T.replicate({"a": jnp.ones(2), "b": [jnp.zeros(3)]}, rows)
+    assert all(x.sharding == NamedSharding(rows, P()) for x in jax.tree.leaves(placed))
+    # global_array and shard_batch (one process: the whole batch)
+    value = np.arange(6.0).reshape(3, 2)
+    g = T.global_array(value, NamedSharding(rows, P("rows")))
+    assert g.sharding == NamedSharding(rows, P("rows")) and g.shape == (3, 2)
+    np.testing.assert_array_equal(np.asarray(g), value)
+    batch = T.shard_batch({"x": value, "y": np.arange(3)}, rows, "rows")
+    assert set(batch) == {"x", "y"} and all(v.sharding.spec == P("rows") for v in batch.values())
+    np.testing.assert_array_equal(np.asarray(batch["x"]), value)
+    np.testing.assert_array_equal(np.asarray(batch["y"]), np.arange(3))
+    assert T.shard_batch({"x": value}, T.data_mesh())["x"].sharding.spec == P("data")
+    # host_value: a numpy copy of anything this process can read
+    for x in (jnp.arange(3), [0, 1, 2], np.arange(3)):
+        out = T.host_value(x)
+        assert isinstance(out, np.ndarray)
+        np.testing.assert_array_equal(out, [0, 1, 2])
+
+
 # ----------------------------------------------------------------------------- bf16 policy
 
 

@@ -336,12 +336,13 @@ def test_own_loop_over_make_train_step_equals_fit(vec_data, jac_reg):
         np.testing.assert_array_equal(a, b)
 
 
-def test_fit_equals_a_plain_optax_loop_with_a_schedule(vec_data):
-    """fit (and so the step) carries the optimizer state: with a warmup schedule from 0 and Adam,
-    its parameters equal a loop written with optax and nnx alone. A step that dropped the new
-    optimizer state left the schedule at its first value (lr 0: nothing ever moved) and Adam's
-    moments at their first step (sign descent)."""
-    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 5e-2, 2, 6, 1e-3))
+def test_fit_and_its_step_equal_a_plain_optax_loop_with_a_schedule(vec_data):
+    """fit (and so the step) carries the optimizer state: with a warmup schedule from 0 and
+    AdamW, its parameters equal a loop written with optax and nnx alone. A step that dropped the
+    new optimizer state left the schedule at its first value (lr 0: nothing ever moved) and
+    Adam's moments at their first step (sign descent); one that did not pass the parameters to
+    ``optimizer.update`` had no weight decay (optax raises)."""
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 5e-2, 2, 6, 1e-3), weight_decay=0.5)
     fitted = _TinyDEQ()
     T.fit(fitted, opt, vec_data, steps=6, batch_size=32, seed=1, progress=False)
 
@@ -384,6 +385,8 @@ def test_train_step_key_draws_the_penalty(vec_data):
 
     a, b = applied(jax.random.key(1)), applied(jax.random.key(2))
     assert a == applied(jax.random.key(1)) and a != b, (a, b)
+    default = applied(None)  # the documented default, jax.random.key(0)
+    assert default == applied(jax.random.key(0)) and default not in (a, b), (default, a, b)
 
 
 def _mse(model, batch):
@@ -397,6 +400,92 @@ class _NaNState(optax.GradientTransformation):
     def __new__(cls):
         return super().__new__(cls, lambda p: {"s": jax.numpy.zeros(())},
                                lambda g, s, p=None: (g, {"s": s["s"] * jax.numpy.nan}))
+
+
+class _StatefulNet(nnx.Module):
+    """A parameter, a non-parameter statistic and a warm-start cache: TrainState's three kinds."""
+
+    def __init__(self):
+        self.lin = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+        self.seen = nnx.BatchStat(jnp.zeros((3,)))
+        self.store = jdeq.nnx.FixedPointCache(4, (2,))
+
+
+def _values(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_step_state_mutable_and_cache_views_and_their_copies():
+    net = _StatefulNet()
+    state = T.TrainState.create(net, optax.sgd(0.1))
+    mutable, cache = state.mutable(), state.cache()
+    # mutable: every non-parameter variable; cache: the warm-start cache's entries only
+    assert set(mutable) == {"seen", "store"} and set(cache) == {"store"}
+    assert set(cache["store"]) == {"values", "filled"}
+    ones = jax.tree.map(jnp.ones_like, cache)
+    with_cache = state.with_cache(ones)
+    assert all((v == 1).all() for v in _values(with_cache.cache()))
+    assert all((v == 0).all() for v in _values(with_cache.mutable()["seen"]))  # the rest kept
+    assert all((v == 0).all() for v in _values(state.cache()))                  # a copy: the original unchanged
+    assert with_cache.params is state.params and with_cache.opt_state is state.opt_state
+    filled = with_cache.model().store.filled.get_value()
+    assert filled.dtype == bool and filled.all()  # the model merged from the copy holds them
+    twos = jax.tree.map(lambda x: jnp.full_like(x, 2), mutable)
+    with_mutable = state.with_mutable(twos)
+    np.testing.assert_array_equal(with_mutable.mutable()["seen"][...], [2, 2, 2])
+    np.testing.assert_array_equal(with_mutable.cache()["store"]["values"][0][...], np.full((4, 2), 2))
+    assert with_mutable.params is state.params
+    # an empty sub-state (a model without caches) changes nothing
+    assert state.with_cache(nnx.State({})).rest is state.rest
+    # a snapshot: neither the copies above nor changes of the user's model or of a module
+    # merged from the state reach the state (nnx.split and nnx.merge share Variables otherwise)
+    net.seen[...] = jnp.full(3, 7.0)
+    state.model().seen[...] = jnp.full(3, 8.0)
+    nnx.update(net, jax.tree.map(jnp.zeros_like, nnx.state(net, nnx.Param)))
+    assert all((v == 0).all() for v in _values(state.mutable()))
+    assert all(np.abs(v).sum() > 0 for v in _values(state.params["lin"]["kernel"]))
+    assert all((v == 0).all() for v in _values(_StatefulNet().seen)) and (net.seen[...] == 7).all()
+
+
+def test_step_state_of_a_model_without_parameters():
+    """A model with no parameters (all its leaves statistics) has nothing non-finite to refuse:
+    it gets a state, and a step that only advances the counter."""
+    class Stats(nnx.Module):
+        def __init__(self):
+            self.seen = nnx.BatchStat(jnp.zeros(()))
+
+        def __call__(self, x):
+            return x
+
+    state = T.TrainState.create(Stats(), optax.sgd(0.1))
+    assert jax.tree.leaves(state.params) == []
+    assert bool(T.all_finite({})) and bool(T.all_finite([])) and not bool(T.all_finite([jnp.ones(2), jnp.inf]))
+    state, metrics = jax.jit(T.make_train_step(lambda m, b: (jnp.sum(m(b)), {}), optax.sgd(0.1)))(state, jnp.ones(2))
+    assert int(state.step) == 1 and float(metrics["skipped"]) == 0.0
+
+
+def test_step_state_shardings_split_the_large_weights_and_replicate_the_rest():
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    mesh = AbstractMesh((2, 4), ("data", "model"))
+    opt = optax.adam(1e-3)
+    state = T.TrainState.create(_StatefulNet(), opt)
+    sh = state.shardings(opt, mesh, model_axis="model", min_shard_size=8)
+    assert sh.graphdef is state.graphdef and isinstance(sh, T.TrainState)
+    # the (16, 8) kernel splits its largest dimension, the (8,) bias has 8 >= min_shard_size elements
+    assert sh.params["lin"]["kernel"].get_value().spec == P("model")
+    assert sh.params["lin"]["bias"].get_value().spec == P("model")
+    adam = sh.opt_state[0]
+    assert adam.mu["lin"]["kernel"].get_value().spec == P("model") and adam.nu["lin"]["bias"].get_value().spec == P("model")
+    assert adam.count.spec == P() and sh.step.spec == P()
+    rest = jax.tree.leaves(sh.rest)
+    assert len(rest) == len(jax.tree.leaves(state.rest)) == 3  # seen, the cache's values and filled
+    assert all(s.spec == P() and s.mesh is mesh for s in rest)
+    # the default min_shard_size (jdeq.train.MIN_SHARD_SIZE elements) and no model axis replicate all
+    for kw in ({"model_axis": "model"}, {"min_shard_size": 8}):
+        specs = {s.spec for s in jax.tree.leaves(state.shardings(opt, mesh, **kw))}
+        assert specs == {P()}, kw
+    assert T.MIN_SHARD_SIZE > 16 * 8
 
 
 @pytest.mark.parametrize("bad", ["loss_and_grads", "new_params", "new_opt_state"])

@@ -179,11 +179,12 @@ def test_per_example_code_under_vmap_with_lookup_outside():
 # ----------------------------------------------------------------------------- training step, fit, resume
 
 
-def test_train_step_returns_cache_and_skip_keeps_it(data):
+@pytest.mark.parametrize("jac_reg", [None, T.JacReg(gamma=0.5)], ids=["plain", "jac_reg"])
+def test_train_step_returns_cache_and_skip_keeps_it(data, jac_reg):
     model = _CachedDEQ()
     opt = optax.adam(1e-2)
     state = T.TrainState.create(model, opt)
-    step = jax.jit(T.make_train_step(_loss, opt))
+    step = jax.jit(T.make_train_step(_loss, opt, jac_reg=jac_reg))
     batch = {k: jnp.asarray(v[:16]) for k, v in data.items()}
     state, m1 = step(state, batch)
     filled = np.asarray(state.cache()["deq"]["cache"]["filled"][...])

@@ -219,10 +219,11 @@ def _split_spec(shape: tuple[int, ...], size: int, axis: str, min_size: int) -> 
     return PartitionSpec(*([None] * dim + [axis]))
 
 
-def _annotation(variable) -> tuple | None:
-    """The partition names of an ``nnx.with_partitioning`` variable (None if unannotated)."""
-    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-    names = meta.get("out_sharding", meta.get("sharding_names", meta.get("sharding")))
+def _annotation(variable: nnx.Variable) -> tuple | None:
+    """The partition names of an ``nnx.with_partitioning`` variable (None if unannotated): flax
+    keeps them as ``out_sharding`` (0.12.4 and later) or ``sharding_names`` (0.12.1-0.12.3)."""
+    meta = variable.get_metadata()
+    names = meta.get("out_sharding", meta.get("sharding_names"))
     return tuple(names) if names is not None else None
 
 

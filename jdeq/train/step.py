@@ -79,7 +79,9 @@ class TrainState:
         check_optimizer(optimizer)
         if not isinstance(model, nnx.Module):
             raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # a snapshot: nnx.split hands out the model's own Variables, which a later change of
+        # the model (or of a module merged from this state) would change in place
+        graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
         if not bool(all_finite(params)):  # one reduction; names only on failure
             bad = [jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value")
                    for p, x in jax.tree_util.tree_leaves_with_path(params) if not bool(jnp.all(jnp.isfinite(x)))]
@@ -87,8 +89,9 @@ class TrainState:
         return cls(graphdef, params, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
 
     def model(self) -> nnx.Module:
-        """A new module holding this state's parameters (``nnx.merge``)."""
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        """A new module holding a copy of this state's variables (``nnx.merge(..., copy=True)``):
+        changing the module leaves the state as it was."""
+        return nnx.merge(self.graphdef, self.params, self.rest, copy=True)
 
     def mutable(self):
         """The model state a step may change: every variable but the parameters and the RNG
@@ -147,7 +150,7 @@ def _with_cache(graphdef, params, rest, cache):
     :data:`MUTABLE`) replaced."""
     if not jax.tree_util.tree_leaves(cache):
         return rest
-    net = nnx.merge(graphdef, params, rest)
+    net = nnx.merge(graphdef, params, rest, copy=True)  # the caller's state stays as it was
     nnx.update(net, cache)
     return nnx.split(net, nnx.Param, ...)[2]
 
@@ -253,6 +256,6 @@ def make_train_step(
         if jax.tree_util.tree_leaves(mutable):  # a skipped step keeps RNG counters and caches as they were
             rest = _with_cache(state.graphdef, state.params, rest, optax.tree.where(ok, mutable, state.mutable()))
         new_state = state.replace(params=params, opt_state=opt_state, rest=rest, step=state.step + 1)
-        return new_state, {**metrics, "skipped": (~ok).astype(jnp.float32)}
+        return new_state, {**metrics, "skipped": jnp.where(ok, 0.0, 1.0)}
 
     return train_step
