@@ -202,7 +202,7 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "jdeq/train/evaluation.py": (("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"]),
     # fit's checks of a batch split over processes: only the two-process run takes that path
     "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
-    "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read"), ["tests/test_multiprocess.py"]),
+    "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read", "_quarantine"), ["tests/test_multiprocess.py"]),
     # host_value of an array split over processes, shard_batch's and check_mesh's process count
     "jdeq/train/sharding.py": (("host_value", "shard_batch", "check_mesh"), ["tests/test_multiprocess.py"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them

@@ -304,8 +304,85 @@ def test_checkpoint_quarantine_never_overwrites_an_earlier_one(tmp_path):
         with pytest.warns(RuntimeWarning, match="checkpoint of step 3 is corrupt"):
             assert T.restore_checkpoint(tmp_path, like).step == 2
         names.append(sorted(p.name for p in (tmp_path / "corrupt").iterdir()))
-    assert len(names[0]) == 2 and len(names[1]) == 3, names
+    # "<step>-<k>": k the number of copies there, or the next name free after it
+    assert names == [["3-1", "3-2"], ["3-1", "3-2", "3-3"]], names
     assert (tmp_path / "corrupt" / "3-1" / "leftover").read_text() == "kept"
+
+
+def test_checkpoint_verdicts_name_their_reason_and_the_quarantined_path(tmp_path):
+    """The reason each bad checkpoint is refused, in full: no commit marker (an unfinished
+    write), a meta file that does not parse (the reader's exception type and message), an array
+    that fails its checksum (its index); and the warning names where the bad one went."""
+    import json
+    import os
+
+    tree = {"a": jnp.arange(4.0), "b": jnp.ones((2, 3))}
+    like = jax.tree.map(jnp.zeros_like, tree)
+    for step in (1, 2, 3, 4):
+        T.save_checkpoint(tmp_path, step, tree, keep=4)
+    os.remove(tmp_path / "4" / "commit_success.txt")
+    with pytest.raises(T.CheckpointError) as e:
+        T.restore_checkpoint(tmp_path, like, step=4)
+    assert str(e.value) == "no commit marker commit_success.txt (unfinished write)"
+    (tmp_path / "3" / "meta" / "metadata").write_text("{")
+    with pytest.raises(T.CheckpointError) as e:
+        T.restore_checkpoint(tmp_path, like, step=3)
+    cause = e.value.__cause__
+    assert cause is not None and str(e.value) == f"unreadable meta ({type(cause).__name__}: {cause})"
+    record = json.loads((tmp_path / "2" / "meta" / "metadata").read_text())
+    assert record["step"] == 2 and record["meta"] == {} and len(record["leaves"]) == 2  # the JSON record
+    record["leaves"][1]["crc32"] ^= 1  # array 1 ("b") no longer matches its checksum
+    (tmp_path / "2" / "meta" / "metadata").write_text(json.dumps(record))
+    with pytest.raises(T.CheckpointError) as e:
+        T.restore_checkpoint(tmp_path, like, step=2)
+    assert str(e.value) == "checksum mismatch in array 1 of 2"
+    with pytest.warns(RuntimeWarning) as caught:
+        assert T.restore_checkpoint(tmp_path, like).step == 1
+    moved = [str(w.message) for w in caught]
+    # newest first; each named "<step>-<k>", k the number of copies already there
+    for k, (step, reason) in enumerate(((4, "no commit marker"), (3, "unreadable meta"),
+                                        (2, "checksum mismatch in array 1 of 2"))):
+        dest = os.path.join(str(tmp_path), "corrupt", f"{step}-{k}")
+        assert any(f"the checkpoint of step {step} is corrupt ({reason}" in m and f"moved to {dest!r}" in m
+                   for m in moved), (step, moved)
+        assert os.path.isdir(dest)
+
+
+def test_checkpoint_restores_into_the_layout_of_like(tmp_path):
+    """The restored arrays are jax arrays laid out as ``like``'s leaves (arrays or
+    ShapeDtypeStructs with a sharding), whatever the layout they were saved from."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = T.data_mesh()
+    whole, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    tree = {"a": jnp.arange(4.0), "b": jnp.arange(6.0).reshape(2, 3)}
+    T.save_checkpoint(tmp_path, 1, tree)
+    like = {"a": jax.device_put(jnp.zeros(4), whole), "b": jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=split)}
+    got = T.restore_checkpoint(tmp_path, like).tree
+    assert isinstance(got["a"], jax.Array) and isinstance(got["b"], jax.Array)
+    assert got["a"].sharding == whole and got["b"].sharding == split
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(tree[k]))
+
+
+def test_checkpoint_of_the_older_format_keeps_its_meta(tmp_path):
+    """A checkpoint written by fit before save_checkpoint existed (jdeq at 58168c6^: the
+    history at the top level of the JSON record, beside "step" and "leaves") restores, its meta
+    being that record without those two keys."""
+    import orbax.checkpoint as ocp
+
+    from jdeq.train._checksum import fingerprint
+
+    leaves = [jnp.arange(3.0)]
+    old = {"train": [{"step": 4, "loss": 0.5}], "eval": [], "elapsed": 1.5, "skips": {"count": 0}, "step": 4,
+           "leaves": fingerprint(leaves)}
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"leaves": leaves}), meta=ocp.args.JsonSave(old)))
+    manager.wait_until_finished()
+    got = T.restore_checkpoint(tmp_path, [jnp.zeros(3)])
+    assert got.step == 4 and got.meta == {"train": [{"step": 4, "loss": 0.5}], "eval": [], "elapsed": 1.5,
+                                          "skips": {"count": 0}}
+    np.testing.assert_array_equal(np.asarray(got.tree[0]), [0.0, 1.0, 2.0])
 
 
 def test_checkpoint_found_bad_on_another_process_is_rejected_here_too(tmp_path, monkeypatch):
@@ -462,3 +539,52 @@ def test_jac_reg_find_deqs_needs_both_members():
 
     model = Model()
     assert J.find_deqs(model) == [model.eq]
+
+
+def test_checkpoint_warnings_and_errors_in_full_at_the_callers_line(tmp_path):
+    """Each checkpoint warning, in full, is attributed to the line that called jdeq (here this
+    file), whether through restore_checkpoint, checkpoint_steps or fit; the errors name the
+    directory and the argument's type; a read never creates a directory."""
+    import os
+
+    tree, like = {"w": jnp.arange(3.0)}, {"w": jnp.zeros(3)}
+    d = str(tmp_path / "ck")
+    missing = tmp_path / "missing"
+    assert T.restore_checkpoint(missing, like) is None and T.checkpoint_steps(missing) == []
+    assert not missing.exists()
+    T.save_checkpoint(d, 2, tree)
+    T.save_checkpoint(d, 5, tree)
+    os.replace(os.path.join(d, "5"), os.path.join(d, "5.orbax-checkpoint-tmp-123"))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert T.checkpoint_steps(d) == [2]
+    assert [str(w.message) for w in caught] == [
+        f"checkpoint directory {d!r}: ignoring the unfinished checkpoint of step 5 (5.orbax-checkpoint-tmp-123; "
+        "the run was stopped while saving it); it is removed and the previous checkpoint is used."]
+    assert caught[0].filename == __file__
+    with pytest.raises(FileNotFoundError) as e:
+        T.restore_checkpoint(d, like, step=3)
+    assert str(e.value) == f"`step`=3 is not a checkpoint of {d!r} (steps [2])."
+    (tmp_path / "ck" / "2" / "meta" / "metadata").write_text("{")
+    with pytest.warns(RuntimeWarning) as caught:
+        assert T.restore_checkpoint(d, like) is None
+    assert [w.filename for w in caught] == [__file__, __file__]
+    first, last = (str(w.message) for w in caught)
+    assert first.startswith(f"checkpoint directory {d!r}: the checkpoint of step 2 is corrupt (unreadable meta (")
+    assert first.endswith(f"); moved to {os.path.join(d, 'corrupt', '2-0')!r}, trying the previous one.")
+    assert last == (f"checkpoint directory {d!r}: no usable checkpoint (steps [2] were corrupt): training "
+                    "starts again from step 0.")
+    # through fit: still this file's line
+    T.save_checkpoint(d, 4, [np.zeros(1)])
+    (tmp_path / "ck" / "4" / "meta" / "metadata").write_text("{")
+    data = {"inputs": np.ones((4, 2), np.float32), "labels": np.zeros(4, np.int32)}
+    with pytest.warns(RuntimeWarning) as caught:
+        T.fit(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), optax.sgd(0.1), data, steps=1, batch_size=2, progress=False,
+              checkpoint_dir=d)
+    assert len(caught) == 2 and all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)) for w in caught]
+    for bad, kind in ((3, "int"), (None, "NoneType")):
+        with pytest.raises(TypeError) as e:
+            T.save_checkpoint(bad, 1, tree)
+        assert str(e.value) == f"`directory` must be a path (str or os.PathLike), got {kind}."
+    with pytest.raises(TypeError) as e:
+        T.save_checkpoint(d, 7, tree, meta=[1])
+    assert str(e.value) == "`meta` must be None or a dict, got list."

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -86,11 +87,10 @@ def _manager(directory, keep: int = KEEP):
     if os.path.isdir(directory):
         for tmp in ocp.step.all_temporary_paths(directory):
             name = tmp.get().name
-            warnings.warn(
+            _warn(
                 f"checkpoint directory {directory!r}: ignoring the unfinished checkpoint of step "
                 f"{ocp.step.step_from_checkpoint_name(name)} ({name}; the run was stopped while "
-                "saving it); it is removed and the previous checkpoint is used.",
-                RuntimeWarning, stacklevel=4,
+                "saving it); it is removed and the previous checkpoint is used."
             )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
@@ -103,8 +103,20 @@ def _check_directory(directory) -> None:
         raise TypeError(f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}.")
 
 
-def _check_step(step, name: str = "step") -> None:
-    V.nonnegative_int(step, name)
+def _check_step(step) -> None:
+    V.nonnegative_int(step, "step")
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../jdeq/
+
+
+def _warn(message: str) -> None:
+    """A ``RuntimeWarning`` attributed to the first caller outside jdeq: the user's line,
+    whether it called :func:`restore_checkpoint` or ``fit`` (which calls it)."""
+    frame, level = sys._getframe(1), 2  # level 1 is this function, 2 its caller
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _leaves(tree, name: str) -> list:
@@ -252,7 +264,7 @@ def _quarantine(ocp, manager, step: int) -> str:
     dest = manager.directory / _BAD / f"{path.name}-{k}"
     _sync(f"jdeq checkpoint quarantine {step} before")
     if jax.process_index() == 0:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(exist_ok=True)  # in the checkpoint directory, which exists
         os.replace(path, dest)
     _sync(f"jdeq checkpoint quarantine {step} after")
     manager.reload()
@@ -314,15 +326,13 @@ def restore_checkpoint(directory: str | os.PathLike, like: Any, *, step: int | N
         except CheckpointError as e:
             bad.append(found)
             dest = _quarantine(ocp, manager, found)
-            warnings.warn(
+            _warn(
                 f"checkpoint directory {str(manager.directory)!r}: the checkpoint of step {found} is "
-                f"corrupt ({e}); moved to {dest!r}, trying the previous one.",
-                RuntimeWarning, stacklevel=2,
+                f"corrupt ({e}); moved to {dest!r}, trying the previous one."
             )
     if bad:
-        warnings.warn(
+        _warn(
             f"checkpoint directory {str(manager.directory)!r}: no usable checkpoint (steps {bad} were "
-            "corrupt): training starts again from step 0.",
-            RuntimeWarning, stacklevel=2,
+            "corrupt): training starts again from step 0."
         )
     return None
