@@ -541,6 +541,16 @@ def test_jac_reg_find_deqs_needs_both_members():
     assert J.find_deqs(model) == [model.eq]
 
 
+def _at_callers_line(filename: str) -> bool:
+    """Whether a warning is attributed to this file. Under mutation testing (.ci/mutation.py)
+    mutmut's trampoline, outside jdeq, calls each function of the mutated module: there the
+    first caller outside jdeq is that trampoline."""
+    import sys
+
+    trampoline = sys.modules.get("mutmut.mutation.trampoline")
+    return filename == __file__ or (trampoline is not None and filename == trampoline.__file__)
+
+
 def test_checkpoint_warnings_and_errors_in_full_at_the_callers_line(tmp_path):
     """Each checkpoint warning, in full, is attributed to the line that called jdeq (here this
     file), whether through restore_checkpoint, checkpoint_steps or fit; the errors name the
@@ -560,14 +570,14 @@ def test_checkpoint_warnings_and_errors_in_full_at_the_callers_line(tmp_path):
     assert [str(w.message) for w in caught] == [
         f"checkpoint directory {d!r}: ignoring the unfinished checkpoint of step 5 (5.orbax-checkpoint-tmp-123; "
         "the run was stopped while saving it); it is removed and the previous checkpoint is used."]
-    assert caught[0].filename == __file__
+    assert _at_callers_line(caught[0].filename)
     with pytest.raises(FileNotFoundError) as e:
         T.restore_checkpoint(d, like, step=3)
     assert str(e.value) == f"`step`=3 is not a checkpoint of {d!r} (steps [2])."
     (tmp_path / "ck" / "2" / "meta" / "metadata").write_text("{")
     with pytest.warns(RuntimeWarning) as caught:
         assert T.restore_checkpoint(d, like) is None
-    assert [w.filename for w in caught] == [__file__, __file__]
+    assert len(caught) == 2 and all(_at_callers_line(w.filename) for w in caught)
     first, last = (str(w.message) for w in caught)
     assert first.startswith(f"checkpoint directory {d!r}: the checkpoint of step 2 is corrupt (unreadable meta (")
     assert first.endswith(f"); moved to {os.path.join(d, 'corrupt', '2-0')!r}, trying the previous one.")
@@ -580,7 +590,7 @@ def test_checkpoint_warnings_and_errors_in_full_at_the_callers_line(tmp_path):
     with pytest.warns(RuntimeWarning) as caught:
         T.fit(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), optax.sgd(0.1), data, steps=1, batch_size=2, progress=False,
               checkpoint_dir=d)
-    assert len(caught) == 2 and all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)) for w in caught]
+    assert len(caught) == 2 and all(_at_callers_line(w.filename) for w in caught), [(w.filename, str(w.message)) for w in caught]
     for bad, kind in ((3, "int"), (None, "NoneType")):
         with pytest.raises(TypeError) as e:
             T.save_checkpoint(bad, 1, tree)
