@@ -620,6 +620,22 @@ def test_host_shard_disjoint_blocks(monkeypatch):
               progress=False, mesh=T.data_mesh())
 
 
+def test_host_shard_edges():
+    """One process gets every row; as many rows as processes gives one each; the errors in full."""
+    np.testing.assert_array_equal(T.host_shard(np.arange(5), process_index=0, process_count=1), np.arange(5))
+    assert [T.host_shard(np.arange(3), process_index=i, process_count=3).tolist() for i in range(3)] == [[0], [1], [2]]
+    for index, count in ((0, 0), (0, 2.0), (1.0, 2), (-1, 2), (2, 2), (True, 2)):
+        with pytest.raises(ValueError) as e:
+            T.host_shard(np.arange(4), process_index=index, process_count=count)
+        assert str(e.value) == f"`process_index`={index!r} must be in [0, `process_count`={count!r}).", (index, count)
+    for data, message in (({}, "`data` holds no arrays."),
+                          ({"a": np.arange(4), "b": np.arange(5)}, "`data`'s arrays must share their leading (row) axis."),
+                          (np.arange(2), "`data` has 2 rows, fewer than the 3 processes.")):
+        with pytest.raises(ValueError) as e:
+            T.host_shard(data, process_index=0, process_count=3)
+        assert str(e.value) == message
+
+
 def test_host_shard_errors():
     with pytest.raises(ValueError, match="`process_index`=3 must be in"):
         T.host_shard(np.arange(8), process_index=3, process_count=3)
@@ -666,6 +682,8 @@ def test_param_shardings_rule_in_process():
     # nothing to split along: no model axis, one absent from the mesh, or one of size 1
     for mesh, kw in [(m4, {"model_axis": None}), (m4, {"model_axis": "tensor"}), (_abstract(model=1), {})]:
         assert set(_specs(tree, mesh, min_size=0, **kw).values()) == {P()}, kw
+    # a model axis of size 2 splits too (only size 1 has nothing to split)
+    assert _specs({"w": z((6, 3)), "v": z((3, 3))}, _abstract(model=2), min_size=0) == {"w": P("model"), "v": P()}
     # another name for the model axis
     assert _specs({"w": z((8, 16))}, _abstract(names=("batch", "tensor")), model_axis="tensor", min_size=0) == {
         "w": P(None, "tensor")}
@@ -737,6 +755,7 @@ def test_meshes_and_layouts_in_process():
     d = jax.devices()[0]
     rows = T.data_mesh([d], axis="rows")
     assert rows.axis_names == ("rows",) and rows.devices.tolist() == [d]
+    assert T.data_mesh([d, d]).devices.shape == (2,)  # the devices given, not jax.devices()
     assert T.data_mesh().axis_names == ("data",) and T.data_mesh().devices.tolist() == jax.devices()
     # one device standing for four: the shapes, names and divisibility checks of model_mesh
     mm = T.model_mesh(2, [d] * 4, data_axis="batch", model_axis="tensor")
@@ -757,6 +776,7 @@ def test_meshes_and_layouts_in_process():
     assert T.batch_sharding(rows, "rows").spec == P("rows") and T.batch_sharding(T.data_mesh()).spec == P("data")
     assert T.replicated(rows) == NamedSharding(rows, P())
     placed = T.replicate({"a": jnp.ones(2), "b": [jnp.zeros(3)]}, rows)
+    assert jax.tree.structure(placed) == jax.tree.structure({"a": 0, "b": [0]})
     assert all(x.sharding == NamedSharding(rows, P()) for x in jax.tree.leaves(placed))
     # global_array and shard_batch (one process: the whole batch)
     value = np.arange(6.0).reshape(3, 2)

@@ -60,6 +60,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -183,10 +184,8 @@ def training_mesh(mesh: Mesh, model_axis: str | None) -> Mesh:
       >>> training_mesh(mesh, "model").axis_types
       (Explicit, Auto)
     """
-    if model_axis is None or model_axis not in mesh.shape:
-        return mesh
     types = tuple(AxisType.Auto if name == model_axis else t for name, t in zip(mesh.axis_names, mesh.axis_types))
-    if types == tuple(mesh.axis_types):
+    if types == tuple(mesh.axis_types):  # no model axis, one the mesh lacks, or Auto already
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
 
@@ -208,7 +207,7 @@ def replicate(tree, mesh: Mesh):
 
 def _split_spec(shape: tuple[int, ...], size: int, axis: str, min_size: int) -> PartitionSpec:
     """The size rule of :func:`param_shardings` for one array."""
-    if size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    if size <= 1 or math.prod(shape) < min_size:
         return PartitionSpec()
     # the largest dimension divisible by the axis size; ties go to the last (a Linear kernel
     # (in, out) then splits its outputs: "column parallel")
@@ -257,7 +256,7 @@ def param_shardings(tree, mesh: Mesh, *, model_axis: str | None = "model", min_s
       P()
     """
     V.nonnegative_int(min_size, "min_size")
-    size = mesh.shape.get(model_axis, 1) if model_axis is not None else 1
+    size = mesh.shape.get(model_axis, 1)  # 1 for None or an axis the mesh lacks
 
     def one(x):
         if isinstance(x, nnx.Variable):
@@ -290,7 +289,7 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, opt_state, shar
     rep = replicated(mesh)
     return optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, opt_state, shardings,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, nnx.Variable),
+        transform_non_params=lambda _: rep,
     )
 
 
@@ -317,7 +316,7 @@ def host_shard(data, *, process_index: int | None = None, process_count: int | N
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    if not V.is_int(count) or count < 1 or not V.is_int(index) or not 0 <= index < count:
+    if not (V.is_int(count) and V.is_int(index) and 0 <= index < count):
         raise ValueError(f"`process_index`={index!r} must be in [0, `process_count`={count!r}).")
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
@@ -383,9 +382,5 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = "data") -> dic
       ``{key: jax.Array}`` of global shape ``(local_rows * process_count, ...)``.
     """
     sharding = batch_sharding(mesh, axis)
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+    # jax infers the global shape: every process holds an equal share of the rows
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
