@@ -598,3 +598,7 @@ def test_checkpoint_warnings_and_errors_in_full_at_the_callers_line(tmp_path):
     with pytest.raises(TypeError) as e:
         T.save_checkpoint(d, 7, tree, meta=[1])
     assert str(e.value) == "`meta` must be None or a dict, got list."
+    for call, bad in ((lambda: T.save_checkpoint(d, -1, tree), -1), (lambda: T.restore_checkpoint(d, like, step=1.5), 1.5)):
+        with pytest.raises((TypeError, ValueError)) as e:
+            call()
+        assert str(e.value) == f"`step` must be an int >= 0, got {bad}."
