@@ -115,7 +115,50 @@ def _checkpoint_api(workdir: str, out: dict) -> None:
     _saved_restored_corrupted(workdir, "api", lambda w: tree(w, split), tree(np.zeros_like(full)), full, out,
                               relayout=like)
     assert not tree(full)["w"].is_fully_addressable
+    try:  # no process can read an array split over the processes
+        train.host_value(tree(full)["w"])
+        out["api_host_value_error"] = np.array("")
+    except ValueError as e:
+        out["api_host_value_error"] = np.array(str(e))
     _saved_restored_corrupted(workdir, "whole", lambda w: tree(w, rep), tree(np.zeros_like(full)), full, out)
+    _bad_on_one_process(workdir, lambda w: tree(w, rep), tree(np.zeros_like(full)), full, out)
+
+
+def _bad_on_one_process(workdir: str, tree, like, full, out: dict) -> None:
+    """Step 2 fails its check on process 1 only (as a local read error would): both processes
+    must still agree, set it aside and restore step 1; results go to ``out["local_..."]``."""
+    import warnings
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jdeq import train
+    from jdeq.train import checkpoint
+
+    where = os.path.join(workdir, "local")
+    train.save_checkpoint(where, 1, tree(full))
+    train.save_checkpoint(where, 2, tree(full + 1))
+    real = checkpoint._read
+
+    def read(ocp, manager, step, leaves):
+        got = real(ocp, manager, step, leaves)  # every process reads (orbax's restore is collective)
+        if step == 2 and jax.process_index() == 1:
+            raise checkpoint.CheckpointError("simulated: bad on process 1 only")
+        return got
+
+    checkpoint._read = read
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = train.restore_checkpoint(where, like)
+    finally:
+        checkpoint._read = real
+    out["local_step"] = np.array(got.step)
+    out["local_w"] = multihost_utils.process_allgather(got.tree["w"], tiled=True)
+    out["local_quarantined"] = np.array(sorted(p.split("-")[0] for p in os.listdir(os.path.join(where, "corrupt"))))
+    reason = "simulated: bad on process 1 only" if jax.process_index() == 1 else "found bad on another process"
+    out["local_reason_on_each_process"] = np.array(
+        [f"the checkpoint of step 2 is corrupt ({reason})" in str(w.message) for w in caught])
 
 
 def _saved_restored_corrupted(workdir: str, name: str, tree, like, full, out: dict, relayout=None) -> None:

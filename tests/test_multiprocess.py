@@ -170,6 +170,18 @@ def test_checkpoint_api_with_an_array_split_over_processes(runs):
     assert int(runs["api_restored_step"]) == 2
     np.testing.assert_array_equal(runs["api_restored_w"], full + 1)
     np.testing.assert_array_equal(runs["api_relayout_w"], full)  # restored replicated instead of split
+    assert str(runs["api_host_value_error"]) == (  # host_value of the split array, on either process
+        "`x` is split over several processes: no process holds all of it "
+        "(gather it first, e.g. jax.experimental.multihost_utils.process_allgather).")
+
+
+def test_checkpoint_bad_on_one_process_only_is_set_aside_by_both(runs):
+    # step 2 fails its check on process 1 only: process 0 hears of it, both restore step 1
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    assert int(runs["local_step"]) == 1
+    np.testing.assert_array_equal(runs["local_w"], full)
+    assert runs["local_quarantined"].tolist() == ["2"]
+    assert runs["local_reason_on_each_process"].tolist() == [True]  # each its own reason, one warning
 
 
 @pytest.mark.parametrize("saved", ["api", "whole"])

@@ -334,7 +334,7 @@ def host_value(x) -> np.ndarray:
     """A numpy copy of ``x`` readable on this process.
 
     A replicated array spread over several processes is not fully addressable, but any of
-    this process's shards holds all of it, so that shard is read (no communication).
+    this process's shards holds all of it: jax reads one of them (no communication).
 
     Args:
       x: a ``jax.Array`` (fully addressable, or replicated over the processes) or any
@@ -347,13 +347,11 @@ def host_value(x) -> np.ndarray:
       >>> host_value(jax.numpy.arange(3))
       array([0, 1, 2], dtype=int32)
     """
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.sharding.is_fully_replicated:
-            raise ValueError(
-                "`x` is split over several processes: no process holds all of it "
-                "(gather it first, e.g. jax.experimental.multihost_utils.process_allgather)."
-            )
-        x = x.addressable_data(0)
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.sharding.is_fully_replicated):
+        raise ValueError(
+            "`x` is split over several processes: no process holds all of it "
+            "(gather it first, e.g. jax.experimental.multihost_utils.process_allgather)."
+        )
     return np.asarray(jax.device_get(x))
 
 
