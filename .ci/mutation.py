@@ -203,8 +203,10 @@ RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
     # fit's checks of a batch split over processes: only the two-process run takes that path
     "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
     "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read", "_quarantine"), ["tests/test_multiprocess.py"]),
-    # host_value of an array split over processes, shard_batch's and check_mesh's process count
-    "jdeq/train/sharding.py": (("host_value", "shard_batch", "check_mesh"), ["tests/test_multiprocess.py"]),
+    # host_value of an array split over processes (and, on 8 devices, of one split over this
+    # process's devices: evaluate's outputs), shard_batch's and check_mesh's process count
+    "jdeq/train/sharding.py": (("host_value", "shard_batch", "check_mesh"),
+                               ["tests/test_multiprocess.py", "tests/test_sharding.py::test_on_8_devices"]),
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
     "jdeq/_solvers.py": (("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
                          ["tests/test_explicit_sharding.py"]),
