@@ -191,29 +191,31 @@ MODULES: dict[str, list[str]] = {
 # never runs them for the function's mutants. And for options of a shared function that only a
 # few callers use (the loop's snapshots and kept solver state): their tests run for its
 # survivors only, instead of for every mutant of it.
-RECHECK: dict[str, tuple[tuple[str, ...], list[str]]] = {
-    "jdeq/train/_checksum.py": (("_device_hashes", "_readable", "mismatch"),
-                                ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
+RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
+    "jdeq/train/_checksum.py": [(("_device_hashes", "_readable", "mismatch"),
+                                ["tests/test_multiprocess.py", "tests/test_sharding.py"])],
     # snapshots (jdeq.correction_states) and the kept solver state (SHINE) through the vmap rule
-    "jdeq/_loop.py": (("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
+    "jdeq/_loop.py": [(("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
+                      # the stop test's boolean all-reduce under a data mesh (8 devices, in a subprocess)
+                      (("keep_going",), ["tests/test_sharding.py::test_on_8_devices"])],
     # TrainState.shardings, evaluate/predict on a mesh: only sharded runs (8 simulated devices,
     # in a subprocess) take those paths
-    "jdeq/train/step.py": (("shardings",), ["tests/test_sharding.py"]),
-    "jdeq/train/evaluation.py": (("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"]),
+    "jdeq/train/step.py": [(("shardings",), ["tests/test_sharding.py"])],
+    "jdeq/train/evaluation.py": [(("evaluate", "predict", "_place_state"), ["tests/test_sharding.py"])],
     # fit's checks of a batch split over processes: only the two-process run takes that path
-    "jdeq/train/loop.py": (("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"]),
-    "jdeq/train/checkpoint.py": (("_agree", "_sync", "_read", "_quarantine"), ["tests/test_multiprocess.py"]),
+    "jdeq/train/loop.py": [(("_check_fit_args", "fit"), ["tests/test_multiprocess.py", "tests/test_sharding.py"])],
+    "jdeq/train/checkpoint.py": [(("_agree", "_sync", "_read", "_quarantine"), ["tests/test_multiprocess.py"])],
     # host_value of an array split over processes (and, on 8 devices, of one split over this
     # process's devices: evaluate's outputs), shard_batch's and check_mesh's process count
-    "jdeq/train/sharding.py": (("host_value", "shard_batch", "check_mesh"),
-                               ["tests/test_multiprocess.py", "tests/test_sharding.py::test_on_8_devices"]),
+    "jdeq/train/sharding.py": [(("host_value", "shard_batch", "check_mesh"),
+                               ["tests/test_multiprocess.py", "tests/test_sharding.py::test_on_8_devices"])],
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them
-    "jdeq/_solvers.py": (("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
-                         ["tests/test_explicit_sharding.py"]),
-    "jdeq/_gradients.py": (("linear_solve",), ["tests/test_explicit_sharding.py"]),
+    "jdeq/_solvers.py": [(("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
+                         ["tests/test_explicit_sharding.py"])],
+    "jdeq/_gradients.py": [(("linear_solve",), ["tests/test_explicit_sharding.py"])],
     # the warm-start cache's gathers and scatters under Explicit axes (4 devices, in a subprocess)
-    "jdeq/_warm_start.py": (("_gather", "_scatter"),
-                            ["tests/test_warm_start.py::test_data_mesh_equals_one_device"]),
+    "jdeq/_warm_start.py": [(("_gather", "_scatter"),
+                            ["tests/test_warm_start.py::test_data_mesh_equals_one_device"])],
 }
 # pytest's exit code 2 under -x, when the unmutated selection passes: the mutant broke the test
 # modules' import (an error during collection), which is a failure the tests report
@@ -328,7 +330,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
         if m:
             status[m.group(1)] = m.group(2).strip()
     if module in RECHECK:
-        status.update(recheck(work, [n for n, st in status.items() if st in UNANSWERED], [RECHECK[module]]))
+        status.update(recheck(work, [n for n, st in status.items() if st in UNANSWERED], RECHECK[module]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
     return {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
             "commit": run["commit"], "recheck": RECHECK.get(module)}
@@ -359,6 +361,13 @@ def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | N
                 code, f"recheck error (pytest exit {code})")
             print(f"  recheck {name}: {out[name]}", flush=True)
     return out
+
+
+def _recheck_groups(recorded) -> list:
+    """A run's recorded RECHECK groups; runs before several groups per module recorded one."""
+    if not recorded:
+        return []
+    return [recorded] if isinstance(recorded[0][0], str) else recorded
 
 
 def _diff(text: str) -> str:
@@ -422,7 +431,7 @@ def sample_module(module: str, tests: list[str], k: int, seed: int, max_children
             status[name] = st
             print(f"  {name}: {st}", flush=True)
     if module in RECHECK:
-        status.update(recheck(work, [n for n, st in status.items() if st == "survived"], [RECHECK[module]]))
+        status.update(recheck(work, [n for n, st in status.items() if st == "survived"], RECHECK[module]))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, st in status.items() if st == "survived"}
     status = {n: st for n, st in status.items() if st != NOT_SAMPLED}  # the mutants run (of `population`)
     return {"module": module, "tests": tests, "seconds": round(time.perf_counter() - start), "status": status,
@@ -510,8 +519,7 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         if r.get("tests_commit"):
             lines += [f"Mutants of the code at {r['commit']}; survivors rechecked with the tests at "
                       f"{r['tests_commit']} (`--recheck-only`).", ""]
-        if r.get("recheck"):
-            functions, tests = r["recheck"]
+        for functions, tests in _recheck_groups(r.get("recheck")):
             lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
                       + ", ".join(f"`{t}`" for t in tests), ""]
         if survivors:
@@ -565,7 +573,7 @@ def main(argv=None) -> None:
             shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
             eqs = equivalents(r, equivalent)
             names = [n for n, st in r["status"].items() if st in UNANSWERED and n not in eqs]
-            groups = [(None, MODULES[module])] + ([RECHECK[module]] if module in RECHECK else [])
+            groups = [(None, MODULES[module])] + RECHECK.get(module, [])
             r["status"].update(recheck(work, names, groups))
             r["recheck"] = RECHECK.get(module)
             r["tests_commit"] = _commit()

@@ -162,6 +162,8 @@ def _checks() -> dict[str, str]:  # runs with 8 CPU devices
         loops = loop_report(hlo)
         assert len(loops) == 2, loops
         assert all(r == {"all_reduce": 1, "other_collectives": 0, "callbacks": 0} for r in loops), loops
+        # a boolean one (jdeq._loop.keep_going's jnp.any: stop_fraction=1), not a count of active rows
+        assert loop_collectives(hlo) == [{"all-reduce": ["pred[]"]}] * 2, loop_collectives(hlo)
 
     class Net(nnx.Module):
         def __init__(self, throw=False):
