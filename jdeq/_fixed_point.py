@@ -171,8 +171,9 @@ def fixed_point(
 
     Returns:
       A :class:`jdeq.Solution`: ``value`` (per example, ``f`` at the lowest-residual iterate
-      seen: that evaluation is already made, so ``maxiter=L`` plain iterations apply ``f``
-      exactly ``L`` times) and ``stats`` (a :class:`jdeq.SolverStats` of that iterate).
+      seen, the first one on ties: that evaluation is already made, so ``maxiter=L`` plain
+      iterations apply ``f`` exactly ``L`` times) and ``stats`` (a :class:`jdeq.SolverStats`
+      of that iterate).
 
     Example:
       >>> import jax, jax.numpy as jnp, jdeq

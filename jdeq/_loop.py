@@ -92,10 +92,10 @@ def run_loop(
     Returns:
       ``(value, stats)``, or ``(value, stats, snaps)`` with ``snaps`` of shape
       ``(states, batch, dim)`` when ``snapshots`` is given; with ``keep_state`` the solver
-      state is appended last. ``value`` is, per example,
-      ``F(z_b)`` with ``z_b`` the lowest-residual finite iterate (the evaluation the loop
-      already made there, so ``maxiter = L`` plain steps return exactly ``F`` applied ``L``
-      times to ``z0``); for an example flagged non-finite, ``z_b`` itself (``z0`` when no
+      state is appended last. ``value`` is, per example, ``F(z_b)`` with ``z_b`` the
+      lowest-residual finite iterate, the first one on ties (the evaluation the loop already
+      made there, so ``maxiter = L`` plain steps return exactly ``F`` applied ``L`` times to
+      ``z0``); for an example flagged non-finite, ``z_b`` itself (``z0`` when no
       iterate was finite), where ``F`` is known to be finite. ``stats`` describe ``z_b``.
     """
     tol = solver.tol

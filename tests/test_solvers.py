@@ -206,6 +206,21 @@ def test_lowest_residual_iterate_is_returned(x64):
     np.testing.assert_allclose(value_res, exact_next, rtol=1e-10)
 
 
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_lowest_residual_ties_keep_the_first_iterate(stop_mode):
+    # f(z) = -z from z0: the iterates alternate z0, -z0, z0, ... and every residual is
+    # exactly the same (2 |z0|), so each later iterate ties with the first: the first is
+    # kept, and the value is f(z0) = -z0 whatever the budget's parity
+    z0 = jnp.asarray([[1.0, -2.0, 0.5], [0.25, 4.0, -1.0]])
+    A, b = -jnp.eye(3), jnp.zeros((2, 3))
+    for maxiter in (4, 5):
+        solver = jdeq.FixedPointIteration(tol=1e-6, maxiter=maxiter, stop_mode=stop_mode, trace=True)
+        sol = solve(affine, z0, (A, b), solver)
+        trace = np.asarray(sol.stats.trace)
+        assert (trace == trace[:, :1]).all() and not bool(sol.stats.converged.any())
+        np.testing.assert_array_equal(sol.value, -z0)
+
+
 @pytest.mark.parametrize("name", sorted(JDEQ_SOLVERS))
 def test_trace_matches_nsteps_and_residuals(name):
     # Example 2: I - A has eigenvalues spread over [0.001, 2] in 30 dimensions, far too
