@@ -301,15 +301,27 @@ def _pytest_cmd(tests: list[str]) -> list[str]:
     return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
 
 
-def run_module(module: str, tests: list[str], max_children: int, timeout: float, resume: bool = False) -> dict:
+def _current_tests(work: Path) -> None:
+    """Today's tests in a mutated copy (tests are never mutated), and the table of error
+    messages that tests/test_bad_input.py holds each row to."""
+    shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
+    shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
+
+
+def run_module(module: str, tests: list[str], max_children: int, timeout: float, resume: bool = False,
+               equivalent: dict | None = None, previous: dict | None = None) -> dict:
     """mutmut on a fresh copy of the tree; with ``resume``, on the last run's copy, where mutmut
-    keeps every verdict it reached and runs only the mutants without one (a stopped run goes on)."""
+    keeps every verdict it reached and runs only the mutants without one (a stopped run goes on).
+    Survivors listed in ``equivalent`` (with their diff) are not rechecked, nor, on a resumed
+    run, those ``previous`` (the recorded result of the same copy) records killed by a recheck."""
     work = _workdir(module)
     run_file = work / "jdeq-run.json"  # the commit the copy was made from and the seconds spent on it
     if resume and run_file.exists():
         run = json.loads(run_file.read_text())
         if run["tests"] != tests:
             raise RuntimeError(f"{module}: the test selection changed since the last run; run it afresh")
+        _current_tests(work)  # the mutants not yet run, and the rechecks, meet today's tests
+        run["resumed_with_tests"] = _commit()
     else:
         prepare(module, tests)
         run = {"commit": _commit(), "seconds": 0, "tests": tests}
@@ -329,11 +341,17 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
         m = re.match(r"\s*(\S+): (.+)$", line)
         if m:
             status[m.group(1)] = m.group(2).strip()
+    diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s in UNANSWERED}
+    if resume and previous and previous.get("commit") == run["commit"]:  # verdicts reached on this copy
+        status.update({n: st for n, st in previous["status"].items() if st == "killed by a recheck"})
     if module in RECHECK:
-        status.update(recheck(work, [n for n, st in status.items() if st in UNANSWERED], RECHECK[module]))
-    diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
-    return {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
-            "commit": run["commit"], "recheck": RECHECK.get(module)}
+        listed = equivalents({"status": {n: "survived" for n in diffs}, "survivors": diffs}, equivalent or {})
+        todo = [n for n, st in status.items() if st in UNANSWERED and n not in listed]
+        status.update(recheck(work, todo, RECHECK[module]))
+    diffs = {name: diffs.get(name) or _diff(mutmut(work, "show", name)) for name, s in status.items() if s == "survived"}
+    out = {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
+           "commit": run["commit"], "recheck": RECHECK.get(module)}
+    return {**out, "resumed_with_tests": run["resumed_with_tests"]} if run.get("resumed_with_tests") else out
 
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
@@ -519,6 +537,9 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         if r.get("tests_commit"):
             lines += [f"Mutants of the code at {r['commit']}; survivors rechecked with the tests at "
                       f"{r['tests_commit']} (`--recheck-only`).", ""]
+        if r.get("resumed_with_tests"):
+            lines += [f"Mutants of the code at {r['commit']}; the run was resumed (`--resume`) with the tests at "
+                      f"{r['resumed_with_tests']}: the mutants run then and every recheck met those.", ""]
         for functions, tests in _recheck_groups(r.get("recheck")):
             lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
                       + ", ".join(f"`{t}`" for t in tests), ""]
@@ -568,9 +589,7 @@ def main(argv=None) -> None:
             work = _workdir(module, sampled=bool(args.sample))
             # the tests are never mutated: recheck with the current ones, the module's selection
             # for every survivor and RECHECK's tests for those in its functions
-            shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
-            # and the table of error messages that tests/test_bad_input.py holds each row to
-            shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
+            _current_tests(work)
             eqs = equivalents(r, equivalent)
             names = [n for n, st in r["status"].items() if st in UNANSWERED and n not in eqs]
             groups = [(None, MODULES[module])] + RECHECK.get(module, [])
@@ -585,7 +604,8 @@ def main(argv=None) -> None:
                 if args.sample:
                     results[key] = sample_module(module, MODULES[module], args.sample, args.seed, args.max_children)
                 else:
-                    results[key] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume)
+                    results[key] = run_module(module, MODULES[module], args.max_children, args.timeout, args.resume,
+                                              equivalent, results.get(key))
             except RuntimeError as e:  # e.g. its selection fails unmutated: say so, go on with the others
                 failed.append(module)
                 print(f"  {module} not measured: {e}", flush=True)
