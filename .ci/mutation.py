@@ -195,7 +195,10 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
     "jdeq/train/_checksum.py": [(("_device_hashes", "_readable", "mismatch"),
                                 ["tests/test_multiprocess.py", "tests/test_sharding.py"])],
     # snapshots (jdeq.correction_states) and the kept solver state (SHINE) through the vmap rule
-    "jdeq/_loop.py": [(("run_loop", "solve_rows", "_rows_call"), ["tests/test_correction.py", "tests/test_shine.py"]),
+    # and the unrolled loop's length (the Unrolled gradient's forward: test_gradients)
+    "jdeq/_loop.py": [(("run_loop", "solve_rows", "_rows_call"),
+                       ["tests/test_correction.py", "tests/test_shine.py",
+                        "tests/test_gradients.py::test_unrolled_equals_autodiff_of_the_handwritten_loop"]),
                       # the stop test's boolean all-reduce under a data mesh (8 devices, in a subprocess)
                       (("keep_going",), ["tests/test_sharding.py::test_on_8_devices"])],
     # TrainState.shardings, evaluate/predict on a mesh: only sharded runs (8 simulated devices,
