@@ -309,8 +309,9 @@ def _pytest_cmd(tests: list[str]) -> list[str]:
 def _current_tests(work: Path) -> None:
     """Today's tests in a mutated copy (tests are never mutated), and the table of error
     messages that tests/test_bad_input.py holds each row to."""
-    shutil.copytree(ROOT / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
-    shutil.copy2(ROOT / "docs" / "errors.md", work / "mutants" / "docs" / "errors.md")
+    for tree in (work, work / "mutants"):  # (mutmut run copies the first into the second)
+        shutil.copytree(ROOT / "tests", tree / "tests", dirs_exist_ok=True)
+        shutil.copy2(ROOT / "docs" / "errors.md", tree / "docs" / "errors.md")
 
 
 def run_module(module: str, tests: list[str], max_children: int, timeout: float, resume: bool = False,
