@@ -544,8 +544,8 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
             lines += [f"Mutants of the code at {r['commit']}; survivors rechecked with the tests at "
                       f"{r['tests_commit']} (`--recheck-only`).", ""]
         if r.get("resumed_with_tests"):
-            lines += [f"Mutants of the code at {r['commit']}; the run was resumed (`--resume`) with the tests at "
-                      f"{r['resumed_with_tests']}: the mutants run then and every recheck met those.", ""]
+            lines += [f"Mutants of the code at {r['commit']}; resumed (`--resume`) at {r['resumed_with_tests']}, "
+                      "whose tests rechecked the survivors (and ran any mutant not yet run).", ""]
         for functions, tests in _recheck_groups(r.get("recheck")):
             lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
                       + ", ".join(f"`{t}`" for t in tests), ""]

@@ -292,11 +292,15 @@ def test_rel_stop_mode_is_scale_free_abs_is_not(x64, name):
         bs = jnp.asarray(scale * b)
         sol = solve(affine, jnp.zeros_like(bs), (A, bs), solver)
         assert bool(sol.stats.converged.all())
+        # converged is read off the stop mode's own residual (at scale 1e-3 in "abs" mode the
+        # relative residual is still far above tol)
+        residual = sol.stats.abs_residual if mode == "abs" else sol.stats.rel_residual
+        assert bool((residual < 1e-6).all())
         return np.asarray(sol.stats.nsteps)
 
     np.testing.assert_array_equal(nsteps(1.0, "rel"), nsteps(1000.0, "rel"))
-    small, big = nsteps(1.0, "abs"), nsteps(1000.0, "abs")
-    assert (big > small).all(), (small, big)
+    tiny, small, big = nsteps(1e-3, "abs"), nsteps(1.0, "abs"), nsteps(1000.0, "abs")
+    assert (big > small).all() and (small > tiny).all(), (tiny, small, big)
 
 
 # ----------------------------------------------------------------------------- throw
