@@ -156,6 +156,11 @@ MODULES: dict[str, list[str]] = {
     "jdeq/train/loop.py": ["tests/test_train.py", "tests/test_promises_train.py", "tests/test_resume.py",
                            "tests/test_warm_start.py::test_bad_input_names_the_argument",
                            "tests/test_pretrain.py",  # fit(pretrain=...): its phases, resume, mesh branch
+                           # a resume carries the model's other state (dropout's RNG counters, a
+                           # warm-start cache indexed from 0) and the skip counts
+                           "tests/test_promises.py::test_resume_with_dropout_equals_uninterrupted",
+                           "tests/test_warm_start.py::test_resume_equals_uninterrupted_with_cache",
+                           "tests/test_divergence.py::test_skip_counts_survive_a_resume",
                            # the bad-input table's rows for jdeq.train (fit's checks, in full)
                            "tests/test_bad_input.py",
                            "-k", "not checksum and not import and not errors_md "
@@ -226,6 +231,10 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
 # modules' import (an error during collection), which is a failure the tests report
 COLLECTION = "killed (the tests could not be collected)"
 KILLED = {"killed", "timeout", "segfault", "caught by type check", "killed by a recheck", COLLECTION}
+# mutmut reports a mutant whose test run raised (its runner gives exit code -1, i.e. 255) as
+# "timeout". That is no verdict: pytest could not run the tests at all, e.g. exit code 4 when
+# tests/conftest.py refuses a forked run in which a test module started JAX's backend at import.
+NOT_RUN = "not run (pytest failed to start: mutmut exit code 255)"
 # mutants a recheck may answer: survivors, and mutants of functions that no selected test ran
 # in-process ("no tests": e.g. a function only a subprocess calls). A "no tests" mutant left
 # alive by the recheck counts as survived; one not rechecked stays unchecked (not killed).
@@ -347,6 +356,7 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
         m = re.match(r"\s*(\S+): (.+)$", line)
         if m:
             status[m.group(1)] = m.group(2).strip()
+    status.update(not_run(work))
     diffs = {name: _diff(mutmut(work, "show", name)) for name, s in status.items() if s in UNANSWERED}
     if resume and previous and previous.get("commit") == run["commit"]:  # verdicts reached on this copy
         status.update({n: st for n, st in previous["status"].items() if st == "killed by a recheck"})
@@ -358,6 +368,15 @@ def run_module(module: str, tests: list[str], max_children: int, timeout: float,
     out = {"module": module, "tests": tests, "seconds": run["seconds"], "status": status, "survivors": diffs,
            "commit": run["commit"], "recheck": RECHECK.get(module)}
     return {**out, "resumed_with_tests": run["resumed_with_tests"]} if run.get("resumed_with_tests") else out
+
+
+def not_run(work: Path) -> dict[str, str]:
+    """The mutants of the copy ``work`` whose tests never ran (exit code 255, see NOT_RUN)."""
+    out = {}
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        out.update({name: NOT_RUN for name, code in codes.items() if code == 255})
+    return out
 
 
 def _pytest(work: Path, tests: list[str], mutant: str) -> int:
@@ -507,7 +526,8 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         "",
         "Written by `make mutation` (`.ci/mutation.py`, mutmut 3): each module's mutants run against its",
         "own test selection. Score = killed / (mutants - equivalent); *unchecked* counts mutants that",
-        "did not run to a verdict (no test reached them, or the run was stopped); they count as not",
+        "did not run to a verdict (no test reached them, the run was stopped, or pytest could not",
+        "start: mutmut exit code 255, which mutmut itself labels \"timeout\"); they count as not",
         "killed. Equivalent mutants and their reasons: `.ci/mutation_equivalent.toml`. Survivors in",
         "some functions (and their mutants no in-process test reached) are rechecked against more",
         "tests (`RECHECK` in the script): tests that run the function only in subprocesses, which",

@@ -32,11 +32,13 @@ def params():
     return {"W": jax.random.normal(k1, (D, D)) * 0.7 / np.sqrt(D), "x": jax.random.normal(k2, (N, D))}
 
 
+# (built on demand: test_explicit_sharding imports this module, and a test module must not start
+# JAX at import: tests/conftest.py)
 SOLVERS = {
-    "fpi": jdeq.FixedPointIteration(tol=1e-5, maxiter=60),
-    "anderson": jdeq.Anderson(tol=1e-5, maxiter=40),
-    "broyden": jdeq.Broyden(tol=1e-5, maxiter=40),
-    "hyper": jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(1)), tol=1e-5, maxiter=40),
+    "fpi": lambda: jdeq.FixedPointIteration(tol=1e-5, maxiter=60),
+    "anderson": lambda: jdeq.Anderson(tol=1e-5, maxiter=40),
+    "broyden": lambda: jdeq.Broyden(tol=1e-5, maxiter=40),
+    "hyper": lambda: jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(1)), tol=1e-5, maxiter=40),
 }
 GRADIENTS = {
     "implicit": jdeq.Implicit(),
@@ -85,7 +87,7 @@ def main(kind: str):
 
     def ref(s, g):  # one device, computed only for the checks this kind runs
         if (s, g) not in refs:
-            refs[(s, g)] = step(p, SOLVERS[s], GRADIENTS[g])
+            refs[(s, g)] = step(p, SOLVERS[s](), GRADIENTS[g])
         return refs[(s, g)]
 
     for s, g in PAIRS[kind]:
@@ -94,7 +96,7 @@ def main(kind: str):
                 (rloss, rsol), rgrads = ref(s, g)  # before entering the mesh
                 with jax.set_mesh(mesh):
                     ps = {"W": p["W"], "x": jax.device_put(p["x"], NamedSharding(mesh, P("data")))}
-                    (loss, sol), grads = step(ps, SOLVERS[s], GRADIENTS[g])
+                    (loss, sol), grads = step(ps, SOLVERS[s](), GRADIENTS[g])
                     close(sol.value, rsol.value)
                     np.testing.assert_array_equal(sol.stats.nsteps, rsol.stats.nsteps)
                     # float32 gradients summed in another order over 8 shards; the unrolled
@@ -113,7 +115,7 @@ def main(kind: str):
         with jax.set_mesh(mesh):
             xs = jax.device_put(p["x"], NamedSharding(mesh, P("data")))
             f = jax.jit(jax.vmap(lambda x: jdeq.fixed_point(cell, jnp.zeros(D), {"W": p["W"], "x": x},
-                                                            solver=SOLVERS["anderson"], batched=False).value))
+                                                            solver=SOLVERS["anderson"](), batched=False).value))
             out = f(xs)
             close(out, expected)
             assert out.sharding.spec[0] == "data", out.sharding
@@ -136,10 +138,10 @@ def main(kind: str):
 
         fstep = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
         for s in ("anderson", "broyden"):
-            (_, rsol), rgrads = fstep(p, SOLVERS[s])
+            (_, rsol), rgrads = fstep(p, SOLVERS[s]())
             with jax.set_mesh(fmesh):
                 feat = NamedSharding(fmesh, P("data", "model"))
-                (_, sol), grads = fstep({"W": p["W"], "x": jax.device_put(p["x"], feat)}, SOLVERS[s])
+                (_, sol), grads = fstep({"W": p["W"], "x": jax.device_put(p["x"], feat)}, SOLVERS[s]())
                 close(sol.value, rsol.value)
                 close(grads, rgrads, 2e-5)
                 assert sol.value.sharding.spec == P("data", "model"), (s, sol.value.sharding)

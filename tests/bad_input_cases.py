@@ -820,6 +820,8 @@ CASES: list[Case] = [
       r"`batch_size` must be an int >= 1"),
     C(TRAIN, "fit(..., eval_every=0)", "eval_every 0", lambda: _fit(eval_every=0), ValueError,
       r"`eval_every` must be None or an int >= 1"),
+    C(TRAIN, "fit(..., log_every=0)", "log_every 0", lambda: _fit(log_every=0), ValueError,
+      r"`log_every` must be an int >= 1"),
     C(TRAIN, "fit(..., seed=-1)", "seed negative", lambda: _fit(seed=-1), ValueError, r"`seed` must be an int >= 0"),
     C(TRAIN, "TrainState.create({'w': w}, opt)", "model a dict of arrays",
       lambda: __import__("jdeq").train.TrainState.create({"w": __import__("numpy").ones(2)}, __import__("optax").sgd(0.1)),

@@ -4,12 +4,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jdeq
 
-Z0 = jnp.zeros((2, 3))
-A = jnp.ones((2, 3))
+# (numpy: a test module must not start JAX at import, see tests/conftest.py)
+Z0 = np.zeros((2, 3), np.float32)
+A = np.ones((2, 3), np.float32)
 
 
 def good(z, a):

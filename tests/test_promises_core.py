@@ -12,7 +12,8 @@ import pytest
 
 import jdeq
 
-W_SLOW = 0.95 * jnp.eye(4)  # plain iteration contracts by 0.95 per step: many steps
+# (module constants in numpy: a test module must not start JAX at import, see tests/conftest.py)
+W_SLOW = 0.95 * np.eye(4, dtype=np.float32)  # plain iteration contracts by 0.95 per step: many steps
 
 
 def _slow(z, x):
@@ -260,8 +261,8 @@ def _diag_cell(z, d):
     return z * d  # J = diag(d): ||J||_F^2 / dim = mean(d^2)
 
 
-D = jnp.array([[0.5, -1.0, 2.0, 0.25]])
-EXACT = float(jnp.mean(D ** 2))
+D = np.array([[0.5, -1.0, 2.0, 0.25]], np.float32)
+EXACT = float(np.mean(D ** 2))
 
 
 def test_jacobian_penalty_prob_is_the_fraction_of_calls_that_compute_it():

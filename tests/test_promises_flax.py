@@ -13,7 +13,8 @@ from flax import nnx
 
 import jdeq
 
-X = jnp.array([[0.5, -1.0, 0.3], [1.2, 0.1, -0.4]])
+# (numpy: a test module must not start JAX at import, see tests/conftest.py)
+X = np.array([[0.5, -1.0, 0.3], [1.2, 0.1, -0.4]], np.float32)
 FPI = jdeq.FixedPointIteration(tol=1e-6, maxiter=100)  # the cheapest loop to compile
 
 

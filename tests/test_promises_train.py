@@ -91,6 +91,29 @@ def test_max_skipped_steps_none_never_raises_and_counts_every_skip():
     assert [r["skipped"] for r in history.train] == [8, 16, 24]
 
 
+def _nan_if_flagged(model, batch):
+    """NaN exactly when the batch holds the flagged example (``log(-1)``)."""
+    loss = jnp.mean(model(batch["inputs"]) ** 2) + jnp.log(1.0 - 2.0 * jnp.max(batch["flag"]))
+    return loss, {"loss": loss}
+
+
+def test_a_finite_step_resets_the_consecutive_skips():
+    # 8 examples, one flagged, batches of 4: one step of every epoch (of two) is skipped, so at
+    # most two in a row (the end of one epoch, the start of the next); a limit of 3 never fires
+    data = {"inputs": X[:8], "labels": DATA["labels"][:8], "flag": np.eye(8, dtype=np.float32)[5]}
+    history = T.fit(_linear(), optax.sgd(0.1), data, steps=24, batch_size=4, log_every=24, loss_fn=_nan_if_flagged,
+                    max_skipped_steps=3, progress=False)
+    assert history.train[-1]["skipped"] == 12  # one per epoch
+
+
+def test_the_skip_total_carries_across_a_resume(tmp_path):
+    kw = dict(batch_size=4, loss_fn=_nan_loss, checkpoint_dir=tmp_path, log_every=1, max_skipped_steps=None,
+              progress=False)
+    T.fit(_linear(), optax.sgd(0.1), DATA, steps=3, **kw)
+    history = T.fit(_linear(), optax.sgd(0.1), DATA, steps=5, **kw)  # resumes at step 3
+    assert [r["skipped"] for r in history.train] == [1, 2, 3, 4, 5]
+
+
 # ---- JacReg: gamma, num_samples, noise reach each layer's jacobian_penalty, summed over solves ---
 
 

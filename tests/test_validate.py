@@ -24,6 +24,21 @@ TINY = 5e-324  # the smallest positive float
 _PROPS = settings(max_examples=200, deadline=None)
 
 
+class Lazy:
+    """A parameter built when its test runs, not at collection: a test module must not start
+    JAX at import (tests/conftest.py; mutation testing forks the collected tests)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __repr__(self):
+        return f"{self.fn.__name__}{self.args}"
+
+    @staticmethod
+    def make(value):
+        return value.fn(*value.args) if isinstance(value, Lazy) else value
+
+
 def _raises(kind, fn, *args, **kw):
     with pytest.raises(kind) as info:
         fn(*args, **kw)
@@ -81,8 +96,9 @@ def test_positive_int_accepts(value):
     assert out == value and type(out) is int
 
 
-@pytest.mark.parametrize("value", [True, False, 1.0, 2.5, "1", None, np.bool_(True), jnp.int32(2), [1], 1 + 0j])
+@pytest.mark.parametrize("value", [True, False, 1.0, 2.5, "1", None, np.bool_(True), Lazy(jnp.int32, 2), [1], 1 + 0j])
 def test_ints_reject_other_kinds(value):  # bools are not ints; floats, strings, arrays neither
+    value = Lazy.make(value)
     _raises(V.BadType, V.positive_int, value, "n")
     _raises(V.BadType, V.nonnegative_int, value, "n")
 
@@ -146,8 +162,9 @@ def test_number_rules_edges(rule, accepted, rejected):
         assert not isinstance(e, TypeError), v
 
 
-@pytest.mark.parametrize("value", [True, "0.5", None, 1j, jnp.float32(0.5), [0.5], np.array([0.5])])
+@pytest.mark.parametrize("value", [True, "0.5", None, 1j, Lazy(jnp.float32, 0.5), [0.5], np.array([0.5])])
 def test_numbers_reject_other_kinds(value):
+    value = Lazy.make(value)
     for rule in (V.positive_number, V.nonnegative_number, V.probability, V.rate, V.fraction):
         _raises(V.BadType, rule, value, "x")
 
