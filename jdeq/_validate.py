@@ -388,7 +388,7 @@ def boolean(value: Any, name: str) -> bool:
     >>> boolean(False, "throw")
     False
     """
-    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ == "bool"):  # numpy >= 2
         return bool(value)
     _fail(BadType, name, "a bool", value)
 

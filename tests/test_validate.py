@@ -408,3 +408,32 @@ def test_jacobian_penalty_prob_rule_is_the_jacreg_rule():
         a, b = _accepts(jdeq.train.JacReg, gamma=1.0, prob=v), _accepts(_jac_penalty, v)
         assert a == b == _accepts(V.probability, v, "prob"), v
     assert "(0, 1]" in jdeq.jacobian_penalty.__doc__ and "(0, 1]" in jdeq.train.JacReg.__doc__
+
+
+def test_rule_messages_in_full_and_edge_values():
+    """Each rule's message names the argument, says what was expected and shows the value,
+    word for word (the forms not covered by the bad-input table)."""
+    def message(fn, *args, **kw):
+        with pytest.raises((V.BadType, V.BadValue)) as e:
+            fn(*args, **kw)
+        return f"{type(e.value).__name__}: {e.value}"
+
+    values = (0.5, 2, float("nan"), float("inf"), False, "1", 1j, np.float32(0.5), np.bool_(True), 10**400)
+    assert [V.is_number(v) for v in values] == [True, True, False, False, False, False, False, True, False, False]
+    assert message(V.integer, 5, "n", hi=3) == "BadValue: `n` must be an int <= 3, got 5."
+    assert message(V.integer, "a", "n") == "BadType: `n` must be an int, got 'a'."
+    assert message(V.odd_int, 2.5, "kernel_size") == "BadType: `kernel_size` must be an odd int >= 1, got 2.5."
+    assert message(V.odd_int, 4, "kernel_size") == "BadValue: `kernel_size` must be an odd int >= 1, got 4."
+    assert message(V.budget, jnp.int32(0), "maxiter") == "BadValue: `maxiter` must be an int >= 1, got Array(0, dtype=int32)."
+    assert message(V.number, "x", "x") == "BadType: `x` must be a number, got 'x'."
+    assert message(V.number, 10**7, "x", hi=1000000) == "BadValue: `x` must be a number <= 1000000, got 10000000."
+    assert V.nonnegative_number(None, "x", none=True) is None
+    # a bool matches only a bool; a choice that compares elementwise is passed over
+    assert V.one_of(1, "n", (True, 1)) == 1 and V.one_of(True, "n", (1, True)) is True
+    assert V.one_of(2, "n", (np.array([1, 2]), 2)) == 2
+    assert V.boolean(np.bool_(True), "throw") is True
+    assert message(V.boolean, np.int64(1), "throw") == "BadType: `throw` must be a bool, got np.int64(1)."
+    assert message(V.callable_, 3, "f") == "BadType: `f` must be callable, got 3."
+    assert message(V.callable_, 3, "f", usage="f(z, args)") == "BadType: `f` must be callable as f(z, args), got 3."
+    assert message(V.floating_dtype, 3, "dtype") == "BadType: `dtype` must be a floating dtype, got 3."
+    assert message(V.floating_dtype, jnp.int32, "dtype") == "BadType: `dtype` must be a floating dtype, got int32."
