@@ -437,3 +437,6 @@ def test_rule_messages_in_full_and_edge_values():
     assert message(V.callable_, 3, "f", usage="f(z, args)") == "BadType: `f` must be callable as f(z, args), got 3."
     assert message(V.floating_dtype, 3, "dtype") == "BadType: `dtype` must be a floating dtype, got 3."
     assert message(V.floating_dtype, jnp.int32, "dtype") == "BadType: `dtype` must be a floating dtype, got int32."
+    with pytest.raises(V.BadType) as e:  # the error keeps the value given (shown as its dtype)
+        V.floating_dtype(jnp.int32, "dtype")
+    assert (e.value.name, e.value.expected, e.value.value) == ("dtype", "a floating dtype", jnp.int32)
