@@ -119,7 +119,7 @@ def test_spectral_radius_symmetric_is_tight(x64):
     np.testing.assert_allclose(est, rho, rtol=1e-3)
 
 
-@pytest.mark.parametrize("iters", [2, 5, 8])
+@pytest.mark.parametrize("iters", [2, 5, 8, None])  # None: the default, 50
 def test_spectral_radius_is_the_documented_power_method(x64, iters):
     """The docstring's estimate, step for step: ``iters`` power iterations ``v <- J v / ||J v||``
     from a normal start (per example), the geometric mean of ``||J v||`` over the last
@@ -129,7 +129,8 @@ def test_spectral_radius_is_the_documented_power_method(x64, iters):
     A = jnp.asarray(rng.normal(size=(2, D, D)) * 0.4)  # one matrix per example
     f = lambda z, a: jnp.einsum("bij,bj->bi", a, z)  # noqa: E731
     key = jax.random.key(7)
-    est = jdeq.spectral_radius(f, jnp.ones((2, D)), A, key, iters=iters)
+    est = jdeq.spectral_radius(f, jnp.ones((2, D)), A, key, **({} if iters is None else {"iters": iters}))
+    iters = 50 if iters is None else iters
     v = np.asarray(jax.random.normal(key, (2, D), jnp.float64))
     logs = []
     for _ in range(iters):
@@ -139,6 +140,12 @@ def test_spectral_radius_is_the_documented_power_method(x64, iters):
         v = w / n[:, None]
     want = np.exp(np.mean(logs[iters // 2:], axis=0))
     np.testing.assert_allclose(est, want, rtol=1e-10)
+
+
+def test_spectral_radius_of_a_constant_map_is_zero():
+    # J = 0: every growth factor is 0, and the estimate is 0, not log(0)'s NaN
+    est = jdeq.spectral_radius(lambda z, a: a, jnp.ones((2, D)), jnp.full((2, D), 0.5), jax.random.key(0), iters=6)
+    np.testing.assert_array_equal(est, [0.0, 0.0])
 
 
 def test_bad_inputs_raise():
