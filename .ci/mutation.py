@@ -406,13 +406,6 @@ def recheck(work: Path, names: list[str], groups: list[tuple[tuple[str, ...] | N
     return out
 
 
-def _recheck_groups(recorded) -> list:
-    """A run's recorded RECHECK groups; runs before several groups per module recorded one."""
-    if not recorded:
-        return []
-    return [recorded] if isinstance(recorded[0][0], str) else recorded
-
-
 def _diff(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++")))
 
@@ -566,7 +559,7 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         if r.get("resumed_with_tests"):
             lines += [f"Mutants of the code at {r['commit']}; resumed (`--resume`) at {r['resumed_with_tests']}, "
                       "whose tests rechecked the survivors (and ran any mutant not yet run).", ""]
-        for functions, tests in _recheck_groups(r.get("recheck")):
+        for functions, tests in r.get("recheck") or []:
             lines += ["Rechecked: survivors in " + ", ".join(f"`{f}`" for f in functions) + " against "
                       + ", ".join(f"`{t}`" for t in tests), ""]
         if survivors:
