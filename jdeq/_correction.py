@@ -194,12 +194,12 @@ def correction_loss(
       states: the states, ordered by budget (``fixed_point_states(...).value``).
       *loss_args: passed to ``loss_fn`` after the state.
       weights: ``"exp"`` (default), ``"linear"``, ``"const"`` (see :func:`correction_weights`),
-        or an explicit sequence of ``k`` weights.
+        or an explicit sequence of ``k`` weights. Either is applied in the losses' dtype.
       gamma: decay of the ``"exp"`` weights.
 
     Returns:
       ``(total, losses)``: the weighted sum and the ``(k,)`` per-state losses (for logging;
-      ``losses[-1]`` is the loss of ``z*``).
+      ``losses[-1]`` is the loss of ``z*``), both in the dtype of ``loss_fn``'s values.
 
     Example:
       >>> import jax.numpy as jnp, jdeq
@@ -217,7 +217,7 @@ def correction_loss(
     if isinstance(weights, str):
         w = correction_weights(k, weights, gamma=gamma)
     else:
-        w = jnp.asarray(weights, jnp.float32)
+        w = jnp.asarray(weights)
         if w.shape != (k,):
             raise ValueError(f"`weights` must have one entry per state ({k}), got shape {w.shape}.")
     losses = jnp.stack([jnp.asarray(loss_fn(s, *loss_args)) for s in states])

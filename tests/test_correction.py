@@ -185,3 +185,85 @@ def test_bad_inputs_raise():
         jdeq.correction_loss(lambda z: jnp.sum(z), (z0, z0), weights=[1.0])
     with pytest.raises(ValueError, match="at least one"):
         jdeq.correction_loss(lambda z: jnp.sum(z), ())
+
+
+@pytest.mark.parametrize("states,maxiter,budgets", [
+    (3, 10, (4, 7, 10)),  # ceil(j * 10 / 3): 10 / 3 leaves 1, where rounding up matters
+    (4, 9, (3, 5, 7, 9)),
+    (1, 10, (10,)),  # one state: the ordinary z* after the whole budget
+])
+def test_evenly_spaced_budgets_round_up(states, maxiter, budgets):
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.FixedPointIteration(tol=1e-7, maxiter=40)
+    sol = jdeq.fixed_point_states(cell, z0, p, states=states, solver=solver, maxiter=maxiter)
+    ref = reference(solver)
+    assert len(sol.value) == states
+    for state, budget in zip(sol.value, budgets):
+        close(state, ref(p, budget).value)
+
+
+def test_default_is_two_states_and_a_maxiter_override_bounds_the_solve():
+    """``states`` defaults to 2, and a run-time ``maxiter`` is the budget of the whole solve
+    (not only of the last snapshot): its stats are those of fixed_point(maxiter=...)."""
+    p = make_params()
+    z0 = jnp.zeros((N, D))
+    solver = jdeq.FixedPointIteration(tol=1e-7, maxiter=40)
+    sol = jdeq.fixed_point_states(cell, z0, p, solver=solver, maxiter=7)
+    assert len(sol.value) == 2
+    full = reference(solver)(p, 7)
+    np.testing.assert_array_equal(sol.stats.nsteps, [7] * N)
+    np.testing.assert_array_equal(sol.stats.nsteps, full.stats.nsteps)
+    close(sol.stats.abs_residual, full.stats.abs_residual)
+    close(sol.value[0], reference(solver)(p, 4).value)  # ceil(7 / 2)
+
+
+def test_an_example_that_went_non_finite_gets_a_zero_gradient_in_every_state():
+    """As in jdeq.fixed_point: the example whose forward solve met NaN is flagged, and every
+    state's phantom gradient gives it an exact zero; the other example keeps its gradient."""
+
+    def nan_above(z, args):  # 0.5 z + a, NaN wherever z > thr (row 0 meets it at z = 1.75)
+        a, thr = args
+        return jnp.where(z > thr, jnp.nan, 0.5 * z + a)
+
+    thr = jnp.asarray([[1.5] * 3, [10.0] * 3])
+    solver = jdeq.FixedPointIteration(tol=1e-6, maxiter=30)
+
+    def total(a):
+        sol = jdeq.fixed_point_states(nan_above, jnp.zeros((2, 3)), (a, thr), states=2, solver=solver)
+        return sum(jnp.sum(s) for s in sol.value), sol.stats
+
+    (_, stats), g = jax.value_and_grad(total, has_aux=True)(jnp.ones((2, 3)))
+    np.testing.assert_array_equal(stats.nonfinite, [True, False])
+    np.testing.assert_array_equal(g[0], 0.0)
+    assert np.isfinite(g[1]).all() and float(jnp.abs(g[1]).min()) > 0.1
+
+
+@pytest.mark.parametrize("kind,expected", [("linear", [1 / 3, 2 / 3, 1.0]), ("const", [1.0, 1.0, 1.0])])
+def test_correction_loss_uses_the_named_weights(kind, expected):
+    losses = jnp.asarray([1.0, 2.0, 4.0])
+    total, out = jdeq.correction_loss(lambda s: s, tuple(losses), weights=kind)
+    np.testing.assert_array_equal(out, losses)
+    np.testing.assert_allclose(total, np.dot(expected, [1.0, 2.0, 4.0]), rtol=1e-6)
+
+
+def test_correction_loss_keeps_the_losses_dtype():
+    """float16 losses give a float16 total; under x64, float64 losses are weighted by the
+    explicit weights as given (0.1 not rounded to float32's 0.100000001)."""
+    states = (jnp.asarray(1.0, jnp.float16), jnp.asarray(3.0, jnp.float16))
+    total, losses = jdeq.correction_loss(lambda s: s, states)
+    assert total.dtype == losses.dtype == jnp.float16
+    np.testing.assert_allclose(float(total), 0.8 * 1.0 + 3.0, rtol=1e-3)  # float16 rounding
+    with jax.enable_x64(True):
+        states = (jnp.asarray(1.0, jnp.float64), jnp.asarray(3.0, jnp.float64))
+        total, _ = jdeq.correction_loss(lambda s: s, states, weights=[0.1, 1.0])
+        assert total.dtype == jnp.float64
+        assert float(total) == 0.1 + 3.0
+
+
+@pytest.mark.parametrize("gamma", [0.5, np.float64(0.5)])
+def test_exp_weights_are_float32_whatever_gamma_is(x64, gamma):
+    """gamma as a Python float or a numpy float64 (x64 on): still float32."""
+    w = jdeq.correction_weights(3, "exp", gamma=gamma)
+    assert w.dtype == jnp.float32
+    np.testing.assert_array_equal(w, [0.25, 0.5, 1.0])
