@@ -58,7 +58,15 @@ class _Carry(NamedTuple):
     nsteps: jax.Array
     active: jax.Array
     trace: Any
-    snaps: Any  # (states, batch, dim) best iterates at the snapshot budgets, or None
+    snaps: Any  # (states, batch, dim) what the loop would return at each snapshot budget, or None
+
+
+def _returned(best_z, best_fz, active, converged):
+    """Per example, what the loop returns when it stops here: ``f(z_b)``, or ``z_b`` itself for
+    an example that met a non-finite value (inactive, not converged: ``SolverStats.nonfinite``),
+    where f is known to be finite (f(z_b) may be the point past which f is not), so that no
+    derivative is taken there."""
+    return jnp.where((~active & ~converged)[:, None], best_z, best_fz)
 
 
 def run_loop(
@@ -151,9 +159,13 @@ def run_loop(
             # finite (z, f(z)), so no later step (nor its derivative) sees NaN/inf.
             finite = jnp.isfinite(metric)[:, None]
             z_next, fz_next = jnp.where(finite, z_next, c.z), jnp.where(finite, fz_next, c.fz)
+        best_abs = jnp.where(better, abs_res, c.best_abs)
+        best_rel = jnp.where(better, rel_res, c.best_rel)
+        active = c.active & (metric >= tol) & jnp.isfinite(metric)
         snaps = c.snaps
-        if snaps is not None:  # budgets not yet reached follow the best iterate
-            snaps = jnp.where((snapshots > c.k)[:, None, None], best_fz[None], snaps)
+        if snaps is not None:  # budgets not yet reached follow what the loop would return now
+            now = _returned(best_z, best_fz, active, (best_rel if pick else best_abs) < tol)
+            snaps = jnp.where((snapshots > c.k)[:, None, None], now[None], snaps)
         return _Carry(
             k=c.k + 1,
             z=z_next,
@@ -161,10 +173,10 @@ def run_loop(
             state=state,
             best_z=best_z,
             best_fz=best_fz,
-            best_abs=jnp.where(better, abs_res, c.best_abs),
-            best_rel=jnp.where(better, rel_res, c.best_rel),
+            best_abs=best_abs,
+            best_rel=best_rel,
             nsteps=c.nsteps + c.active.astype(jnp.int32),
-            active=c.active & (metric >= tol) & jnp.isfinite(metric),
+            active=active,
             trace=trace,
             snaps=snaps,
         )
@@ -189,9 +201,7 @@ def run_loop(
         nonfinite=~carry.active & ~converged,
         trace=carry.trace,
     )
-    # An example that met a non-finite value returns z_b itself, where f is known to be finite
-    # (f(z_b) may be the point past which f is not), so that no derivative is taken there.
-    value = jnp.where(stats.nonfinite[:, None], carry.best_z, carry.best_fz)
+    value = _returned(carry.best_z, carry.best_fz, carry.active, converged)
     out = (value, stats) if snapshots is None else (value, stats, carry.snaps)
     return out + (carry.state,) if keep_state else out
 

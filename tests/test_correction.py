@@ -218,23 +218,39 @@ def test_default_is_two_states_and_a_maxiter_override_bounds_the_solve():
     close(sol.value[0], reference(solver)(p, 4).value)  # ceil(7 / 2)
 
 
-def test_an_example_that_went_non_finite_gets_a_zero_gradient_in_every_state():
-    """As in jdeq.fixed_point: the example whose forward solve met NaN is flagged, and every
-    state's phantom gradient gives it an exact zero; the other example keeps its gradient."""
+@pytest.mark.parametrize("solver", [jdeq.FixedPointIteration(tol=1e-6, maxiter=30),
+                                    jdeq.Anderson(tol=1e-6, maxiter=30),
+                                    jdeq.Broyden(tol=1e-6, maxiter=30)])
+def test_an_example_that_meets_nan_matches_fixed_point_and_gets_a_zero_gradient(solver):
+    """Row 0 meets NaN in the solve (f is NaN past z = 1.5). Each state is still what
+    jdeq.fixed_point returns with its budget: before the NaN, f(z_b); after it, z_b itself
+    (FixedPointIteration: 0, 1, 1.5, 1.75, then NaN: budget 3 gives 1.75, budget 4 gives 1.5).
+    Every state's phantom gradient gives row 0 an exact zero, row 1 keeps its gradient. One
+    phantom step from row 0's last state (1.5) stays finite (f(1.5) = 1.75), so only the
+    forward solve's flag can zero it."""
 
-    def nan_above(z, args):  # 0.5 z + a, NaN wherever z > thr (row 0 meets it at z = 1.75)
+    def nan_above(z, args):  # 0.5 z + a, NaN wherever z > thr
         a, thr = args
         return jnp.where(z > thr, jnp.nan, 0.5 * z + a)
 
     thr = jnp.asarray([[1.5] * 3, [10.0] * 3])
-    solver = jdeq.FixedPointIteration(tol=1e-6, maxiter=30)
+    z0, a = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    budgets = (3, 4, 30)
 
     def total(a):
-        sol = jdeq.fixed_point_states(nan_above, jnp.zeros((2, 3)), (a, thr), states=2, solver=solver)
-        return sum(jnp.sum(s) for s in sol.value), sol.stats
+        sol = jdeq.fixed_point_states(nan_above, z0, (a, thr), states=budgets, solver=solver,
+                                      gradient=jdeq.Phantom(steps=1))
+        return sum(jnp.sum(s) for s in sol.value), sol
 
-    (_, stats), g = jax.value_and_grad(total, has_aux=True)(jnp.ones((2, 3)))
-    np.testing.assert_array_equal(stats.nonfinite, [True, False])
+    (_, sol), g = jax.value_and_grad(total, has_aux=True)(a)
+    np.testing.assert_array_equal(sol.stats.nonfinite, [True, False])
+    for state, budget in zip(sol.value, budgets):
+        ref = jdeq.fixed_point(nan_above, z0, (a, thr), solver=solver, maxiter=budget).value
+        np.testing.assert_array_equal(state[0], ref[0])
+        close(state[1], ref[1])
+    if isinstance(solver, jdeq.FixedPointIteration):
+        np.testing.assert_array_equal(sol.value[0][0], 1.75)
+        np.testing.assert_array_equal(sol.value[1][0], 1.5)
     np.testing.assert_array_equal(g[0], 0.0)
     assert np.isfinite(g[1]).all() and float(jnp.abs(g[1]).min()) > 0.1
 
