@@ -138,9 +138,10 @@ def test_implicit_gradient_matches_plain_deq(x64):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_gradient_argument_is_the_gradient_mode_used(x64):
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()])
+def test_gradient_argument_is_the_gradient_mode_used(x64, splitting):
     """monotone_fixed_point(gradient=...): JacobianFree's gradient (one step through T) differs
-    from the default Implicit one, which matches the exact gradient of the converged solve."""
+    from the default Implicit one, for either splitting."""
     cell = _dense(3, m=0.5, w_scale=1.0)
     x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
     op = cell.operator()
@@ -148,7 +149,7 @@ def test_gradient_argument_is_the_gradient_mode_used(x64):
 
     def loss(bias, gradient):
         problem = cell.problem(bias)
-        z = jdeq.monotone_fixed_point(problem, bias, jnp.zeros_like(bias), op, splitting=jdeq.ForwardBackward(),
+        z = jdeq.monotone_fixed_point(problem, bias, jnp.zeros_like(bias), op, splitting=splitting,
                                       solver=solver, gradient=gradient).value
         return jnp.sum(jnp.sin(z))
 
@@ -156,6 +157,61 @@ def test_gradient_argument_is_the_gradient_mode_used(x64):
     implicit = jax.grad(loss)(bias, jdeq.Implicit())
     jfb = jax.grad(loss)(bias, jdeq.JacobianFree())
     assert float(jnp.abs(implicit - jfb).max()) > 1e-3 * float(jnp.abs(implicit).max())
+
+
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford()])
+def test_throw_raises_for_either_splitting(splitting):
+    """throw=True, "as in jdeq.fixed_point": a splitting that cannot converge in 2 steps raises
+    (eagerly and under jit); with the budget it needs, it does not."""
+    cell = _dense(2, m=1.0, w_scale=1.0, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    bias, problem, op = cell.injection(x), cell.problem(None), cell.operator()
+    z0 = jnp.zeros((2, 12))
+
+    def run(maxiter):
+        solver = jdeq.FixedPointIteration(tol=1e-5, maxiter=maxiter)
+        return jdeq.monotone_fixed_point(problem, bias, z0, op, splitting=splitting, solver=solver, throw=True)
+
+    with pytest.raises(RuntimeError, match="throw=True"):
+        run(2)
+    with pytest.raises(RuntimeError, match="throw=True"):
+        jax.block_until_ready(jax.jit(lambda: run(2).value)())
+    assert bool(run(500).stats.converged.all())
+
+
+def test_peaceman_rachford_default_step_and_contraction_as_documented():
+    """The default step is ``1 / L``, which gives the factor ``sqrt(1 - m / L)``; a fixed step
+    ``a`` gives ``sqrt(1 - 4 a m / (1 + a L)^2)`` (here m = 0.5, L = 4)."""
+    problem = jdeq.MonotoneProblem(linear=lambda z, w: z @ w.T, monotonicity=0.5, lipschitz=lambda w: 4.0)
+    pr = jdeq.PeacemanRachford()
+    alpha = pr.step(problem, None)
+    np.testing.assert_allclose(alpha, 0.25, rtol=1e-7)
+    np.testing.assert_allclose(pr.contraction(problem, alpha, 4.0), np.sqrt(1 - 0.5 / 4), rtol=1e-6)
+    np.testing.assert_allclose(pr.contraction(problem, 0.5, 4.0), np.sqrt(1 - 4 * 0.5 * 0.5 / 3.0 ** 2), rtol=1e-6)
+    assert jdeq.PeacemanRachford(alpha=0.5).step(problem, None) == 0.5
+
+
+@pytest.mark.parametrize("splitting", [jdeq.ForwardBackward(), jdeq.PeacemanRachford(), jdeq.PeacemanRachford(alpha=0.3)])
+def test_the_step_takes_the_states_dtype(x64, splitting):
+    """float64 parameters (x64 on) and a float32 state, with a problem whose maps keep the
+    state's dtype: the step (from the float64 Lipschitz bound) is cast to the state's dtype, so
+    ``T`` keeps float32 and ``z*`` is float32, the equilibrium of the all-float64 solve."""
+    cell = _dense(1)
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    bias, op = cell.injection(x), cell.operator()
+    eye = jnp.eye(op["W"].shape[0], dtype=jnp.float64)
+    problem = jdeq.MonotoneProblem(
+        linear=lambda z, o: (z @ o["W"].T).astype(z.dtype), monotonicity=cell.m,
+        lipschitz=lambda o: jnp.linalg.norm(eye - o["W"], 2),
+        resolvent=(lambda a, o: jnp.linalg.inv((1.0 + a) * eye - a * o["W"]),
+                   lambda v, inv: (v @ inv.T).astype(v.dtype)))
+    solver = jdeq.FixedPointIteration(tol=1e-5, maxiter=2000, stop_mode="abs")
+    ref = jdeq.monotone_fixed_point(problem, bias, jnp.zeros_like(bias), op, splitting=splitting, solver=solver)
+    b32 = bias.astype(jnp.float32)
+    sol = jdeq.monotone_fixed_point(problem, b32, jnp.zeros_like(b32), op, splitting=splitting, solver=solver)
+    assert ref.value.dtype == jnp.float64 and sol.value.dtype == jnp.float32
+    assert bool(sol.stats.converged.all())
+    np.testing.assert_allclose(sol.value, ref.value, atol=1e-4)
 
 
 def test_bad_input_errors():

@@ -131,10 +131,16 @@ def test_linen_jacobian_penalty_passes_every_option_to_the_core():
     cell = _NoInitZCell()
     f = lambda zz, a: cell.apply({"params": a[0]}, zz, a[1])  # noqa: E731
     key = jax.random.key(2)
-    for opts in ({"num_samples": 3, "noise": "rademacher"}, {"num_samples": 2, "noise": "normal"}):
-        got = deq.apply(variables, X, z, key, gamma=0.7, method=jdeq.linen.DEQ.jacobian_penalty, **opts)
-        want = jdeq.jacobian_penalty(f, z, (variables["params"]["cell"], X), key, gamma=0.7, **opts)
+    keys = jax.random.split(key, 8)
+    for opts in ({}, {"num_samples": 3, "noise": "rademacher"}, {"num_samples": 2, "noise": "normal"},
+                 {"prob": 0.4}):
+        got = jax.vmap(lambda k: deq.apply(variables, X, z, k, gamma=0.7,  # noqa: B023
+                                           method=jdeq.linen.DEQ.jacobian_penalty, **opts))(keys)
+        want = jax.vmap(lambda k: jdeq.jacobian_penalty(  # noqa: B023
+            f, z, (variables["params"]["cell"], X), k, gamma=0.7, **opts))(keys)
         np.testing.assert_allclose(got, want, rtol=1e-6)
+        if "prob" in opts:  # with these keys, some calls skip the penalty and some compute it
+            assert 0 < int(jnp.sum(got == 0)) < len(keys), got
     rad = deq.apply(variables, X, z, key, gamma=0.7, num_samples=3, noise="rademacher",
                     method=jdeq.linen.DEQ.jacobian_penalty)
     gauss = deq.apply(variables, X, z, key, gamma=0.7, num_samples=3, method=jdeq.linen.DEQ.jacobian_penalty)
