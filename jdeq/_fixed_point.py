@@ -83,7 +83,7 @@ def raise_on_failure(stats: SolverStats) -> None:
     )
 
 
-def check_options(solver, gradient, throw, batched=True) -> None:
+def check_options(solver, gradient, throw, batched) -> None:
     """Raises ``TypeError`` unless ``solver``, ``gradient``, ``throw`` and ``batched`` are of the
     right kinds (shared by :func:`fixed_point` and the Flax adapters)."""
     if not isinstance(solver, Solver):
@@ -103,14 +103,15 @@ def check_options(solver, gradient, throw, batched=True) -> None:
 def check_batch_axis(z0, *, name: str = "z0") -> None:
     """With ``batched=True``: raises if no leaf of ``z0`` has more than one axis, the case where
     reading the leading axis as the batch is almost surely a mistake (per-example code under
-    ``jax.vmap`` with a 1-D state)."""
+    ``jax.vmap`` with a 1-D state). Called after ``batch_layout``, which rejects scalar
+    leaves, so the first leaf has a leading axis."""
     leaves = jax.tree_util.tree_leaves(z0)
     if leaves and all(jnp.ndim(x) <= 1 for x in leaves):
         shape = jnp.shape(leaves[0])
         raise ValueError(
             f"`{name}` has no axis beyond its leading one (first leaf of shape {shape}): with "
             f"batched=True (the default) that axis is the batch, so this would solve "
-            f"{shape[0] if shape else 0} separate scalar problems. For one example (e.g. "
+            f"{shape[0]} separate scalar problems. For one example (e.g. "
             f"per-example code under jax.vmap) pass `batched=False`; for a batch of scalar "
             f"problems give `{name}` a trailing axis of size 1."
         )

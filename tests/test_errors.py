@@ -85,6 +85,9 @@ def test_z0_with_an_empty_batch_or_a_non_array_leaf_in_full():
     with pytest.raises(TypeError) as e:
         jdeq.fixed_point(lambda t, a: t, {"z": Z0, "name": "zeros"}, A)
     assert str(e.value) == "`z0` must be a pytree of arrays; leaf ['name'] is a str: 'zeros'."
+    with pytest.raises(TypeError) as e:  # one example (batched=False): the same message
+        jdeq.fixed_point(lambda t, a: t, {"z": Z0[0], "name": "zeros"}, A[0], batched=False)
+    assert str(e.value) == "`z0` must be a pytree of arrays; leaf ['name'] is a str: 'zeros'."
 
 
 def test_z0_empty():
@@ -288,13 +291,24 @@ def test_tracing_failure_notes_the_call_with_short_shape_descriptions():
     (note,) = [n for n in e.value.__notes__ if "raised while tracing" in n]
     described = note.removeprefix("(raised while tracing `f(z, args)` with z0 ").split(" and args ")[0]
     assert len(described) == 200 and described.endswith("...") and described.startswith("{'leaf00': 'float32[2, 3]'")
+    # exactly 200 characters: shown in full (7 entries of 25 characters, 6 separators of 2,
+    # the braces, and 11 more in the last key)
+    exact = {**{f"leaf{i:02d}": jnp.zeros((2, 3)) for i in range(6)}, "leaf06_padded_key": jnp.zeros((2, 3))}
+    with pytest.raises(TypeError, match="f's own message") as e:
+        _fp(broken, exact)
+    (note,) = [n for n in e.value.__notes__ if "raised while tracing" in n]
+    described = note.removeprefix("(raised while tracing `f(z, args)` with z0 ").split(" and args ")[0]
+    assert len(described) == 200 and described.endswith("'leaf06_padded_key': 'float32[2, 3]'}"), described
 
 
 def test_throw_message_counts_the_non_finite_examples_and_names_the_first():
     a = jnp.ones((4, 3)).at[2, 0].set(jnp.nan).at[3, 1].set(jnp.inf)
-    with pytest.raises(Exception, match=r"jdeq\.fixed_point\(throw=True\): non-finite residual in 2 of 4 "
-                                        r"examples \(first: example 2\): the solve diverged"):
+    with pytest.raises(RuntimeError) as e:
         _fp(z0=jnp.zeros((4, 3)), args=a, throw=True)
+    assert str(e.value) == (
+        "jdeq.fixed_point(throw=True): non-finite residual in 2 of 4 examples (first: example 2): "
+        "the solve diverged or f produced NaN/inf (in f(z), an iterate or its residual). The "
+        "returned value is each example's lowest-residual finite iterate.")
 
 
 def test_throw_message_gives_the_worst_residuals_of_the_examples_that_did_not_converge():
