@@ -44,11 +44,12 @@ _DIVERGED = 10.0  # hyper_loss's log-residual charged for each iteration after a
 def mixer_features(gram: jax.Array, valid: jax.Array, alpha: jax.Array, order: jax.Array):
     """Dimension-free features of an Anderson history, newest slot first: ``(batch, m*m + 3m)``.
 
-    With the slots reordered newest first (``i = 0`` the newest) and ``G`` the Gram matrix of
-    the residuals, the features are, in this order: the cosines
-    ``G_ij / sqrt(G_ii G_jj)`` (``m*m``), the log norm ratios ``log(||g_i|| / ||g_0||)``
-    clipped to ``[-20, 20]`` (``m``), Anderson's weights ``alpha_i`` (``m``) and the filled
-    mask (``m``); an empty slot's entries are 0.
+    With the slots reordered newest first (``i = 0`` the newest), ``G`` the Gram matrix of the
+    residuals and ``d_i = G_ii + eps**4`` (``eps`` of ``gram``'s dtype: a floor that keeps a zero
+    residual finite), the features are, in this order: the cosines ``G_ij / sqrt(d_i d_j)``
+    (``m*m``), the log norm ratios ``log(d_i / d_0) / 2`` clipped to ``[-20, 20]`` (``m``),
+    Anderson's weights ``alpha_i`` (``m``) and the filled mask (``m``); an empty slot's entries
+    are 0. Its products run at ``Precision.HIGHEST`` (the reordering stays exact on GPU and TPU).
 
     Args:
       gram: ``(batch, m, m)`` residual Gram matrix (ring-buffer order).
@@ -224,7 +225,9 @@ def hyper_loss(f, z0, args, solver: HyperAnderson, *, steps: int) -> jax.Array:
 
     Runs ``solver`` for ``steps`` evaluations as a differentiable scan (jdeq's shared loop with
     ``unrolled=True`` and a residual trace), ignoring ``solver.tol`` (no example stops early),
-    and returns the mean over examples and iterations of ``log(rel_residual_k + 1e-8)``.
+    and returns the mean over examples and iterations of ``log(rel_residual_k + 1e-8)``, with
+    ``rel_residual_k = ||f(z_k) - z_k|| / (||f(z0)|| + 1e-8)`` (each example relative to the size
+    of its first evaluation).
     Gradients flow to ``solver.params`` and to ``z0`` (a learned initializer); ``args`` (the
     frozen DEQ) is taken as a constant.
 
@@ -250,10 +253,13 @@ def hyper_loss(f, z0, args, solver: HyperAnderson, *, steps: int) -> jax.Array:
     if jnp.ndim(z0) != 2:
         raise ValueError(f"`z0` must be a (batch, dim) array, got shape {jnp.shape(z0)}.")
     args = jax.lax.stop_gradient(args)
-    train = dataclasses.replace(solver, tol=1e-30, stop_mode="abs", trace=True, maxiter=int(steps))
+    train = dataclasses.replace(solver, tol=1e-30, stop_mode="abs", trace=True)
     _, stats = train.solve(lambda z: f(z, args), z0, int(steps), unrolled=True)
     # (batch, steps) abs residuals, relative to the size of f(z0) (a constant per example)
     scale = jax.lax.stop_gradient(jnp.linalg.norm(f(z0, args), axis=1, keepdims=True)) + REL_EPS
-    ok = jnp.isfinite(stats.trace)  # NaN once a path went non-finite (frozen by the loop)
+    ok = jnp.isfinite(stats.trace)  # NaN once an example left the scan (frozen by the loop)
     log_res = jnp.log(jnp.where(ok, stats.trace, 1.0) / scale + 1e-8)
-    return jnp.mean(jnp.where(ok, log_res, _DIVERGED))
+    # It leaves by going non-finite (charged _DIVERGED per iteration) or, below tol=1e-30, by
+    # reaching an exact fixed point (e.g. f(z0) = z0): its residual stays 0, log(0 + 1e-8).
+    after = jnp.where(stats.nonfinite[:, None], _DIVERGED, jnp.log(1e-8))
+    return jnp.mean(jnp.where(ok, log_res, after))

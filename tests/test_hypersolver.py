@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import jdeq
+from _jaxpr import eqns
 from jdeq._hypersolver import mixer_features
 
 N, D, IN = 8, 16, 4
@@ -164,12 +165,73 @@ def test_bad_inputs_raise():
 
 
 def test_hyper_loss_is_the_documented_mean_log_relative_residual(x64):
-    """``hyper_loss`` = mean over examples and iterations of ``log(||g_k|| / ||f(z0)|| + 1e-8)``,
-    each example relative to its own ``||f(z0)||`` (inputs of sizes 0.01 to 1 here)."""
-    x = jax.random.normal(jax.random.key(1), (N, D), jnp.float64) * jnp.logspace(-2, 0, N)[:, None]
+    """``hyper_loss`` = mean over examples and iterations of
+    ``log(||g_k|| / (||f(z0)|| + 1e-8) + 1e-8)``, each example relative to its own ``||f(z0)||``
+    (inputs of sizes 1e-9 to 1 here, where the 1e-8 matters, and one of 0: z0 = 0 is its fixed
+    point, residual 0 at every step), for ``steps`` iterations whatever the solver's own ``tol``
+    and ``maxiter`` (50 by default, here 6 steps)."""
+    x = jax.random.normal(jax.random.key(1), (N, D), jnp.float64) * jnp.logspace(-9, 0, N)[:, None]
+    x = x.at[0].set(0.0)
     z0 = jnp.zeros((N, D), jnp.float64)
-    loss = jdeq.hyper_loss(cell, z0, x, jdeq.HyperAnderson(memory=3), steps=6)
     sol = jdeq.fixed_point(cell, z0, x, solver=jdeq.Anderson(memory=3, tol=1e-30, stop_mode="abs", trace=True),
                            maxiter=6)
-    scale = jnp.linalg.norm(cell(z0, x), axis=1, keepdims=True)
-    np.testing.assert_allclose(loss, jnp.mean(jnp.log(sol.stats.trace / scale + 1e-8)), rtol=1e-5)
+    scale = jnp.linalg.norm(cell(z0, x), axis=1, keepdims=True) + 1e-8
+    trace = sol.stats.trace
+    assert np.isnan(trace[0, 1:]).all() and float(trace[0, 0]) == 0.0  # row 0 stops at once
+    per_step = jnp.where(jnp.isfinite(trace), jnp.log(trace / scale + 1e-8), np.log(1e-8))
+    for solver in (jdeq.HyperAnderson(memory=3), jdeq.HyperAnderson(memory=3, tol=0.5, maxiter=3)):
+        loss = jdeq.hyper_loss(cell, z0, x, solver, steps=6)
+        np.testing.assert_allclose(loss, jnp.mean(per_step), rtol=1e-5)
+
+
+def test_mixer_features_floor_and_clip_as_documented():
+    """``d_i = G_ii + eps**4`` (float32: 2.0e-28) in the cosines and norm ratios, and the log
+    norm ratios clipped to [-20, 20]: slots with residual norms 1 (newest), 1e-15 (its squared
+    norm 1e-30 is below the floor), 1e-6 and 1e14 (log ratios -34.5, -13.8 and 32.2)."""
+    sq = np.array([1.0, 1e-30, 1e-12, 1e28])
+    gram = np.diag(sq)
+    gram[0, 2] = gram[2, 0] = 0.5e-6  # cos = 0.5 between the newest and the 1e-6 residual
+    e = float(np.finfo(np.float32).eps) ** 4
+    d = sq + e
+    m = 4
+    feats = np.asarray(mixer_features(jnp.asarray(gram[None], jnp.float32), jnp.ones(m, bool),
+                                      jnp.full((1, m), 0.25), jnp.arange(m)))[0]
+    cos, lognorm = feats[: m * m].reshape(m, m), feats[m * m: m * m + m]
+    np.testing.assert_allclose(np.diag(cos), sq / d, rtol=1e-5)  # 1, 0.0049, 1, 1
+    np.testing.assert_allclose(cos[0, 2], 0.5, rtol=1e-5)
+    np.testing.assert_allclose(lognorm, np.clip(0.5 * np.log(d / d[0]), -20.0, 20.0), rtol=1e-5)
+    np.testing.assert_array_equal(lognorm[[1, 3]], [-20.0, 20.0])
+
+
+def test_mixer_features_ask_for_highest_precision():
+    """The reordering and the weights' permutation are products at ``Precision.HIGHEST``: exact on
+    GPU (TF32) and TPU (bf16 passes) too. Checked in the program (the CPU is exact anyway)."""
+    m = 3
+    program = jax.make_jaxpr(mixer_features)(jnp.eye(m)[None], jnp.ones(m, bool), jnp.ones((1, m)),
+                                             jnp.arange(m)).jaxpr
+    precisions = [e.params["precision"] for e in eqns(program) if e.primitive.name == "dot_general"]
+    hi = jax.lax.Precision.HIGHEST
+    assert len(precisions) == 3 and all(p == (hi, hi) for p in precisions), precisions
+
+
+def test_the_mixers_hidden_bias_is_a_bias():
+    """A constant hidden layer (``w1 = 0``, bias ``b1``) folds into the output bias: the solver
+    with ``(b1, w2, b2)`` runs exactly as the one with ``(0, w2, b2 + tanh(b1) @ w2)``."""
+    p = jdeq.init_mixer(jax.random.key(0), memory=3, hidden=4)
+    rng = np.random.default_rng(0)
+    b1 = jnp.asarray(rng.normal(size=4), jnp.float32)
+    w2 = jnp.asarray(0.3 * rng.normal(size=(4, 4)), jnp.float32)
+    a = {**p, "w1": jnp.zeros_like(p["w1"]), "b1": b1, "w2": w2}
+    b = {**a, "b1": jnp.zeros_like(b1), "b2": p["b2"] + jnp.tanh(b1) @ w2}
+    x = jax.random.normal(jax.random.key(1), (N, D))
+    run = lambda params: jdeq.fixed_point(  # noqa: E731
+        cell, jnp.zeros((N, D)), x, solver=jdeq.HyperAnderson(params=params, memory=3, tol=1e-6, maxiter=8)).value
+    za, zb = run(a), run(b)
+    np.testing.assert_allclose(za, zb, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(za - run(p)).max()) > 1e-4  # the bias changes the iteration
+
+
+def test_init_mixer_serves_the_default_anderson_memory():
+    """``init_mixer``'s default ``memory`` is 5, ``jdeq.HyperAnderson``'s (and Anderson's)."""
+    assert jdeq.init_mixer(jax.random.key(0))["w1"].shape == (5 * 5 + 3 * 5, 32)
+    assert jdeq.HyperAnderson().memory == 5
