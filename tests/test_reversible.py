@@ -1,6 +1,8 @@
 """jdeq.ReversibleIteration and jdeq.Reversible (McCallum et al. 2025): the exact gradient of the
 reversible iteration, reconstructed in reverse with memory flat in maxiter."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,11 @@ def test_an_example_nonfinite_from_the_start_leaves_the_others_alone():
     assert bool(alone.stats.converged.all())
     np.testing.assert_array_equal(sol.value[keep], alone.value)
     np.testing.assert_array_equal(sol.stats.nsteps[keep], alone.stats.nsteps)
+    # backward: the other examples' input gradients are those they get alone (the flagged one's
+    # own NaN input reaches its row and the shared W as 0 * NaN: jdeq.Implicit's stated limit)
+    loss = lambda x: jnp.sum(jnp.sin(jdeq.fixed_point(  # noqa: E731
+        _f, jnp.zeros_like(x), {"W": p["W"], "x": x}, solver=rev, gradient=jdeq.Reversible()).value))
+    np.testing.assert_allclose(jax.grad(loss)(p_bad["x"])[keep], jax.grad(loss)(p["x"][keep]), rtol=1e-10, atol=1e-12)
 
 
 def test_integer_args():
@@ -209,11 +216,70 @@ def test_integer_args():
     g1 = jax.grad(loss, allow_int=True)(a, jdeq.Reversible())
     g2 = jax.grad(loss, allow_int=True)(a, jdeq.Unrolled())
     np.testing.assert_allclose(g1["x"], g2["x"], rtol=1e-9)
+    assert g1["s"].dtype == g2["s"].dtype == jax.dtypes.float0  # an int argument's cotangent
+
+
+def test_gradient_reaches_values_the_cell_closes_over():
+    """A cell that closes over a traced value (here ``w`` under ``jit``): the reversible gradient
+    reaches it, as it reaches the same value passed in ``args``."""
+    x = jnp.linspace(0.1, 1.0, B * D).reshape(B, D)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-10, maxiter=61)
+
+    def closed(w):
+        f = lambda z, a: 0.5 * jnp.tanh(w * z) + a  # noqa: E731
+        return jnp.sum(jnp.sin(jdeq.fixed_point(f, jnp.zeros((B, D)), x, solver=rev, gradient=jdeq.Reversible()).value))
+
+    def passed(w):
+        f = lambda z, a: 0.5 * jnp.tanh(a[0] * z) + a[1]  # noqa: E731
+        return jnp.sum(jnp.sin(jdeq.fixed_point(f, jnp.zeros((B, D)), (w, x), solver=rev,
+                                                gradient=jdeq.Reversible()).value))
+
+    w = jnp.asarray(1.5)
+    g = jax.jit(jax.grad(closed))(w)
+    np.testing.assert_allclose(g, jax.grad(passed)(w), rtol=1e-10)
+    assert abs(float(g)) > 1e-3
+
+
+@pytest.mark.parametrize("stop_mode,stop_fraction", [("abs", 1.0), ("rel", 1.0), ("abs", 0.5)])
+def test_the_gradients_forward_is_the_solvers_own(stop_mode, stop_fraction):
+    """``gradient=jdeq.Reversible()`` runs the solver's own iteration, with its ``stop_mode`` and
+    ``stop_fraction``, whether or not it is differentiated: the same stats and value as the
+    solver run alone (``Implicit``'s forward). Rows converge at different speeds, so
+    ``stop_fraction=0.5`` stops the loop before the slow ones converge (checked)."""
+    c = jnp.asarray([0.1, 0.1, 0.1, 0.9, 0.9])[:, None] * jnp.ones((B, D))
+    a = 1e3 * jnp.linspace(-1.0, 1.0, B * D).reshape(B, D)  # large states: abs and rel differ
+    f = lambda z, p: p[0] * jnp.tanh(z / 1e3) * 1e3 + p[1]  # noqa: E731
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-4, maxiter=201, stop_mode=stop_mode,
+                                   stop_fraction=stop_fraction)
+    run = lambda g: lambda p: jdeq.fixed_point(f, jnp.zeros((B, D)), p, solver=rev, gradient=g)  # noqa: E731
+    ref = run(jdeq.Implicit())((c, a))
+    primal = run(jdeq.Reversible())((c, a))
+    differentiated, _ = jax.vjp(run(jdeq.Reversible()), (c, a))
+    for sol in (primal, differentiated):
+        np.testing.assert_array_equal(sol.stats.nsteps, ref.stats.nsteps)
+        np.testing.assert_array_equal(sol.stats.converged, ref.stats.converged)
+        np.testing.assert_allclose(sol.value, ref.value, rtol=1e-12)
+    if stop_fraction < 1:
+        assert not bool(ref.stats.converged.all()) and bool(ref.stats.converged[:3].all())
+    else:
+        other = "rel" if stop_mode == "abs" else "abs"
+        alt = jdeq.fixed_point(f, jnp.zeros((B, D)), (c, a), solver=dataclasses.replace(rev, stop_mode=other))
+        assert not np.array_equal(alt.stats.nsteps, ref.stats.nsteps)
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match="solver"):
+    with pytest.raises(TypeError) as e:
         jdeq.fixed_point(_f, jnp.zeros((B, D)), _params(), solver=jdeq.Anderson(), gradient=jdeq.Reversible())
+    assert str(e.value) == ("`gradient=jdeq.Reversible()` needs `solver=jdeq.ReversibleIteration(...)` (the only "
+                            "iteration it can invert); got solver Anderson.")
+    with pytest.raises(ValueError) as e:
+        jdeq.fixed_point(_f, jnp.zeros((B, D)), _params(), solver=jdeq.ReversibleIteration(trace=True),
+                         gradient=jdeq.Reversible())
+    assert str(e.value) == "`trace=True` is not supported with gradient=jdeq.Reversible()."
+    with pytest.raises(NotImplementedError) as e:
+        jdeq.fixed_point_states(_f, jnp.zeros((B, D)), _params(), solver=jdeq.ReversibleIteration())
+    assert str(e.value) == ("ReversibleIteration does not record snapshots (jdeq.fixed_point_states / "
+                            "correction); use another `solver` there.")
     for beta in (0.0, 1.0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match="beta"):
             jdeq.ReversibleIteration(beta=beta)
@@ -238,3 +304,15 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert mem[0]["reversible"] == mem[1]["reversible"] and mem[1]["unrolled"] > mem[0]["unrolled"]
     assert set(doc["training"]) == {"reversible", "implicit"}
     assert "test acc" in capsys.readouterr().out.strip().splitlines()[-4]
+
+
+def test_gradient_equals_unrolled_when_the_best_iterate_is_not_the_last():
+    """A cell that does not contract (``W`` of norm ~3): the residual rises and falls, so the
+    returned lowest-residual iterate comes before the last step for some examples; its
+    cotangent enters the reverse sweep at that step (checked: the value is not F(last z))."""
+    p = _params(scale=3.0)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-30, maxiter=15)
+    (l1, s1), (l2, s2) = _loss(p, rev, jdeq.Reversible()), _loss(p, rev, jdeq.Unrolled())
+    assert float(l1) == float(l2)
+    assert not bool(s1.converged.any())
+    _close(_grads(p, rev, jdeq.Reversible()), _grads(p, rev, jdeq.Unrolled()), 1e-9)
