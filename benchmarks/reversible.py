@@ -85,7 +85,7 @@ def drift_study(cfg, p64, x64):
             # rebuild z_0 from the final states, in float32
             F = lambda z: cell(z, {**p32, "x": x32})  # noqa: E731
             z0 = jnp.zeros((x32.shape[0], p32["W"].shape[0]), jnp.float32)
-            _, _, (y, z, steps, _) = _forward(beta, 1e-30, 1, F, z0, n)
+            _, _, (y, z, steps, _) = _forward(beta, 1e-30, 1, F, z0, n, stop_fraction=1.0)
             for _ in range(int(steps.max())):
                 z = (z - beta * F(y)) / (1 - beta)
                 y = (y - beta * F(z)) / (1 - beta)

@@ -62,7 +62,7 @@ class _Carry(NamedTuple):
     trace: Any
 
 
-def _forward(beta, tol, pick, F, z0, maxiter, *, unrolled=False, trace_len=None, stop_fraction=1.0):
+def _forward(beta, tol, pick, F, z0, maxiter, *, stop_fraction, unrolled=False, trace_len=None):
     """The reversible iteration on ``(batch, dim)`` rows.
 
     Returns ``(value, stats, (y, z, steps, best_n))``: ``y, z`` the final states (each

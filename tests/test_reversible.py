@@ -316,3 +316,71 @@ def test_gradient_equals_unrolled_when_the_best_iterate_is_not_the_last():
     assert float(l1) == float(l2)
     assert not bool(s1.converged.any())
     _close(_grads(p, rev, jdeq.Reversible()), _grads(p, rev, jdeq.Unrolled()), 1e-9)
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_an_example_already_within_tol_at_z0_takes_no_step(stop_mode):
+    """The test at ``z0`` uses ``stop_mode``'s residual too: near the fixed point 2e4 of
+    ``0.5 z + 1e4``, the relative residual (~1e-5) is under tol while the absolute one (~0.4)
+    is not, so only ``"rel"`` stops before its first step (one evaluation)."""
+    f = lambda z, c: 0.5 * z + c  # noqa: E731
+    c = jnp.full((2, 3), 1e4)
+    z0 = 2 * c + 0.5
+    stats = jdeq.fixed_point(f, z0, c, solver=jdeq.ReversibleIteration(
+        beta=0.8, tol=1e-3, maxiter=41, stop_mode=stop_mode)).stats
+    assert float(stats.rel_residual.max()) < 1e-3 < float(stats.abs_residual.min()) or stop_mode == "abs"
+    assert bool(stats.converged.all())
+    if stop_mode == "rel":
+        np.testing.assert_array_equal(stats.nsteps, 1)
+    else:
+        assert int(stats.nsteps.min()) > 1
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_trace_holds_the_residual_every_second_column(stop_mode):
+    """``trace=True``: column 0 is the residual at ``z0``, column ``2 n`` the residual after step
+    ``n`` (the evaluations in between measure nothing: NaN), NaN after an example stopped; the
+    stats' counts are int32 whatever the default integer type (x64 here)."""
+    f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    a = jnp.asarray([[0.3, -0.2], [0.0, 0.0]])  # the second example starts at its fixed point
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-6, maxiter=9, stop_mode=stop_mode, trace=True)
+    stats = jdeq.fixed_point(f, jnp.zeros_like(a), a, solver=rev).stats
+    assert stats.nsteps.dtype == jnp.int32
+    trace = np.asarray(stats.trace)
+    assert trace.shape == (2, 9)
+    z0_res = jdeq.fixed_point(f, jnp.zeros_like(a), a, solver=dataclasses.replace(rev, maxiter=1)).stats
+    want0 = z0_res.rel_residual if stop_mode == "rel" else z0_res.abs_residual
+    np.testing.assert_allclose(trace[:, 0], want0, rtol=1e-12)
+    assert np.isnan(trace[:, 1::2]).all()
+    for n in range(1, 5):  # the residual after n steps: a run whose budget is n steps
+        st = jdeq.fixed_point(f, jnp.zeros_like(a), a, solver=dataclasses.replace(rev, maxiter=1 + 2 * n)).stats
+        res = st.rel_residual if stop_mode == "rel" else st.abs_residual
+        np.testing.assert_allclose(trace[0, 2 * n], res[0], rtol=1e-12)
+    steps = (np.asarray(stats.nsteps) - 1) // 2
+    assert steps[1] == 0 and steps[0] == 4  # (the budget: 4 steps)
+    for b, k in enumerate(steps):
+        assert np.isfinite(trace[b, 0:2 * k + 1:2]).all() and np.isnan(trace[b, 2 * k + 1:]).all()
+
+
+def test_an_example_overflowing_from_the_start_gets_no_gradient_and_adds_none():
+    """An example whose input is +inf (finite z0, f(z0) = inf: flagged non-finite, no step
+    taken) gets a zero input gradient, and the shared weight's gradient is the one of the other
+    examples alone: the reverse sweep gives it a zero cotangent and undoes none of its steps
+    (undoing one would rebuild -inf from f(y) = inf, and 0 * inf is NaN)."""
+    f = lambda z, p: p["a"] * z * z + p["x"]  # noqa: E731
+    x = jnp.linspace(-0.2, 0.2, 4 * 3).reshape(4, 3).at[1].set(jnp.inf)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-10, maxiter=61)
+
+    def loss(p):
+        sol = jdeq.fixed_point(f, jnp.zeros_like(p["x"]), p, solver=rev, gradient=jdeq.Reversible())
+        return jnp.sum(jnp.sin(sol.value)), sol.stats
+
+    p = {"a": jnp.asarray(1.0), "x": x}
+    g, stats = jax.grad(loss, has_aux=True)(p)
+    np.testing.assert_array_equal(stats.nonfinite, [False, True, False, False])
+    keep = np.arange(4) != 1
+    g_rest, rest = jax.grad(loss, has_aux=True)({"a": p["a"], "x": x[keep]})
+    assert bool(rest.converged.all())
+    np.testing.assert_array_equal(g["x"][1], 0.0)
+    np.testing.assert_allclose(g["x"][keep], g_rest["x"], rtol=1e-12)
+    np.testing.assert_allclose(g["a"], g_rest["a"], rtol=1e-12)
