@@ -281,7 +281,7 @@ def test_bad_input():
     assert str(e.value) == ("ReversibleIteration does not record snapshots (jdeq.fixed_point_states / "
                             "correction); use another `solver` there.")
     for beta in (0.0, 1.0, 1.5, -0.1, True):
-        with pytest.raises(ValueError, match="beta"):
+        with pytest.raises(ValueError, match=r"^`beta` must be a number in \(0, 1\), got "):
             jdeq.ReversibleIteration(beta=beta)
     with pytest.raises(ValueError, match="tol"):
         jdeq.ReversibleIteration(tol=-1.0)
@@ -384,3 +384,18 @@ def test_an_example_overflowing_from_the_start_gets_no_gradient_and_adds_none():
     np.testing.assert_array_equal(g["x"][1], 0.0)
     np.testing.assert_allclose(g["x"][keep], g_rest["x"], rtol=1e-12)
     np.testing.assert_allclose(g["a"], g_rest["a"], rtol=1e-12)
+
+
+def test_a_residual_equal_to_tol_is_not_under_it_and_ties_keep_the_first():
+    """``f(z) = z + 0.25`` has no fixed point: every iterate's residual is exactly 0.25 (dyadic
+    values, no rounding). With ``tol=0.25`` it is never *under* tol, so the example runs its
+    whole budget and is not converged; among the equal residuals the first iterate is kept, so
+    the value is ``f(z0)``, as in jdeq's shared loop."""
+    f = lambda z, c: z + c  # noqa: E731
+    c = jnp.full((2, 1), 0.25)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=0.25, maxiter=9, stop_mode="abs")
+    sol = jdeq.fixed_point(f, jnp.zeros_like(c), c, solver=rev)
+    np.testing.assert_array_equal(sol.stats.abs_residual, 0.25)
+    np.testing.assert_array_equal(sol.stats.nsteps, 9)
+    assert not bool(sol.stats.converged.any())
+    np.testing.assert_array_equal(sol.value, 0.25)
