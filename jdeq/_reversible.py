@@ -196,12 +196,12 @@ class ReversibleIteration(Solver):
         V.fraction(self.beta, "beta")  # in (0, 1): the inverse step divides by 1 - beta
         super().__post_init__()
 
-    def init(self, z):  # pragma: no cover - the solver has its own loop
+    def init(self, z):  # the solver has its own loop
         raise NotImplementedError(
             "ReversibleIteration runs its own loop (each step evaluates f twice); call solve()."
         )
 
-    def update(self, state, k, z, fz):  # pragma: no cover
+    def update(self, state, k, z, fz):
         raise NotImplementedError(
             "ReversibleIteration runs its own loop (each step evaluates f twice); call solve()."
         )

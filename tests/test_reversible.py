@@ -280,6 +280,12 @@ def test_bad_input():
         jdeq.fixed_point_states(_f, jnp.zeros((B, D)), _params(), solver=jdeq.ReversibleIteration())
     assert str(e.value) == ("ReversibleIteration does not record snapshots (jdeq.fixed_point_states / "
                             "correction); use another `solver` there.")
+    rev, z = jdeq.ReversibleIteration(), jnp.zeros((B, D))
+    for call in (lambda: rev.init(z), lambda: rev.update(None, 0, z, z)):  # no state-step form
+        with pytest.raises(NotImplementedError) as e:
+            call()
+        assert str(e.value) == ("ReversibleIteration runs its own loop (each step evaluates f twice); "
+                                "call solve().")
     for beta in (0.0, 1.0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match=r"^`beta` must be a number in \(0, 1\), got "):
             jdeq.ReversibleIteration(beta=beta)
