@@ -113,6 +113,19 @@ def init_mixer(key, memory: int = 5, hidden: int = 32, dtype=jnp.float32) -> dic
     }
 
 
+def _is_mixer(params, memory: int) -> bool:
+    """Whether ``params`` is a mixer of :func:`init_mixer`'s layout for this ``memory``: the dict
+    ``{"w1", "b1", "w2", "b2"}`` with shapes ``(m*m + 3m, h)``, ``(h,)``, ``(h, m + 1)``, ``(m + 1,)``."""
+    if not isinstance(params, dict) or set(params) != {"w1", "b1", "w2", "b2"}:
+        return False
+    w1 = jnp.shape(params["w1"])
+    if len(w1) != 2:
+        return False
+    n_in, hidden = memory * memory + 3 * memory, w1[1]
+    want = {"w1": (n_in, hidden), "b1": (hidden,), "w2": (hidden, memory + 1), "b2": (memory + 1,)}
+    return all(jnp.shape(params[k]) == shape for k, shape in want.items())
+
+
 def _mixer_apply(params, feats):
     h = jnp.tanh(feats @ params["w1"] + params["b1"])
     return h @ params["w2"] + params["b2"]
@@ -169,14 +182,11 @@ class HyperAnderson(Solver):
         super().__post_init__()  # tol, maxiter, stop_mode, memory, ridge, damping
         V.nonnegative_int(self.learned_steps, "learned_steps", none=True)
         V.boolean(self.safeguard, "safeguard")
-        if self.params is not None:
-            w1 = self.params.get("w1") if isinstance(self.params, dict) else None
-            n_in = self.memory * self.memory + 3 * self.memory
-            if w1 is None or w1.shape[0] != n_in or self.params["w2"].shape[-1] != self.memory + 1:
-                raise ValueError(
-                    f"`params` must come from jdeq.init_mixer(key, memory={self.memory}) "
-                    "(mixer input/output sizes must match `memory`)."
-                )
+        if self.params is not None and not _is_mixer(self.params, self.memory):
+            raise ValueError(
+                f"`params` must come from jdeq.init_mixer(key, memory={self.memory}) "
+                "(mixer input/output sizes must match `memory`)."
+            )
 
     def init(self, z):
         m = self.memory

@@ -147,7 +147,20 @@ def test_bad_inputs_raise():
     for bad in ({**mixer, "w1": mixer["w1"][:-1]}, {k: v for k, v in mixer.items() if k != "w1"}):
         with pytest.raises(ValueError, match=r"`params` must come from jdeq.init_mixer\(key, memory=5\)"):
             jdeq.HyperAnderson(params=bad, memory=5)
+    # every piece of init_mixer's layout is checked: each layer's shape, the dict itself
+    bad_mixers = [{**mixer, "w2": mixer["w2"][:, :-1]}, {**mixer, "b2": mixer["b2"][:-1]},
+                  {**mixer, "b1": mixer["b1"][:-1]}, {**mixer, "w2": mixer["w2"][:-1]},
+                  {**mixer, "w1": mixer["w1"][0]}, {**mixer, "extra": mixer["b1"]},
+                  tuple(mixer.values()), [mixer]]
+    for bad in bad_mixers:
+        with pytest.raises(ValueError, match=r"`params` must come from jdeq.init_mixer\(key, memory=5\)"):
+            jdeq.HyperAnderson(params=bad, memory=5)
     jdeq.HyperAnderson(params=mixer, memory=5)  # the right sizes pass
+    jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=5, hidden=7), memory=5)
+    with pytest.raises(ValueError, match=r"^`hidden` must be an int >= 1, got 0\.$"):
+        jdeq.init_mixer(jax.random.key(0), hidden=0)
+    with pytest.raises(TypeError, match=r"^`safeguard` must be a bool, got 'yes'\.$"):
+        jdeq.HyperAnderson(safeguard="yes")
     with pytest.raises(ValueError, match="learned_steps"):
         jdeq.HyperAnderson(learned_steps=-1)
     with pytest.raises(ValueError, match="memory"):
@@ -235,3 +248,53 @@ def test_init_mixer_serves_the_default_anderson_memory():
     """``init_mixer``'s default ``memory`` is 5, ``jdeq.HyperAnderson``'s (and Anderson's)."""
     assert jdeq.init_mixer(jax.random.key(0))["w1"].shape == (5 * 5 + 3 * 5, 32)
     assert jdeq.HyperAnderson().memory == 5
+
+
+def _step_mixer(memory, s):
+    """A mixer that outputs ``delta = 0`` and the step logit ``s`` whatever its input."""
+    p = jax.tree.map(jnp.zeros_like, jdeq.init_mixer(jax.random.key(0), memory=memory))
+    return {**p, "b2": p["b2"].at[memory].set(s)}
+
+
+@pytest.mark.parametrize("damping,s", [(0.5, 0.0), (0.6, float(np.log(3.0)))])
+def test_the_learned_step_size_is_twice_damping_times_sigmoid(damping, s):
+    """``beta = 2 * damping * sigmoid(s)``: with zero corrections the learned iteration is
+    Anderson's with that damping (0.5 at s = 0; 0.9 = 2 * 0.6 * 0.75 at s = log 3)."""
+    x = jax.random.normal(jax.random.key(1), (N, D))
+    beta = 2 * damping / (1 + np.exp(-s))
+    run = lambda solver: jdeq.fixed_point(cell, jnp.zeros((N, D)), x, solver=solver).value  # noqa: E731
+    hyp = run(jdeq.HyperAnderson(params=_step_mixer(3, s), memory=3, damping=damping, tol=1e-30, maxiter=6,
+                                 safeguard=False))
+    np.testing.assert_allclose(hyp, run(jdeq.Anderson(memory=3, damping=beta, tol=1e-30, maxiter=6)),
+                               rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(hyp - run(jdeq.Anderson(memory=3, damping=damping, tol=1e-30, maxiter=6))).max()) > 1e-3 or s == 0
+
+
+def test_a_float32_state_stays_float32_under_x64():
+    """The learned corrections take the state's dtype: a float32 problem with a float32 mixer runs
+    in float32 with 64-bit types enabled (the loop's carry keeps its dtype)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(N, D)), jnp.float32)
+        solver = jdeq.HyperAnderson(params=_trained_like(jdeq.init_mixer(jax.random.key(0), memory=3)), memory=3,
+                                    tol=1e-5, maxiter=20)
+        sol = jdeq.fixed_point(cell, jnp.zeros((N, D), jnp.float32), x, solver=solver)
+        assert sol.value.dtype == jnp.float32 and bool(jnp.isfinite(sol.value).all())
+
+
+def _trained_like(p):
+    """Nonzero output layer: the learned corrections are not zero."""
+    k1, k2 = jax.random.split(jax.random.key(5))
+    return {**p, "w2": 0.3 * jax.random.normal(k1, p["w2"].shape, p["w2"].dtype),
+            "b2": 0.3 * jax.random.normal(k2, p["b2"].shape, p["b2"].dtype)}
+
+
+def test_the_learned_permutation_asks_for_highest_precision():
+    """The newest-first corrections are permuted into the ring's slots by a one-hot product at
+    ``Precision.HIGHEST`` (exact on GPU/TPU too); checked in the update's program."""
+    solver = jdeq.HyperAnderson(params=_trained_like(jdeq.init_mixer(jax.random.key(0), memory=3)), memory=3)
+    z = jnp.ones((2, 4))
+    program = jax.make_jaxpr(lambda z: solver.update(solver.init(z), 2, z, 0.5 * z))(z).jaxpr
+    hi = jax.lax.Precision.HIGHEST
+    dots = [e for e in eqns(program) if e.primitive.name == "dot_general"]
+    perm = [e for e in dots if tuple(e.invars[1].aval.shape) == (3, 3)]  # (batch, m) @ (m, m)
+    assert perm and all(e.params["precision"] == (hi, hi) for e in perm), [e.params["precision"] for e in dots]

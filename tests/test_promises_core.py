@@ -563,3 +563,18 @@ def test_forward_backward_contraction_is_tight_on_a_scaled_identity(x64):
                                     solver=jdeq.FixedPointIteration(tol=1e-300, maxiter=8, stop_mode="abs", trace=True))
     tr = np.asarray(sol.stats.trace)[0]
     np.testing.assert_allclose(tr[1:] / tr[:-1], rate, rtol=1e-9)
+
+
+def test_hyper_anderson_safeguard_keeps_learning_while_the_residual_falls():
+    """The safeguard only acts on a learned step that did *not* lower the residual: after one
+    that did (the previous residual was larger), the next step is learned again."""
+    f, c = _hyper_problem()
+    solver = jdeq.HyperAnderson(params=_trained_mixer(), memory=3, safeguard=True)
+    z = jnp.full_like(c, 0.3)
+    xs, gs, gram, _, _, _ = solver.init(z)
+    fell = (xs, gs, gram, jnp.full(2, 1e9), jnp.ones(2, bool), jnp.ones(2, bool))
+    new, state = jax.jit(solver.update, static_argnums=1)(fell, 1, z, f(z, c))
+    plain = jdeq.Anderson(memory=3)
+    want, _ = jax.jit(lambda z: plain.update(plain.init(z), 1, z, f(z, c)))(z)
+    assert not np.allclose(new, want, rtol=1e-4)
+    assert bool(state[-1].all())  # (and the state records a learned step)
