@@ -323,3 +323,15 @@ def test_implicit_callback_rel_residual_is_relative_to_the_cotangent(x64, backwa
     jax.block_until_ready(jax.grad(weighted)(p))
     (st,) = seen
     np.testing.assert_allclose(st.rel_residual, st.abs_residual / np.linalg.norm(c, axis=1), rtol=1e-6)
+
+
+def test_unrolled_runs_the_run_time_budget():
+    """``fixed_point(..., gradient=jdeq.Unrolled(), maxiter=4)`` unrolls 4 evaluations, not the
+    solver's 50: the same value and stats as the while loop with that budget."""
+    f = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    a = jnp.linspace(-1.0, 1.0, N * D).reshape(N, D)
+    solver = jdeq.FixedPointIteration(tol=1e-30, maxiter=50)
+    run = lambda g: jdeq.fixed_point(f, jnp.zeros_like(a), a, solver=solver, gradient=g, maxiter=4)  # noqa: E731
+    unrolled, loop = run(jdeq.Unrolled()), run(jdeq.Implicit())
+    np.testing.assert_array_equal(unrolled.stats.nsteps, 4)
+    np.testing.assert_allclose(unrolled.value, loop.value, rtol=1e-6)

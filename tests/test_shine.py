@@ -348,3 +348,48 @@ def test_estimate_keeps_the_state_dtype(name, dtype, x64):
         for transpose in (False, True):
             est = _estimate(solver, state, b, transpose)
             assert est.dtype == jnp.dtype(dtype) and bool(jnp.all(jnp.isfinite(est)))
+
+
+def test_direct_rel_residual_of_a_tiny_cotangent_keeps_its_floor():
+    """The "direct" stats' relative residual is ``||g - (I - J^T) u0|| / (||g|| + 1e-8)``, the
+    shared loop's floor: for a cotangent of size ~1e-9 it stays positive (not divided by a
+    negative ``||g|| - eps``) and is the absolute one over ``||g|| + 1e-8``."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["anderson"]
+        seen = []
+        gradient = jdeq.Implicit(shine="direct", callback=seen.append)
+        jax.grad(lambda p: 1e-9 * loss(p, solver, gradient))(p)
+        jax.effects_barrier()
+        z, _, _ = _final_state(solver, p)
+        g_norm = np.linalg.norm(1e-9 * np.asarray(jax.grad(readout)(z)), axis=1)
+        st = seen[-1]
+        assert (g_norm < 1e-8).all() and (np.asarray(st.rel_residual) > 0).all()
+        np.testing.assert_allclose(st.rel_residual, np.asarray(st.abs_residual) / (g_norm + 1e-8), rtol=1e-6)
+
+
+def test_refine_runs_the_run_time_backward_budget():
+    """``Implicit(shine="refine", maxiter=3)``: the refinement from the estimate stops after 3
+    evaluations (tol out of reach), not after the forward solver's 60."""
+    with jax.enable_x64(True):
+        p = make_params()
+        seen = []
+        _loss_grad(p, FWD["broyden"], jdeq.Implicit(shine="refine", tol=1e-30, maxiter=3, callback=seen.append))
+        jax.effects_barrier()
+        np.testing.assert_array_equal(seen[-1].nsteps, 3)
+
+
+def test_refine_from_a_non_finite_estimate_starts_at_zero():
+    """A non-finite estimate counts as failed: "refine" then runs the solve from zero, exactly
+    the default backward's iterations (here u <- b + 0.5 u, five evaluations)."""
+    from jdeq._gradients import _shine_solve
+
+    with jax.enable_x64(True):
+        b = jnp.ones((2, 3))
+        F = lambda u: b + 0.5 * u  # noqa: E731  (A = 0.5 I)
+        solver = jdeq.FixedPointIteration(tol=1e-30, maxiter=5)
+        u0 = jnp.asarray([[jnp.nan, 0.0, 0.0], [0.3, 0.3, 0.3]])
+        u, _ = _shine_solve("refine", 0.5, solver, F, b, u0, 5, want_stats=True)
+        from_zero, _ = solver.solve(F, jnp.zeros_like(b), 5)
+        np.testing.assert_array_equal(u[0], from_zero[0])
+        assert not np.allclose(u[1], from_zero[1])  # (the finite estimate is used)
