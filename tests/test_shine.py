@@ -393,3 +393,26 @@ def test_refine_from_a_non_finite_estimate_starts_at_zero():
         from_zero, _ = solver.solve(F, jnp.zeros_like(b), 5)
         np.testing.assert_array_equal(u[0], from_zero[0])
         assert not np.allclose(u[1], from_zero[1])  # (the finite estimate is used)
+
+
+def test_direct_converged_reads_the_backward_stop_mode():
+    """"direct" reports ``converged`` as the backward solver would: the estimate's relative
+    residual under ``tol`` with ``stop_mode="rel"``, its absolute one with ``"abs"``. The
+    cotangent is scaled by 1e3 so that a tol between the two separates them for every example."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["anderson"]
+
+        def stats(**kw):
+            seen = []
+            gradient = jdeq.Implicit(shine="direct", callback=seen.append, **kw)
+            jax.grad(lambda p: 1e3 * loss(p, solver, gradient))(p)
+            jax.effects_barrier()
+            return seen[-1]
+
+        st = stats()
+        rel, abs_ = np.asarray(st.rel_residual), np.asarray(st.abs_residual)
+        assert rel.max() < abs_.min()
+        tol = float(np.sqrt(rel.max() * abs_.min()))
+        np.testing.assert_array_equal(stats(tol=tol, stop_mode="rel").converged, True)
+        np.testing.assert_array_equal(stats(tol=tol, stop_mode="abs").converged, False)
