@@ -403,10 +403,12 @@ def test_direct_converged_reads_the_backward_stop_mode():
         p = make_params(n=4)
         solver = FWD["anderson"]
 
+        grads = []
+
         def stats(**kw):
             seen = []
             gradient = jdeq.Implicit(shine="direct", callback=seen.append, **kw)
-            jax.grad(lambda p: 1e3 * loss(p, solver, gradient))(p)
+            grads.append(jax.grad(lambda p: 1e3 * loss(p, solver, gradient))(p))
             jax.effects_barrier()
             return seen[-1]
 
@@ -416,3 +418,10 @@ def test_direct_converged_reads_the_backward_stop_mode():
         tol = float(np.sqrt(rel.max() * abs_.min()))
         np.testing.assert_array_equal(stats(tol=tol, stop_mode="rel").converged, True)
         np.testing.assert_array_equal(stats(tol=tol, stop_mode="abs").converged, False)
+        # a residual equal to tol is not under it (the same residuals: tol plays no part in them)
+        i = int(np.argsort(abs_)[1])
+        np.testing.assert_array_equal(stats(tol=float(abs_[i]), stop_mode="abs").converged, abs_ < abs_[i])
+        # the callback only observes: the gradient is the one without it
+        plain = jax.grad(lambda p: 1e3 * loss(p, solver, jdeq.Implicit(shine="direct")))(p)
+        for g in grads:
+            np.testing.assert_allclose(_flat(g), _flat(plain), rtol=1e-12)
