@@ -425,3 +425,23 @@ def test_direct_converged_reads_the_backward_stop_mode():
         plain = jax.grad(lambda p: 1e3 * loss(p, solver, jdeq.Implicit(shine="direct")))(p)
         for g in grads:
             np.testing.assert_allclose(_flat(g), _flat(plain), rtol=1e-12)
+
+
+def test_fallback_check_of_a_tiny_cotangent_keeps_the_floor():
+    """"fallback" tests ``||g - (I - J^T) u0|| / (||g|| + 1e-8)`` against shine_tol; for a
+    cotangent of size ~1e-9 that ratio stays positive, so a shine_tol under every example's
+    ratio sends them all to the full solve (none accepted on a negative ratio)."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["broyden"]
+
+        def stats(gradient):
+            seen = []
+            jax.grad(lambda p: 1e-9 * loss(p, solver, dataclasses.replace(gradient, callback=seen.append)))(p)
+            jax.effects_barrier()
+            return seen[-1]
+
+        rel = np.asarray(stats(jdeq.Implicit(shine="direct")).rel_residual)
+        assert (rel > 0).all()
+        st = stats(jdeq.Implicit(shine="fallback", shine_tol=float(rel.min()) / 2, tol=1e-12, maxiter=300))
+        assert (np.asarray(st.nsteps) > 1).all()
