@@ -445,3 +445,24 @@ def test_fallback_check_of_a_tiny_cotangent_keeps_the_floor():
         assert (rel > 0).all()
         st = stats(jdeq.Implicit(shine="fallback", shine_tol=float(rel.min()) / 2, tol=1e-12, maxiter=300))
         assert (np.asarray(st.nsteps) > 1).all()
+
+
+def test_fallback_accepts_a_ratio_equal_to_shine_tol():
+    """"an example at most shine_tol keeps u0": with shine_tol equal to one example's own ratio
+    (read from a run that accepts all, where the stats report it), that example is accepted
+    (one matvec) and the examples with a larger ratio are not."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["broyden"]
+
+        def stats(shine_tol):
+            seen = []
+            gradient = jdeq.Implicit(shine="fallback", shine_tol=shine_tol, tol=1e-12, maxiter=300,
+                                     callback=seen.append)
+            _loss_grad(p, solver, gradient)
+            jax.effects_barrier()
+            return seen[-1]
+
+        rel0 = np.asarray(stats(1e9).rel_residual)  # every example accepted: its ratio reported
+        i = int(np.argsort(rel0)[1])
+        np.testing.assert_array_equal(np.asarray(stats(float(rel0[i])).nsteps) == 1, rel0 <= rel0[i])
