@@ -466,3 +466,23 @@ def test_fallback_accepts_a_ratio_equal_to_shine_tol():
         rel0 = np.asarray(stats(1e9).rel_residual)  # every example accepted: its ratio reported
         i = int(np.argsort(rel0)[1])
         np.testing.assert_array_equal(np.asarray(stats(float(rel0[i])).nsteps) == 1, rel0 <= rel0[i])
+
+
+def test_fallback_refused_examples_run_the_default_solve_from_zero():
+    """A refused example runs the backward solve from zero with the run-time budget: its
+    ``nsteps`` is the default backward's plus the check's matvec, and with ``maxiter=3`` (tol
+    out of reach) it stops after 3 evaluations."""
+    with jax.enable_x64(True):
+        p = make_params(n=4)
+        solver = FWD["broyden"]
+
+        def stats(**kw):
+            seen = []
+            _loss_grad(p, solver, jdeq.Implicit(callback=seen.append, **kw))
+            jax.effects_barrier()
+            return np.asarray(seen[-1].nsteps)
+
+        default = stats(tol=1e-12, maxiter=300)
+        refused = stats(shine="fallback", shine_tol=1e-30, tol=1e-12, maxiter=300)
+        np.testing.assert_array_equal(refused, default + 1)
+        np.testing.assert_array_equal(stats(shine="fallback", shine_tol=1e-30, tol=1e-30, maxiter=3), 3 + 1)
