@@ -3,6 +3,7 @@ solve (every backward solver), Phantom approaching Implicit, JacobianFree = Phan
 Unrolled = autodiff of the hand-written loop, composition with jit / vmap / grad / jvp, and
 Implicit's backward-stats callback."""
 
+import dataclasses
 import functools
 
 import jax
@@ -335,3 +336,41 @@ def test_unrolled_runs_the_run_time_budget():
     unrolled, loop = run(jdeq.Unrolled()), run(jdeq.Implicit())
     np.testing.assert_array_equal(unrolled.stats.nsteps, 4)
     np.testing.assert_allclose(unrolled.value, loop.value, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backward", ["gmres", "bicgstab"])
+def test_a_linear_solvers_tol_is_implicits_own_else_the_forward_solvers(x64, backward):
+    """With a jaxopt linear solver, ``converged`` in the callback is ``rel_residual <= tol``
+    for ``Implicit(tol=...)``'s tol, or the forward solver's when unset: a tol no solve can
+    meet (1e-300) reports every example unconverged, wherever it is set."""
+    p = make_params()
+
+    def converged(gradient, forward_tol):
+        seen = []
+        solver = jdeq.FixedPointIteration(tol=forward_tol, maxiter=200)
+        jax.block_until_ready(jax.grad(loss)(p, dataclasses.replace(gradient, callback=seen.append), solver))
+        return np.asarray(seen[-1].converged)
+
+    # (jaxopt stops on the batch's residual, so a row may end a little above a loose tol: any)
+    np.testing.assert_array_equal(converged(jdeq.Implicit(solver=backward, tol=1e-300), 1e-3), False)
+    assert converged(jdeq.Implicit(solver=backward), 1e-3).any()
+    np.testing.assert_array_equal(converged(jdeq.Implicit(solver=backward), 1e-300), False)
+    assert converged(jdeq.Implicit(solver=backward, tol=1e-3), 1e-300).any()
+
+
+def test_an_unknown_linear_solver_name_is_refused_at_construction():
+    with pytest.raises(ValueError) as e:
+        jdeq.Implicit(solver="gmress")
+    assert str(e.value) == ("`solver` must be None, a jdeq solver or one of ['bicgstab', 'gmres', "
+                            "'normal_cg']; got 'gmress'.")
+
+
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=3), jdeq.JacobianFree()],
+                         ids=["implicit", "phantom", "jfb"])
+def test_attach_without_stats_takes_every_example_as_finite(x64, gradient):
+    """``Gradient.attach`` with no forward stats (its default): every example keeps its
+    gradient, the one ``fixed_point`` gives with that mode."""
+    p = make_params()
+    z_star = jax.lax.stop_gradient(jdeq.fixed_point(cell, jnp.zeros((N, D)), p, solver=TIGHT).value)
+    attached = jax.grad(lambda p: readout(gradient.attach(cell, z_star, p, solver=TIGHT, maxiter=TIGHT.maxiter)))(p)
+    np.testing.assert_allclose(_flat(attached), _flat(jax.grad(loss)(p, gradient)), rtol=1e-8, atol=1e-12)

@@ -486,3 +486,21 @@ def test_fallback_refused_examples_run_the_default_solve_from_zero():
         refused = stats(shine="fallback", shine_tol=1e-30, tol=1e-12, maxiter=300)
         np.testing.assert_array_equal(refused, default + 1)
         np.testing.assert_array_equal(stats(shine="fallback", shine_tol=1e-30, tol=1e-30, maxiter=3), 3 + 1)
+
+
+def test_fallback_stats_per_example_accepted_refused_converged_or_not():
+    """"fallback"'s stats: an accepted example is converged and finite (one matvec); a refused
+    one reports its own solve, converged (row 2) or gone non-finite (row 1, a divergent map)."""
+    from jdeq._gradients import _shine_solve
+
+    with jax.enable_x64(True):
+        b = jnp.ones((3, 2))
+        slope = jnp.asarray([0.5, 3.0, 0.5])[:, None]
+        F = lambda u: b + slope * u  # noqa: E731  row 1 diverges: u <- 1 + 3u
+        u0 = jnp.stack([2 * b[0], jnp.zeros(2), jnp.zeros(2)])  # row 0: the exact solution
+        solver = jdeq.FixedPointIteration(tol=1e-10, maxiter=2000)
+        u, st = _shine_solve("fallback", 0.5, solver, F, b, u0, 2000, want_stats=True)
+        np.testing.assert_array_equal(st.nsteps[0], 1)
+        np.testing.assert_array_equal(st.converged, [True, False, True])
+        np.testing.assert_array_equal(st.nonfinite, [False, True, False])
+        np.testing.assert_allclose(u[2], 2.0, rtol=1e-8)
