@@ -374,3 +374,18 @@ def test_attach_without_stats_takes_every_example_as_finite(x64, gradient):
     z_star = jax.lax.stop_gradient(jdeq.fixed_point(cell, jnp.zeros((N, D)), p, solver=TIGHT).value)
     attached = jax.grad(lambda p: readout(gradient.attach(cell, z_star, p, solver=TIGHT, maxiter=TIGHT.maxiter)))(p)
     np.testing.assert_allclose(_flat(attached), _flat(jax.grad(loss)(p, gradient)), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["gmres", "bicgstab"])
+def test_a_linear_solvers_callback_stats_per_example(x64, backward):
+    """With a jaxopt linear solver the callback gets one entry per example: ``nsteps`` is -1
+    (jaxopt does not report it), and ``rel_residual`` keeps its 1e-30 floor positive for a
+    cotangent of size ~1e-33."""
+    p = make_params()
+    seen = []
+    gradient = jdeq.Implicit(solver=backward, callback=seen.append)
+    jax.block_until_ready(jax.grad(lambda p: 1e-33 * loss(p, gradient))(p))
+    (st,) = seen
+    assert np.asarray(st.nsteps).shape == (N,) and st.nsteps.dtype == jnp.int32
+    np.testing.assert_array_equal(st.nsteps, -1)
+    assert (np.asarray(st.rel_residual) >= 0).all() and (np.asarray(st.abs_residual) > 0).any()
