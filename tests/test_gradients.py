@@ -389,3 +389,26 @@ def test_a_linear_solvers_callback_stats_per_example(x64, backward):
     assert np.asarray(st.nsteps).shape == (N,) and st.nsteps.dtype == jnp.int32
     np.testing.assert_array_equal(st.nsteps, -1)
     assert (np.asarray(st.rel_residual) >= 0).all() and (np.asarray(st.abs_residual) > 0).any()
+
+
+@pytest.mark.parametrize("backward", ["gmres", "bicgstab"])
+def test_a_linear_solvers_callback_flags_the_examples_whose_forward_went_non_finite(x64, backward):
+    """An example whose forward solve overflowed (``1e200 * z + 1`` from 0: 1, 1e200, inf) gets
+    ``b = 0`` and ``x = 0`` in the backward solve (finite), and the callback still flags it
+    non-finite and not converged; the other examples are finite and converged."""
+    big = jnp.arange(N) == 0
+
+    def f(z, p):
+        return jnp.where(big[:, None], 1e200 * z + 1, cell(z, p))
+
+    p = make_params()
+    seen = []
+    gradient = jdeq.Implicit(solver=backward, tol=1e-8, callback=seen.append)
+    sol = jdeq.fixed_point(f, jnp.zeros((N, D)), p, solver=TIGHT)
+    np.testing.assert_array_equal(sol.stats.nonfinite, big)
+    g = jax.grad(lambda p: readout(jdeq.fixed_point(f, jnp.zeros((N, D)), p, solver=TIGHT, gradient=gradient).value))(p)
+    (st,) = seen
+    assert st.nonfinite.shape == (N,)
+    np.testing.assert_array_equal(st.nonfinite, big)
+    np.testing.assert_array_equal(st.converged, ~big)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
