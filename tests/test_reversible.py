@@ -371,11 +371,10 @@ def test_trace_holds_the_residual_every_second_column(stop_mode):
 def test_an_example_overflowing_from_the_start_gets_no_gradient_and_adds_none():
     """An example whose input is +inf (finite z0, f(z0) = inf: flagged non-finite, no step
     taken) gets a zero input gradient, and the shared weight's gradient is the one of the other
-    examples alone: the reverse sweep gives it a zero cotangent and undoes none of its steps
-    (undoing one would rebuild -inf from f(y) = inf, and 0 * inf is NaN)."""
+    examples alone: the reverse sweep gives it a zero cotangent."""
     f = lambda z, p: p["a"] * z * z + p["x"]  # noqa: E731
     x = jnp.linspace(-0.2, 0.2, 4 * 3).reshape(4, 3).at[1].set(jnp.inf)
-    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-10, maxiter=61)
+    rev = jdeq.ReversibleIteration(beta=0.5, tol=1e-10, maxiter=201)
 
     def loss(p):
         sol = jdeq.fixed_point(f, jnp.zeros_like(p["x"]), p, solver=rev, gradient=jdeq.Reversible())

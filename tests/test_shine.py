@@ -504,3 +504,19 @@ def test_fallback_stats_per_example_accepted_refused_converged_or_not():
         np.testing.assert_array_equal(st.converged, [True, False, True])
         np.testing.assert_array_equal(st.nonfinite, [False, True, False])
         np.testing.assert_allclose(u[2], 2.0, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["direct", "fallback", "refine"])
+def test_without_a_forward_state_shine_falls_back_to_the_default_backward(mode):
+    """``attach`` without the forward solver's state (``jdeq.fixed_point_states`` keeps none)
+    runs the default backward solve: each state's gradient is ``Implicit()``'s."""
+    with jax.enable_x64(True):
+        p = make_params()
+        solver = FWD["broyden"]
+
+        def grad(gradient):
+            return jax.grad(lambda p: sum(readout(s) for s in jdeq.fixed_point_states(
+                cell, jnp.zeros_like(p["x"]), p, states=2, solver=solver, gradient=gradient).value))(p)
+
+        np.testing.assert_allclose(_flat(grad(jdeq.Implicit(shine=mode, **TIGHT_BWD))),
+                                   _flat(grad(jdeq.Implicit(**TIGHT_BWD))), rtol=1e-12)
