@@ -361,6 +361,26 @@ def test_a_linear_solvers_tol_is_implicits_own_else_the_forward_solvers(x64, bac
     np.testing.assert_array_equal(converged(jdeq.Implicit(solver=backward, tol=0.9), 1e-12), True)
 
 
+def test_a_linear_solvers_converged_holds_at_a_residual_equal_to_tol(x64):
+    """``converged`` is ``rel_residual <= tol``: with one bicgstab iteration (whose result does
+    not depend on a tol below its first residual), a tol equal to an example's residual counts
+    that example converged, and one just below it does not."""
+    p = make_params()
+
+    def run(tol):
+        seen = []
+        gradient = jdeq.Implicit(solver="bicgstab", tol=tol, maxiter=1, callback=seen.append)
+        jax.block_until_ready(jax.grad(loss)(p, gradient))
+        return np.asarray(seen[-1].rel_residual), np.asarray(seen[-1].converged)
+
+    rel, _ = run(1e-12)
+    tie = float(rel.max())
+    for tol, expected in [(tie, np.ones(N, bool)), (np.nextafter(tie, 0), rel < tie)]:
+        rel_at, conv = run(tol)
+        np.testing.assert_array_equal(rel_at, rel)  # (the same iterate: the tol did not change it)
+        np.testing.assert_array_equal(conv, expected)
+
+
 def test_an_unknown_linear_solver_name_is_refused_at_construction():
     with pytest.raises(ValueError) as e:
         jdeq.Implicit(solver="gmress")
@@ -415,3 +435,49 @@ def test_a_linear_solvers_callback_flags_the_examples_whose_forward_went_non_fin
     np.testing.assert_array_equal(st.nonfinite, big)
     np.testing.assert_array_equal(st.converged, ~big)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+
+
+def test_a_non_finite_adjoint_of_jaxopts_solvers_zeroes_every_example(x64):
+    """The documented limit: jaxopt's linear solvers treat the batch as one system, so one
+    example with a singular adjoint system (``f = z + a``: ``I - J = 0``; its forward stays
+    finite within the budget) makes GMRES's solution non-finite for every example. Every
+    example is then flagged and gets a zero cotangent: a finite, zero gradient."""
+    row0 = jnp.arange(N) == 0
+    w = 0.1 * jnp.asarray(np.random.default_rng(0).normal(size=(D, D)))
+
+    def f(z, a):
+        return jnp.where(row0[:, None], z + a, jnp.tanh(z @ w) + a)
+
+    seen = []
+    gradient = jdeq.Implicit(solver="gmres", tol=1e-8, callback=seen.append)
+    solver = jdeq.FixedPointIteration(maxiter=5, tol=1e-8)
+    run = lambda a: jdeq.fixed_point(f, jnp.zeros((N, D)), a, solver=solver, gradient=gradient)  # noqa: E731
+    a = jnp.ones((N, D))
+    assert not bool(run(a).stats.nonfinite.any())
+    g = jax.grad(lambda a: run(a).value.sum())(a)
+    (st,) = seen
+    np.testing.assert_array_equal(st.nonfinite, True)
+    np.testing.assert_array_equal(st.converged, False)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_an_example_whose_forward_went_non_finite_costs_the_backward_loop_nothing(x64):
+    """jdeq's own backward solve gives an example whose forward solve overflowed the system
+    ``b = 0``, solved by ``u = 0`` from the start: its callback row shows a zero residual and
+    the fewest steps of the batch (a nonzero ``b`` would iterate ``u = b + 1e200 u`` into an
+    overflow), and it is flagged non-finite and not converged."""
+    big = jnp.arange(N) == 0
+
+    def f(z, p):
+        return jnp.where(big[:, None], 1e200 * z + 1, cell(z, p))
+
+    p = make_params()
+    seen = []
+    gradient = jdeq.Implicit(tol=1e-8, callback=seen.append)
+    jax.block_until_ready(jax.grad(lambda p: readout(
+        jdeq.fixed_point(f, jnp.zeros((N, D)), p, solver=TIGHT, gradient=gradient).value))(p))
+    (st,) = seen
+    np.testing.assert_array_equal(st.nonfinite, big)
+    np.testing.assert_array_equal(st.converged, ~big)
+    assert float(st.abs_residual[0]) == 0.0, st.abs_residual
+    assert int(st.nsteps[0]) <= int(np.min(st.nsteps[1:])), st.nsteps
