@@ -328,8 +328,12 @@ class Reversible(Gradient):
     steps in closed form, from the last to the first, and backpropagates through each one as it
     is rebuilt (two evaluations and two VJPs of ``f`` per step). The result equals
     ``jdeq.Unrolled()`` through the same iterations up to the rounding of the reconstruction,
-    which grows like ``(1 / (1 - beta))^n`` relative to machine precision (float64: negligible;
-    float32: see the stated safe ``beta`` range in benchmarks/README.md). Frozen steps (an
+    which grows with the number ``n`` of replayed steps, like ``(1 / (1 - beta))^n`` relative
+    to machine precision, faster where ``f``'s Jacobian is large: see the measured safe ranges
+    in benchmarks/README.md, "reversible" (float32, and float64: 1e-10 at beta 0.8 / 10 steps,
+    4e-6 at 20). A long solve can overflow the reconstruction even in float64 (the gradient is
+    then NaN): ``f(z) = z**2 + x`` with ``|x| <= 0.2``, beta 0.5 and tol 1e-10 (~70 steps)
+    does. A reachable ``tol`` bounds ``n``: only the steps taken are replayed. Frozen steps (an
     example that converged early) are the identity in both directions, so per-example stopping
     is handled exactly. ``maxiter`` may be a run-time value. Reverse mode only (no ``jax.jvp``).
 

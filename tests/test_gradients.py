@@ -461,6 +461,36 @@ def test_a_non_finite_adjoint_of_jaxopts_solvers_zeroes_every_example(x64):
     np.testing.assert_array_equal(g, 0.0)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlagsTheFirstExample(jdeq.FixedPointIteration):
+    """A user's solver whose stats flag example 0 non-finite as an int32 0/1 array (its
+    values stay finite)."""
+
+    def solve(self, F, z0, maxiter=None, **kw):
+        zm, stats, *rest = super().solve(F, z0, maxiter, **kw)
+        flag = (jnp.arange(zm.shape[0]) == 0).astype(jnp.int32)
+        return (zm, dataclasses.replace(stats, nonfinite=flag), *rest)
+
+
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=3)], ids=["implicit", "phantom"])
+def test_an_example_the_solver_flags_non_finite_adds_nothing_whatever_the_flags_dtype(x64, gradient):
+    """An example whose forward stats say ``nonfinite`` (here a user's solver reporting it as
+    int32 0/1) gets a zero cotangent: its own input's gradient is exactly zero, and the others'
+    are what they are without the flag."""
+    w = 0.3 * jnp.asarray(np.random.default_rng(1).normal(size=(D, D)))
+    f = lambda z, a: jnp.tanh(z @ w) + a  # noqa: E731
+    a = jnp.asarray(np.random.default_rng(2).normal(size=(N, D)))
+
+    def grad(solver):
+        return jax.grad(lambda a: jnp.sum(jdeq.fixed_point(f, jnp.zeros((N, D)), a, solver=solver,
+                                                           gradient=gradient).value ** 2))(a)
+
+    flagged, plain = grad(FlagsTheFirstExample(tol=1e-12, maxiter=200)), grad(jdeq.FixedPointIteration(tol=1e-12, maxiter=200))
+    np.testing.assert_array_equal(flagged[0], 0.0)
+    assert bool((plain[0] != 0).all())
+    np.testing.assert_allclose(flagged[1:], plain[1:], rtol=1e-10)
+
+
 def test_an_example_whose_forward_went_non_finite_costs_the_backward_loop_nothing(x64):
     """jdeq's own backward solve gives an example whose forward solve overflowed the system
     ``b = 0``, solved by ``u = 0`` from the start: its callback row shows a zero residual and
