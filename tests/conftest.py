@@ -10,6 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
+import _strict_nan
+
+# a comparison of two NaNs fails (tests/_strict_nan.py): no test passes on NaN alone
+_strict_nan.install()
+
 
 def pytest_configure(config):
     """Under mutation testing (``make mutation``, ``.ci/mutation.py``), each mutant's test run is
