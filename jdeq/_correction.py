@@ -30,6 +30,7 @@ from jdeq import _validate as V
 from jdeq._fixed_point import _check_f, raise_on_failure
 from jdeq._flatten import batch_layout
 from jdeq._gradients import Gradient, Phantom
+from jdeq._protocols import with_hoisted_closure
 from jdeq._solvers import Anderson, Solver
 from jdeq._stats import Solution
 
@@ -129,6 +130,7 @@ def fixed_point_states(
         V.budget(maxiter)
     effective = solver.maxiter if maxiter is None else maxiter
     budgets = _budgets(states, effective)
+    f, args = with_hoisted_closure(f, z0, args)  # closed-over traced weights: arguments
     args_ng = jax.lax.stop_gradient(args)
     solver = jax.lax.stop_gradient(solver)  # no derivative along the path (see Gradient.solve)
     _, stats, snaps = solver.solve(

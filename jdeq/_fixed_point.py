@@ -148,6 +148,8 @@ def fixed_point(
 
     Args:
       f: a pure function ``f(z, args) -> z`` with the structure, shapes and dtypes of ``z0``.
+        It may close over traced weights (``jax.grad``/``jax.vmap`` of code that builds
+        ``f``): they get the gradient they would get in ``args``.
         It receives the whole batch at once and must treat examples independently.
       z0: starting point; a pytree whose floating leaves share a leading batch axis. Each example
         is its own fixed-point problem (own residual norm, own Anderson/Broyden history, frozen

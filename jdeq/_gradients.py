@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jdeq import _validate as V
 from jdeq._flatten import batch_layout
 from jdeq._loop import REL_EPS, residuals
-from jdeq._protocols import Gradient, Solver
+from jdeq._protocols import Gradient, Solver, hoist_closure
 from jdeq._stats import Solution, SolverStats
 
 __all__ = ["Gradient", "Implicit", "JacobianFree", "LINEAR_SOLVERS", "Phantom", "Unrolled"]
@@ -49,10 +49,6 @@ def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
     return jax.sharding.auto_axes(run, out_sharding=specs)(b)
 
 
-def _convert(f, z, args):
-    """``f`` with closed-over tracers hoisted into explicit parameters: ``fn(z, params)``."""
-    f_conv, consts = jax.closure_convert(f, z, args)
-    return (lambda z, p: f_conv(z, p[0], *p[1])), (args, tuple(consts))
 
 
 def _tree_sub(a, b):
@@ -291,7 +287,7 @@ class Implicit(Gradient):
         """Returns ``z_star`` carrying the implicit gradient (examples flagged in
         ``stats.nonfinite`` get a zero tangent/cotangent). ``forward_state``: the forward
         solver's final state, for ``shine`` (without it the default backward runs)."""
-        fn, params = _convert(f, z_star, args)
+        fn, params = hoist_closure(f, z_star, args)
         if self.maxiter is not None:
             maxiter = self.maxiter
         elif isinstance(self.solver, Solver):
@@ -462,7 +458,7 @@ class Phantom(Gradient):
 
     def attach(self, f, z_star, args, *, solver, maxiter, stats=None):
         del solver, maxiter
-        fn, params = _convert(f, z_star, args)
+        fn, params = hoist_closure(f, z_star, args)
         return _phantom_identity(
             fn, self.steps, float(self.damping), z_star, params, _ok_mask(z_star, stats)
         )

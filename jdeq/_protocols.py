@@ -204,6 +204,24 @@ class Solver(Pytree):
 
 
 
+def hoist_closure(f, z, args):
+    """``(fn, params)`` with ``fn(z, params) == f(z, args)`` and ``params = (args, consts)``:
+    the floating-point tracers ``f`` closes over (weights it captures under ``jax.grad`` or
+    ``jax.jit``) become explicit parameters, so that a gradient mode differentiates them as it
+    does ``args``, and the forward loop, run on ``stop_gradient(params)``, is never linearized
+    with respect to them (reverse mode cannot differentiate a while loop)."""
+    f_conv, consts = jax.closure_convert(f, z, args)
+    return (lambda z, p: f_conv(z, p[0], *p[1])), (args, tuple(consts))
+
+
+def with_hoisted_closure(f, z, args):
+    """``(f, args)`` as :func:`hoist_closure` makes them if ``f`` closes over any tracer that
+    differentiation may perturb, else unchanged (a user's :meth:`Gradient.attach` sees its own
+    ``args``)."""
+    fn, params = hoist_closure(f, z, args)
+    return (fn, params) if params[1] else (f, args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Gradient(Pytree):
     """Base class of gradient modes: how a DEQ's fixed point is differentiated.
@@ -233,6 +251,10 @@ class Gradient(Pytree):
 
         Args:
           f, z0, args: as in :func:`jdeq.fixed_point` (``z0``'s leaves have a batch axis).
+            ``f`` may close over traced weights (``jax.grad`` of a function that builds
+            ``f``): they get the gradient they would get as part of ``args``. :meth:`attach`
+            then receives them hoisted (:func:`hoist_closure`): ``f`` as ``fn(z, (args,
+            consts))`` and ``args`` as ``(args, consts)``.
           solver: the forward :class:`jdeq.Solver`.
           maxiter: run-time budget override, or None for ``solver.maxiter``.
 
@@ -240,6 +262,7 @@ class Gradient(Pytree):
           A :class:`jdeq.Solution` whose ``value`` carries this mode's gradient to ``args``.
         """
         layout = batch_layout(z0)
+        f, args = with_hoisted_closure(f, z0, args)  # closed-over traced weights: arguments
         # The forward path carries no derivative (this mode defines one at the fixed point): a
         # solver's own arrays (a learned solver's weights) get a zero gradient, and the loop is
         # never linearized (reverse mode cannot differentiate a while loop).

@@ -283,3 +283,26 @@ def test_exp_weights_are_float32_whatever_gamma_is(x64, gamma):
     w = jdeq.correction_weights(3, "exp", gamma=gamma)
     assert w.dtype == jnp.float32
     np.testing.assert_array_equal(w, [0.25, 0.5, 1.0])
+
+
+def test_states_of_a_cell_closing_over_its_weights_get_their_gradient(x64):
+    """``fixed_point_states`` with a cell that closes over traced weights: each state's
+    gradient is the one it gets with the weights passed as ``args``."""
+    w = 0.3 * jnp.asarray(np.random.default_rng(0).normal(size=(3, 3)))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3)))
+    solver = jdeq.FixedPointIteration(tol=1e-12, maxiter=60)
+
+    def total(states):
+        return sum(jnp.sum(jnp.sin(s)) for s in states.value)
+
+    def closing(w):
+        return total(jdeq.fixed_point_states(lambda z, x: jnp.tanh(z @ w + x), jnp.zeros_like(x), x,
+                                             states=3, solver=solver))
+
+    def passing(w):
+        return total(jdeq.fixed_point_states(lambda z, a: jnp.tanh(z @ a[0] + a[1]), jnp.zeros_like(x), (w, x),
+                                             states=3, solver=solver))
+
+    g_closing, g_passing = jax.grad(closing)(w), jax.grad(passing)(w)
+    assert bool(jnp.any(g_passing != 0))
+    np.testing.assert_allclose(g_closing, g_passing, rtol=1e-10, atol=1e-14)

@@ -491,6 +491,49 @@ def test_an_example_the_solver_flags_non_finite_adds_nothing_whatever_the_flags_
     np.testing.assert_allclose(flagged[1:], plain[1:], rtol=1e-10)
 
 
+@pytest.mark.parametrize("gradient", [jdeq.Implicit(), jdeq.Phantom(steps=3), jdeq.JacobianFree()],
+                         ids=["implicit", "phantom", "jfb"])
+def test_values_the_cell_closes_over_get_the_gradient_they_get_as_arguments(x64, gradient):
+    """A cell that closes over traced weights (``W``, ``U``, ``c`` under ``jax.grad``, only the
+    input ``x`` passed as ``args``) gets, for those weights, the gradient it gets when they are
+    passed as arguments: the mode hoists closed-over tracers into its own parameters."""
+    p = make_params()
+
+    def via_closure(p):
+        f = lambda z, x: cell(z, {**p, "x": x})  # noqa: E731
+        return readout(jdeq.fixed_point(f, jnp.zeros((N, D)), p["x"], solver=TIGHT, gradient=gradient).value)
+
+    closed, passed = jax.grad(via_closure)(p), jax.grad(loss)(p, gradient)
+    for k in ("W", "U", "c", "x"):
+        assert bool(jnp.any(passed[k] != 0)), k
+        np.testing.assert_allclose(closed[k], passed[k], rtol=1e-10, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "jaxopt"])
+def test_per_example_code_closing_over_its_weights_under_vmap_and_grad(x64, solver):
+    """The common JAX pattern: per-example code whose cell closes over the weights and the
+    example (``lambda z, _: tanh(W @ z + x)``), ``jax.vmap``-ed and differentiated: the same
+    gradient as with both passed as ``args``, for jdeq's and jaxopt's forward solvers."""
+    import jaxopt
+
+    solver = (jdeq.Anderson(tol=1e-12, maxiter=100) if solver == "anderson"
+              else jdeq.JaxoptSolver(jaxopt.AndersonAcceleration, tol=1e-12, maxiter=100))
+    w = 0.3 * jnp.asarray(np.random.default_rng(0).normal(size=(D, D)))
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(N, D)))
+
+    def closing(w, x):
+        f = lambda z, _: jnp.tanh(w @ z + x)  # noqa: E731
+        return jdeq.fixed_point(f, jnp.zeros(D), None, solver=solver, batched=False).value.sum()
+
+    def passing(w, x):
+        f = lambda z, a: jnp.tanh(a[0] @ z + a[1])  # noqa: E731
+        return jdeq.fixed_point(f, jnp.zeros(D), (w, x), solver=solver, batched=False).value.sum()
+
+    grads = [jax.grad(lambda w: jax.vmap(lambda x: run(w, x))(xs).sum())(w) for run in (closing, passing)]
+    assert bool(jnp.any(grads[1] != 0))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
 def test_an_example_whose_forward_went_non_finite_costs_the_backward_loop_nothing(x64):
     """jdeq's own backward solve gives an example whose forward solve overflowed the system
     ``b = 0``, solved by ``u = 0`` from the start: its callback row shows a zero residual and

@@ -161,6 +161,7 @@ def test_a_user_solvers_leaf_field_is_a_trainable_leaf_and_keeps_its_metadata():
     ``jit`` (with the Unrolled gradient, which backpropagates through the solver's steps)."""
     (field,) = [f for f in dataclasses.fields(LearnedDamping) if f.name == "logit"]
     assert field.metadata["doc"] == "damping logits" and field.metadata["leaf"] is True
+    assert LearnedDamping().logit is None  # the field's other options (its default) hold
     solver = LearnedDamping(logit=jnp.zeros(3), maxiter=8)
     leaves, treedef = jax.tree_util.tree_flatten(solver)
     assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).maxiter == 8
@@ -278,6 +279,14 @@ def test_eval_maxiter_in_eval_mode():
     deq.eval()
     assert int(deq(x)[1].nsteps[0]) == 3
     assert int(deq(x, maxiter=5)[1].nsteps[0]) == 5
+
+
+def test_a_bad_eval_maxiter_is_refused_by_name():
+    cell = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    for value, kind in [(0, ValueError), (2.5, TypeError)]:
+        with pytest.raises(kind) as e:
+            jdeq.nnx.DEQ(cell, eval_maxiter=value)
+        assert str(e.value) == f"`eval_maxiter` must be an int >= 1, got {value}."
 
 
 # ----------------------------------------------------------------------------- NaN inputs
@@ -550,3 +559,32 @@ def test_fit_with_jac_reg_on_a_mondeq_classifier():
     hist = T.fit(model, optax.adam(1e-2), {"inputs": np.asarray(x), "labels": np.asarray(y)}, steps=3, batch_size=16,
                  jac_reg=T.JacReg(gamma=0.1), progress=False)
     assert all(r["jac_reg"] > 0 for r in hist.train)
+
+
+def test_solver_solve_unrolled_returns_the_snapshots_and_state_the_loop_returns():
+    """``Solver.solve(..., unrolled=True)`` (the differentiable scan) honours ``snapshots`` and
+    ``keep_state`` as the while loop does: the same snapshots (per-example best iterate at each
+    budget), the same final solver state and the same value, in ``(z, stats, snaps, state)``."""
+    a = jnp.asarray(np.linspace(-1.0, 1.0, 6).reshape(2, 3))
+    F = lambda z: 0.9 * jnp.tanh(z) + a  # noqa: E731
+    solver = jdeq.Anderson(tol=1e-30, maxiter=8, memory=3)
+    budgets = jnp.asarray([2, 5, 8], jnp.int32)
+    loop = solver.solve(F, jnp.zeros((2, 3)), 8, snapshots=budgets, keep_state=True)
+    unrolled = solver.solve(F, jnp.zeros((2, 3)), 8, unrolled=True, snapshots=budgets, keep_state=True)
+    assert len(loop) == len(unrolled) == 4
+    (z, _, snaps, state), (zu, _, snaps_u, state_u) = loop, unrolled
+    assert snaps_u.shape == snaps.shape == (3, 2, 3)
+    assert bool(jnp.any(snaps_u[0] != snaps_u[2]))  # three different budgets, three states
+    np.testing.assert_allclose(zu, z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(snaps_u, snaps, rtol=1e-5, atol=1e-6)
+    for u, v in zip(jax.tree.leaves(state_u), jax.tree.leaves(state)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_solver_without_an_inverse_estimate_says_so():
+    """The default ``Solver.inverse_estimate`` (SHINE's hook) raises, naming the solver."""
+    solver = jdeq.FixedPointIteration()
+    assert not solver.has_inverse_estimate
+    with pytest.raises(NotImplementedError) as e:
+        solver.inverse_estimate(None, jnp.ones((2, 3)), transpose=True)
+    assert str(e.value) == "FixedPointIteration keeps no inverse-Jacobian estimate."

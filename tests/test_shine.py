@@ -313,9 +313,14 @@ def test_bad_options_name_the_argument(kwargs, match):
 
 
 def test_shine_needs_a_solver_with_an_estimate():
+    """The message names ``shine``, the solver that keeps no estimate, and the fix, in full."""
     p = make_params()
-    with pytest.raises(ValueError, match="`shine='direct'`.*FixedPointIteration"):
+    with pytest.raises(ValueError) as e:
         jax.grad(loss)(p, jdeq.FixedPointIteration(), jdeq.Implicit(shine="direct"))
+    assert str(e.value) == (
+        "`shine='direct'` reuses the forward solver's inverse-Jacobian estimate, which "
+        "FixedPointIteration does not keep: use solver=jdeq.Broyden(...) or jdeq.Anderson(...) "
+        "for the forward solve, or drop `shine`.")
 
 
 def test_default_path_keeps_no_state():
