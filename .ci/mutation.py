@@ -223,6 +223,19 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
     "jdeq/_solvers.py": [(("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
                          ["tests/test_explicit_sharding.py"])],
     "jdeq/_gradients.py": [(("linear_solve",), ["tests/test_explicit_sharding.py"])],
+    # leaf_field runs at import (class bodies): the forkserver imported jdeq and the tests before
+    # any mutant was chosen, so only a fresh process sees its mutants. Gradient.solve's run-time
+    # budget and forward stats reach the backward: their tests live with the gradient modes
+    "jdeq/_protocols.py": [(("leaf_field",),
+                            # (a file and -k, not a node id: a mutant that breaks the test
+                            # module's class definitions fails its collection, exit 2, not 4)
+                            ["tests/test_protocols.py", "-k", "leaf_field_is_a_trainable_leaf"]),
+                           (("solve",),
+                            ["tests/test_promises.py::test_runtime_maxiter_override_reaches_the_implicit_backward",
+                             "tests/test_gradients.py::test_an_example_the_solver_flags_non_finite_adds_nothing_whatever_the_flags_dtype",
+                             "tests/test_protocols.py::test_solver_solve_unrolled_returns_the_snapshots_and_state_the_loop_returns"]),
+                           (("check_maxiter",), ["tests/test_protocols.py::test_a_bad_eval_maxiter_is_refused_by_name"]),
+                           (("inverse_estimate",), ["tests/test_protocols.py::test_a_solver_without_an_inverse_estimate_says_so"])],
     # the warm-start cache's gathers and scatters under Explicit axes (4 devices, in a subprocess)
     "jdeq/_warm_start.py": [(("_gather", "_scatter"),
                             ["tests/test_warm_start.py::test_data_mesh_equals_one_device"])],
@@ -523,10 +536,11 @@ def write_docs(results: dict[str, dict], equivalent: dict) -> None:
         "start: mutmut exit code 255, which mutmut itself labels \"timeout\"); they count as not",
         "killed. Equivalent mutants and their reasons: `.ci/mutation_equivalent.toml`. Survivors in",
         "some functions (and their mutants no in-process test reached) are rechecked against more",
-        "tests (`RECHECK` in the script): tests that run the function only in subprocesses, which",
-        "mutmut cannot see (two `jax.distributed` processes, 8 simulated devices), and tests of",
-        "options that few callers use; a failure there counts as killed, a mutant left alive as",
-        "survived.",
+        "tests (`RECHECK` in the script), each mutant in a fresh pytest process: tests that run the",
+        "function only in subprocesses, which mutmut cannot see (two `jax.distributed` processes, 8",
+        "simulated devices), code that runs at import (mutmut's forkserver imported it before any",
+        "mutant was chosen), and tests of options that few callers use; a failure there counts as",
+        "killed, a mutant left alive as survived.",
         "",
         "A *sampled* module (`--sample K`) ran K of its mutants drawn at random: its score is an",
         "estimate, given with its 95% (Wilson) interval; a complete run checks every mutant.",
@@ -581,6 +595,8 @@ def main(argv=None) -> None:
     p.add_argument("--recheck-only", action="store_true",
                    help="rerun the last run's survivors (not listed equivalent) against the current tests: "
                         "the module's selection, and RECHECK's tests for survivors in its functions")
+    p.add_argument("--groups-only", action="store_true",
+                   help="with --recheck-only: RECHECK's tests only, not the module's whole selection")
     p.add_argument("--resume", action="store_true",
                    help="go on with the last run's mutated copy (mutants that have a verdict keep it)")
     p.add_argument("--sample", type=int, metavar="K",
@@ -611,10 +627,10 @@ def main(argv=None) -> None:
             _current_tests(work)
             eqs = equivalents(r, equivalent)
             names = [n for n, st in r["status"].items() if st in UNANSWERED and n not in eqs]
-            groups = [(None, MODULES[module])] + RECHECK.get(module, [])
+            groups = ([] if args.groups_only else [(None, MODULES[module])]) + RECHECK.get(module, [])
             r["status"].update(recheck(work, names, groups))
             r["recheck"] = RECHECK.get(module)
-            r["tests_commit"] = _commit()
+            r["tests_commit"] = _commit() + (" (RECHECK's tests only)" if args.groups_only else "")
             r["survivors"] = {n: r["survivors"].get(n) or _diff(mutmut(work, "show", n))
                               for n, st in r["status"].items() if st == "survived"}
         else:
