@@ -4,13 +4,15 @@ per test run (shared by the xdist workers)."""
 import json
 import os
 import pickle
+import sys
 
 import jax
 import optax
 import pytest
 from flax import nnx
 
-import _strict_nan
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (also when loaded by path: test_once)
+import _strict_nan  # noqa: E402
 
 # a comparison of two NaNs fails (tests/_strict_nan.py): no test passes on NaN alone
 _strict_nan.install()
