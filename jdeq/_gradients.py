@@ -49,8 +49,6 @@ def linear_solve(name: str, matvec, b, *, tol: float, maxiter):
     return jax.sharding.auto_axes(run, out_sharding=specs)(b)
 
 
-
-
 def _tree_sub(a, b):
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
