@@ -219,8 +219,15 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
     # process's devices: evaluate's outputs), shard_batch's and check_mesh's process count
     "jdeq/train/sharding.py": [(("host_value", "shard_batch", "check_mesh"),
                                ["tests/test_multiprocess.py", "tests/test_sharding.py::test_on_8_devices"])],
-    # layouts under Explicit mesh axes: only the 8-device subprocess sees them
-    "jdeq/_solvers.py": [(("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot"),
+    # layouts under Explicit mesh axes: only the 8-device subprocess sees them (last: the
+    # groups before it are quick). Before it, tests newer than the complete run (151a0e6) for
+    # its survivors: the inverse estimate of a partial history and its ridge, the precision of
+    # every per-row contraction, Broyden's skipped updates
+    "jdeq/_solvers.py": [(("anderson_inverse_estimate",), ["tests/test_shine.py", "-k", "partial_history or ridge_is_relative"]),
+                         (("anderson_mix",), ["tests/test_solvers.py", "-k", "hyper_anderson_history"]),
+                         (("update",), ["tests/test_solvers.py", "-k", "denominator_is_not_above"]),
+                         (("explicit_sharding", "row_sharding", "zeros_history", "zeros_rows", "anderson_record", "_row_dot",
+                          "update"),
                          ["tests/test_explicit_sharding.py"])],
     "jdeq/_gradients.py": [(("linear_solve",), ["tests/test_explicit_sharding.py"])],
     # leaf_field runs at import (class bodies): the forkserver imported jdeq and the tests before

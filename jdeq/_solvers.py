@@ -281,7 +281,10 @@ class Broyden(Solver):
     Keeps a low-rank inverse-Jacobian estimate ``B = -I + sum_i u_i v_i^T`` (the ``memory``
     latest rank-one terms in a ring buffer, plus the newest one before it is stored), steps
     ``z <- z - B g(z)`` (the first step is a plain fixed-point step) and applies the
-    Sherman-Morrison update ``B += (dz - B dg) dz^T B / (dz^T B dg)`` after each step.
+    Sherman-Morrison update ``B += (dz - B dg) dz^T B / (dz^T B dg)`` after each step. An
+    update whose denominator ``|dz^T B dg|`` is not above ``sqrt`` of the dtype's smallest
+    normal number (``2**-63`` in float32) is skipped for that example: ``B`` stays as it is,
+    rather than dividing by a (nearly) degenerate secant pair.
 
     Args:
       tol, maxiter, stop_mode, trace: as in :class:`FixedPointIteration`.

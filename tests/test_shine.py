@@ -132,6 +132,75 @@ def test_anderson_estimate_meets_every_secant_condition():
                 np.testing.assert_allclose(est, xs[:, i] - xs[:, r], rtol=1e-6, atol=1e-9)
 
 
+def _anderson_history(memory, evals, ridge):
+    """Anderson's state after ``evals`` evaluations of a linear ``f`` (``memory`` slots; fewer
+    evaluations than slots leaves empty ones), with ``A`` and ``xs``."""
+    rng = np.random.default_rng(5)
+    A = jnp.asarray(0.5 * rng.normal(size=(D, D)) / np.sqrt(D))
+    c = jnp.asarray(rng.normal(size=(N, D)))
+    solver = jdeq.Anderson(memory=memory, ridge=ridge, tol=1e-14, maxiter=evals)
+    _, _, state = run_loop(solver, lambda z: z @ A.T + c, jnp.zeros((N, D)), evals, keep_state=True)
+    return solver, state, A
+
+
+def _filled(gram):
+    """How many slots hold a residual (the same count in every row); asserts some are empty."""
+    filled = np.sum(np.diagonal(np.asarray(gram), axis1=1, axis2=2) > 0, axis=1)
+    assert np.all(filled == filled[0]) and 3 <= filled[0] < gram.shape[-1], filled
+    return int(filled[0])
+
+
+def test_anderson_estimate_of_a_partial_history_is_exact_on_its_span_and_identity_off_it():
+    """Before the ring buffer fills (4 stored residuals, 6 slots), the empty slots are ignored: for a
+    linear f the estimate maps -(g_i - g_r) to x_i - x_r, and ``b`` orthogonal to every residual
+    difference is returned unchanged (J = 0 there, as documented), even where ``b`` is not
+    orthogonal to the stored residuals themselves."""
+    with jax.enable_x64(True):
+        solver, (fs, gs, gram), A = _anderson_history(memory=6, evals=5, ridge=0.0)
+        k = _filled(gram)
+        xs = fs - gs
+        for i, r in [(0, k - 1), (1, k - 1), (k - 1, 0)]:
+            b = (jnp.eye(D) - A) @ (xs[:, i] - xs[:, r]).T
+            np.testing.assert_allclose(_estimate(solver, (fs, gs, gram), b.T, False), xs[:, i] - xs[:, r],
+                                       rtol=1e-6, atol=1e-9)
+        rng = np.random.default_rng(4)
+        for transpose, hist in ((False, gs), (True, fs)):  # the adjoint is b - dG H^{-1} dF^T b
+            b = rng.normal(size=(N, D))
+            for n in range(N):  # project out every difference h_i - h_0 of the four stored slots
+                q, _ = np.linalg.qr(np.asarray(hist[n, 1:k] - hist[n, :1]).T)
+                b[n] -= q @ (q.T @ b[n])
+            # ... but not the stored vectors themselves
+            assert np.all(np.abs(np.einsum("nmd,nd->nm", np.asarray(hist[:, :k]), b)) > 1e-3)
+            est = _estimate(solver, (fs, gs, gram), jnp.asarray(b), transpose)
+            np.testing.assert_allclose(est, b, rtol=1e-12, atol=1e-12)
+
+
+def test_anderson_estimate_ridge_is_relative_to_the_difference_gram_diagonal():
+    """``ridge`` regularizes H = dG^T dG as H + ridge diag(H): the estimate equals
+    ``b - dF (H + ridge diag H)^{-1} dG^T b`` (dF = f_i - f_r, dG = g_i - g_r, r the stored
+    residual of smallest norm), written out here in NumPy, with a ridge large enough to matter."""
+    with jax.enable_x64(True):
+        ridge = 0.5
+        solver, (fs, gs, gram), _ = _anderson_history(memory=6, evals=5, ridge=ridge)
+        b = np.random.default_rng(6).normal(size=(N, D))
+        k = _filled(gram)
+        for transpose in (False, True):
+            est = np.asarray(_estimate(solver, (fs, gs, gram), jnp.asarray(b), transpose))
+            for n in range(N):
+                f_, g_ = np.asarray(fs[n, :k]), np.asarray(gs[n, :k])
+                r = int(np.argmin(np.sum(g_ * g_, axis=1)))
+                rest = [i for i in range(k) if i != r]
+                dF, dG = (f_[rest] - f_[r]).T, (g_[rest] - g_[r]).T
+                H = dG.T @ dG
+                Hr = H + ridge * np.diag(np.diag(H))
+                ref = b[n] - (dG @ np.linalg.solve(Hr, dF.T @ b[n]) if transpose
+                              else dF @ np.linalg.solve(Hr, dG.T @ b[n]))
+                np.testing.assert_allclose(est[n], ref, rtol=1e-9, atol=1e-12)
+                # and the ridge matters at this size: without it the estimate is elsewhere
+                ref0 = b[n] - dF @ np.linalg.solve(H, dG.T @ b[n])
+                assert transpose or np.max(np.abs(ref0 - ref)) > 1e-3
+
+
 def test_forward_state_is_frozen_per_example():
     """An example that converges early keeps the solver state of its own last step: the same
     estimate as when it is solved alone (without the freeze, later no-op steps of the batch

@@ -455,3 +455,45 @@ def test_solver_contractions_run_at_highest_precision(solver, gradient):
     precisions = [e.params["precision"] for e in eqns(program) if e.primitive.name == "dot_general"]
     assert len(precisions) > 4
     assert all(p == (hi, hi) for p in precisions), precisions
+
+
+def test_hyper_anderson_history_contractions_run_at_highest_precision():
+    """HyperAnderson's history products (its Gram rows and its mix, ``anderson_mix``, damped
+    here) ask for ``Precision.HIGHEST`` too, as the test above checks for the other solvers. Its
+    mixer network is a plain model whose matmuls keep the default precision, so the check reads
+    the products batched over examples: the per-row contractions over ``(n, m, d)`` histories."""
+    solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(0), memory=3), memory=3, damping=0.5,
+                                maxiter=5)
+    W, x = tanh_problem(0)
+    hi = jax.lax.Precision.HIGHEST
+
+    def loss(W, x):
+        f = lambda z, p: jnp.tanh(jnp.dot(z, p[0].T, precision=hi) + p[1])
+        return jnp.sum(jdeq.fixed_point(f, jnp.zeros_like(x), (W, x), solver=solver).value)
+
+    program = jax.make_jaxpr(jax.grad(loss))(jnp.asarray(W), jnp.asarray(x)).jaxpr
+    rows = [e for e in eqns(program) if e.primitive.name == "dot_general" and e.params["dimension_numbers"][1][0]]
+    assert len(rows) >= 3, len(rows)  # the Gram row, and the mix of the points and of the residuals
+    assert all(e.params["precision"] == (hi, hi) for e in rows), [e.params["precision"] for e in rows]
+
+
+def test_broyden_skips_an_update_whose_denominator_is_not_above_the_floor():
+    """Broyden's documented floor: ``|dz^T B dg|`` not above sqrt(smallest normal) of the dtype
+    (2**-63 in float32, exactly representable) skips the rank-one update; the step is then the
+    plain step of ``B = -I``, ``z - B g = f(z)``. Row 0 sits exactly at the floor, row 1 far
+    below it (1e-25, a float32 normal number), row 2 just above it (updated)."""
+    solver = jdeq.Broyden(memory=2)
+    s = np.float32(2.0**-63)
+    z_prev = jnp.full((3, 1), -1.0, jnp.float32)
+    state = solver.init(z_prev)
+    # the state after a first (skipped) update at z_prev, whose residual was 0
+    us, vs, _, g_prev, u0, v0, dropped = state
+    state = (us, vs, z_prev, jnp.zeros_like(g_prev), u0, v0, dropped)
+    z = jnp.zeros((3, 1), jnp.float32)  # dz = 1
+    fz = jnp.asarray([[-s], [-1e-25], [-2 * s]], jnp.float32)  # g = fz, dg = fz, B = -I: denom = -fz
+    z_next, new = solver.update(state, 2, z, fz)
+    u, v = np.asarray(new[4]), np.asarray(new[5])
+    np.testing.assert_array_equal(u[:2], 0.0)
+    np.testing.assert_array_equal(v[:2], 0.0)
+    np.testing.assert_array_equal(np.asarray(z_next)[:2], np.asarray(fz)[:2])  # the plain step
+    assert np.all(u[2] != 0) and np.all(v[2] != 0)  # above the floor: updated
