@@ -243,6 +243,12 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
                              "tests/test_protocols.py::test_solver_solve_unrolled_returns_the_snapshots_and_state_the_loop_returns"]),
                            (("check_maxiter",), ["tests/test_protocols.py::test_a_bad_eval_maxiter_is_refused_by_name"]),
                            (("inverse_estimate",), ["tests/test_protocols.py::test_a_solver_without_an_inverse_estimate_says_so"])],
+    # tests newer than the complete run of jdeq/nnx.py (3138f86) for its survivors: the cache's
+    # default dtype and bad shapes, the layer's jacobian_penalty options, z0 of solver_loss and
+    # of Unrolled
+    "jdeq/nnx.py": [(("__init__", "check"), ["tests/test_warm_start.py", "-k", "bad_input_names or float32_by_default"]),
+                    (("jacobian_penalty", "solver_loss", "__call__"),
+                     ["tests/test_promises_flax.py", "-k", "given_z0 or nnx_jacobian_penalty"])],
     # the warm-start cache's gathers and scatters under Explicit axes (4 devices, in a subprocess)
     "jdeq/_warm_start.py": [(("_gather", "_scatter"),
                             ["tests/test_warm_start.py::test_data_mesh_equals_one_device"])],

@@ -199,6 +199,49 @@ def test_nnx_unrolled_depth_and_override_apply_the_cell_that_many_times():
     np.testing.assert_array_equal(st7.nsteps, 7)
 
 
+def test_nnx_unrolled_starts_from_the_given_z0():
+    """``net(x, z0)``: the applications start at ``z0``, not at ``cell.init_z(x)``."""
+    cell = jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0))
+    z0 = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8)), jnp.float32)
+    z, _ = jdeq.nnx.Unrolled(cell, depth=2)(X, z0)
+    np.testing.assert_allclose(z, cell(cell(z0, X), X), rtol=1e-6)
+    assert not np.allclose(z, cell(cell(cell.init_z(X), X), X), atol=1e-3)
+
+
+def test_nnx_jacobian_penalty_passes_every_option_to_the_core():
+    """nnx ``DEQ.jacobian_penalty``: ``gamma, prob, num_samples, noise`` "as in
+    jdeq.jacobian_penalty", defaults included: the core function on the cell's pure function,
+    option for option (Rademacher probes differ from the default Gaussian ones, so a dropped
+    ``noise`` would show; so would a dropped ``num_samples`` or ``prob``)."""
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=FPI)
+    z, _ = deq(X)
+    graphdef, state = nnx.split(deq.cell)
+    f = lambda zz, a: nnx.merge(graphdef, a[0])(zz, a[1])  # noqa: E731
+    keys = jax.random.split(jax.random.key(2), 8)
+    for opts in ({}, {"num_samples": 3, "noise": "rademacher"}, {"num_samples": 3}, {"prob": 0.4}):
+        got = jnp.stack([deq.jacobian_penalty(X, z, k, gamma=0.7, **opts) for k in keys])
+        want = jax.vmap(lambda k: jdeq.jacobian_penalty(f, z, (state, X), k, gamma=0.7, **opts))(keys)  # noqa: B023
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        if "prob" in opts:  # with these keys, some calls skip the penalty and some compute it
+            assert 0 < int(jnp.sum(got == 0)) < len(keys), got
+    one = deq.jacobian_penalty(X, z, keys[0], gamma=0.7)
+    assert abs(float(one) - float(deq.jacobian_penalty(X, z, keys[0], gamma=0.7, num_samples=3))) > 1e-5
+    assert abs(float(one) - float(deq.jacobian_penalty(X, z, keys[0], gamma=0.7, noise="rademacher"))) > 1e-5
+
+
+def test_nnx_solver_loss_starts_from_the_given_z0():
+    """``DEQ.solver_loss(x, steps=..., z0=...)``: the learned solver's path starts at ``z0``
+    (``jdeq.hyper_loss`` from that start), not at ``cell.init_z(x)``."""
+    solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(1), memory=3, hidden=8), memory=3)
+    deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=solver)
+    graphdef, state = nnx.split(deq.cell)
+    f = lambda zz, a: nnx.merge(graphdef, a[0])(zz, a[1])  # noqa: E731
+    z0 = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8)), jnp.float32)
+    got = deq.solver_loss(X, steps=4, z0=z0)
+    np.testing.assert_allclose(got, jdeq.hyper_loss(f, z0, (state, X), solver, steps=4), rtol=1e-5)
+    assert abs(float(got) - float(deq.solver_loss(X, steps=4))) > 1e-3
+
+
 def test_linen_unrolled_depth_override():
     net = jdeq.linen.Unrolled(jdeq.models.linen.MLPCell(features=8), depth=3)
     variables = net.init(jax.random.key(0), X)

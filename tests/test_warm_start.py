@@ -81,6 +81,13 @@ def test_pytree_state():
     np.testing.assert_array_equal(got["b"][:, 0, 0], [2.0, 0.0])
 
 
+def test_a_tuple_shape_is_stored_in_float32_by_default_even_under_x64():
+    """``dtype``: "default float32" for a tuple ``shape``, whatever JAX's default float is."""
+    with jax.enable_x64(True):
+        assert jdeq.nnx.FixedPointCache(4, (2,)).values[0].dtype == jnp.float32
+        assert jdeq.nnx.FixedPointCache(4, (2,), dtype=jnp.float64).values[0].dtype == jnp.float64
+
+
 def test_cache_in_another_dtype_than_the_state():
     # a bfloat16 cache (half the memory) of a float32 DEQ: it stores the states rounded, without
     # jax's warning for an unsafe cast (a future error), and hands back states of the solve's dtype
@@ -285,6 +292,17 @@ def test_bad_input_names_the_argument(data):
         jdeq.nnx.FixedPointCache(4, (3, -1))
     assert str(e.value) == "`shape` must be a tuple of ints >= 0, got (3, -1)."
     assert jdeq.nnx.FixedPointCache(4, (0, 2)).values[0].shape == (4, 0, 2)  # a size 0 is allowed
+    for dtype_not_shape in (jnp.float32, np.dtype("float32")):  # a dtype given in shape's place
+        with pytest.raises(TypeError, match="`shape` must be a tuple of ints or an array"):
+            jdeq.nnx.FixedPointCache(4, dtype_not_shape)
+    # a pytree state: the shapes of every leaf, in the message
+    tree = jdeq.nnx.FixedPointCache(4, {"a": jax.ShapeDtypeStruct((3,), jnp.float32),
+                                        "b": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    with pytest.raises(ValueError) as e:
+        tree.check({"a": jnp.zeros((2, 3)), "b": jnp.zeros((2, 5))}, jnp.arange(2))
+    assert str(e.value) == (
+        "`cache` stores states of shape [(3,), (2,)] per example, but the solve's state has [(3,), (5,)] per "
+        "example: build the FixedPointCache with the shape of one example's z (without the batch axis).")
     with pytest.raises(ValueError) as e:
         model.deq(x[0], index=jnp.arange(1), batched=False)
     assert str(e.value) == ("`index` needs `batched=True` (a batch of examples per call): under vmap of "
