@@ -222,7 +222,7 @@ RECHECK: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
     # layouts under Explicit mesh axes: only the 8-device subprocess sees them (last: the
     # groups before it are quick). Before it, tests newer than the complete run (151a0e6) for
     # its survivors: the inverse estimate of a partial history and its ridge, the precision of
-    # every per-row contraction, Broyden's skipped updates
+    # HyperAnderson's history products (anderson_mix), Broyden's skipped updates
     "jdeq/_solvers.py": [(("anderson_inverse_estimate",), ["tests/test_shine.py", "-k", "partial_history or ridge_is_relative"]),
                          (("anderson_mix",), ["tests/test_solvers.py", "-k", "hyper_anderson_history"]),
                          (("update",), ["tests/test_solvers.py", "-k", "denominator_is_not_above"]),

@@ -208,6 +208,12 @@ def test_nnx_unrolled_starts_from_the_given_z0():
     assert not np.allclose(z, cell(cell(cell.init_z(X), X), X), atol=1e-3)
 
 
+def _pure_cell(cell):
+    """``(f, state)`` with ``f(z, (state, x)) == cell(z, x)``: the cell as the core functions take it."""
+    graphdef, state = nnx.split(cell)
+    return (lambda z, a: nnx.merge(graphdef, a[0])(z, a[1])), state
+
+
 def test_nnx_jacobian_penalty_passes_every_option_to_the_core():
     """nnx ``DEQ.jacobian_penalty``: ``gamma, prob, num_samples, noise`` "as in
     jdeq.jacobian_penalty", defaults included: the core function on the cell's pure function,
@@ -215,8 +221,7 @@ def test_nnx_jacobian_penalty_passes_every_option_to_the_core():
     ``noise`` would show; so would a dropped ``num_samples`` or ``prob``)."""
     deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=FPI)
     z, _ = deq(X)
-    graphdef, state = nnx.split(deq.cell)
-    f = lambda zz, a: nnx.merge(graphdef, a[0])(zz, a[1])  # noqa: E731
+    f, state = _pure_cell(deq.cell)
     keys = jax.random.split(jax.random.key(2), 8)
     for opts in ({}, {"num_samples": 3, "noise": "rademacher"}, {"num_samples": 3}, {"prob": 0.4}):
         got = jnp.stack([deq.jacobian_penalty(X, z, k, gamma=0.7, **opts) for k in keys])
@@ -234,8 +239,7 @@ def test_nnx_solver_loss_starts_from_the_given_z0():
     (``jdeq.hyper_loss`` from that start), not at ``cell.init_z(x)``."""
     solver = jdeq.HyperAnderson(params=jdeq.init_mixer(jax.random.key(1), memory=3, hidden=8), memory=3)
     deq = jdeq.nnx.DEQ(jdeq.models.MLPCell(3, 8, rngs=nnx.Rngs(0)), solver=solver)
-    graphdef, state = nnx.split(deq.cell)
-    f = lambda zz, a: nnx.merge(graphdef, a[0])(zz, a[1])  # noqa: E731
+    f, state = _pure_cell(deq.cell)
     z0 = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8)), jnp.float32)
     got = deq.solver_loss(X, steps=4, z0=z0)
     np.testing.assert_allclose(got, jdeq.hyper_loss(f, z0, (state, X), solver, steps=4), rtol=1e-5)
